@@ -1,0 +1,60 @@
+//! Configuration values shared by the commands: durations written like `30s`, and
+//! connection strings shown without their password.
+
+use std::time::Duration;
+
+/// Parses `250ms`, `30s`, `10m`, `1h 30m` (humantime); a bare number is refused so that
+/// nobody has to guess its unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e} (write durations like 250ms, 30s, 10m)"))
+}
+
+/// A `MIN..MAX` pair of durations, e.g. `1m..10m`.
+pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
+    let (lo, hi) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, e.g. 1m..10m, got {s:?}"))?;
+    let (lo, hi) = (parse_duration(lo)?, parse_duration(hi)?);
+    if lo > hi {
+        return Err(format!("range {s:?} has its minimum above its maximum"));
+    }
+    Ok((lo, hi))
+}
+
+/// A connection string fit for messages: the password, if any, replaced by `***`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable connection string>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert!(parse_duration("30").is_err());
+        assert_eq!(
+            parse_duration_range("1m..10m").unwrap(),
+            (Duration::from_secs(60), Duration::from_secs(600))
+        );
+        assert!(parse_duration_range("10m..1m").is_err());
+    }
+
+    #[test]
+    fn redacts_password() {
+        let r = redact_url("postgres://u:hunter2@db:5432/x");
+        assert!(!r.contains("hunter2"));
+        assert!(r.contains("***"));
+    }
+}

@@ -1,0 +1,45 @@
+//! Connecting to PostgreSQL and applying the migrations in `migrations/`.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::redact_url;
+
+/// The migrations, embedded at build time; the same files `sqlx migrate run` applies.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL {url}: {source}")]
+    BadUrl { url: String, source: sqlx::Error },
+    #[error("cannot connect to the database at {url}: {source}")]
+    Unreachable { url: String, source: sqlx::Error },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Opens a pool of at most `max_connections`; fails fast (10 s) when the server does
+/// not answer, with a message that names the server but never the password.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url.parse().map_err(|source| DbError::BadUrl {
+        url: redact_url(url),
+        source,
+    })?;
+    let options = options.application_name("report-worker");
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Unreachable {
+            url: redact_url(url),
+            source,
+        })
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

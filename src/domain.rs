@@ -1,0 +1,337 @@
+//! Validated values at the edges: a request the queue will accept, the report type,
+//! the provider's job id. The database enforces the same rules with named constraints;
+//! these checks exist so that the command line and the CSV loader can say what is wrong
+//! with a line before it reaches the database.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The two document formats the provider produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportType {
+    Word,
+    Pdf,
+}
+
+impl ReportType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportType::Word => "word",
+            ReportType::Pdf => "pdf",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ReportType::Word => {
+                "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+            }
+            ReportType::Pdf => "application/pdf",
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            ReportType::Word => "docx",
+            ReportType::Pdf => "pdf",
+        }
+    }
+}
+
+impl fmt::Display for ReportType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReportType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "word" | "docx" => Ok(ReportType::Word),
+            "pdf" => Ok(ReportType::Pdf),
+            _ => Err(format!("report type must be word or pdf, not {s:?}")),
+        }
+    }
+}
+
+/// The provider's `job_id`: a 64-bit integer kept as its exact decimal digits, never
+/// passed through a float (a float turns 1579434053399035904 into 1579434053399036000).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(String);
+
+impl JobId {
+    /// Accepts 1 to 20 ASCII digits that fit in a u64 (the provider's ids are positive).
+    pub fn parse(digits: &str) -> Result<JobId, String> {
+        if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "job id must be decimal digits, got {:?}",
+                clip(digits)
+            ));
+        }
+        let value: u64 = digits
+            .parse()
+            .map_err(|_| format!("job id {digits} does not fit in 64 bits"))?;
+        // Normalise leading zeros away so the same id always reads the same.
+        Ok(JobId(value.to_string()))
+    }
+
+    /// From a JSON value: a number (exact digits through serde_json's integer path) or
+    /// a string of digits. Floats, negatives and anything else are malformed answers.
+    pub fn from_json(value: &serde_json::Value) -> Result<JobId, String> {
+        match value {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(v) => Ok(JobId(v.to_string())),
+                None => Err(format!("job id {n} is not a positive 64-bit integer")),
+            },
+            serde_json::Value::String(s) => JobId::parse(s.trim()),
+            other => Err(format!(
+                "job id has the wrong type: {}",
+                clip(&other.to_string())
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Shortens a hostile value before it is quoted in an error message.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 60;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head}…")
+    }
+}
+
+/// A request as an application (or the CSV loader) hands it to the queue, already
+/// trimmed and checked against the same rules as the table's constraints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRequest {
+    pub company_name: Option<String>,
+    pub credit_code: Option<String>,
+    pub org_number: Option<String>,
+    pub report_type: ReportType,
+    pub priority: i16,
+    pub run_after: Option<DateTime<Utc>>,
+    pub max_attempts: Option<i32>,
+    pub dedupe_key: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Limits shared with the migration's CHECK constraints.
+pub const COMPANY_NAME_MAX_CHARS: usize = 200;
+pub const ORG_NUMBER_MAX_CHARS: usize = 32;
+pub const DEDUPE_KEY_MAX_CHARS: usize = 255;
+
+impl NewRequest {
+    /// Builds a request from raw text fields: trims each identifier (blank means "not
+    /// given") and refuses what the table would refuse, naming the field.
+    pub fn new(
+        company_name: Option<&str>,
+        credit_code: Option<&str>,
+        org_number: Option<&str>,
+        report_type: ReportType,
+    ) -> Result<NewRequest, String> {
+        let company_name = identifier("company_name", company_name, COMPANY_NAME_MAX_CHARS)?;
+        let credit_code = identifier("credit_code", credit_code, 64)?;
+        let org_number = identifier("org_number", org_number, ORG_NUMBER_MAX_CHARS)?;
+        if let Some(code) = credit_code.as_deref().filter(|c| !is_credit_code(c)) {
+            return Err(format!(
+                "credit_code must be 18 digits or capital letters, got {:?}",
+                clip(code)
+            ));
+        }
+        if company_name.is_none() && credit_code.is_none() && org_number.is_none() {
+            return Err("at least one of company_name, credit_code, org_number is required".into());
+        }
+        Ok(NewRequest {
+            company_name,
+            credit_code,
+            org_number,
+            report_type,
+            priority: 0,
+            run_after: None,
+            max_attempts: None,
+            dedupe_key: None,
+            metadata: None,
+        })
+    }
+
+    pub fn with_dedupe_key(mut self, key: Option<&str>) -> Result<NewRequest, String> {
+        self.dedupe_key = match key.map(str::trim).filter(|k| !k.is_empty()) {
+            None => None,
+            Some(k) => {
+                check_text("dedupe_key", k, DEDUPE_KEY_MAX_CHARS)?;
+                Some(k.to_string())
+            }
+        };
+        Ok(self)
+    }
+
+    pub fn with_max_attempts(mut self, max: Option<i32>) -> Result<NewRequest, String> {
+        if let Some(m) = max.filter(|m| !(1..=100).contains(m)) {
+            return Err(format!("max_attempts must be between 1 and 100, got {m}"));
+        }
+        self.max_attempts = max;
+        Ok(self)
+    }
+
+    pub fn with_metadata(
+        mut self,
+        metadata: Option<serde_json::Value>,
+    ) -> Result<NewRequest, String> {
+        if metadata.as_ref().is_some_and(|m| !m.is_object()) {
+            return Err("metadata must be a JSON object".into());
+        }
+        self.metadata = metadata;
+        Ok(self)
+    }
+}
+
+/// A unified social credit code: exactly 18 ASCII digits or capital letters.
+pub fn is_credit_code(code: &str) -> bool {
+    code.len() == 18
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+}
+
+/// Whitespace the table refuses around identifiers: ASCII space and controls, the
+/// no-break space and the ideographic (full-width) space common in Chinese data.
+fn is_padding(c: char) -> bool {
+    c.is_whitespace() || c == '\u{a0}' || c == '\u{3000}'
+}
+
+fn identifier(field: &str, raw: Option<&str>, max_chars: usize) -> Result<Option<String>, String> {
+    let Some(value) = raw
+        .map(|v| v.trim_matches(is_padding))
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    check_text(field, value, max_chars)?;
+    Ok(Some(value.to_string()))
+}
+
+fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{field} contains a NUL character"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{field} contains a control character: {:?}",
+            clip(value)
+        ));
+    }
+    let n = value.chars().count();
+    if n > max_chars {
+        return Err(format!(
+            "{field} is {n} characters long, at most {max_chars} allowed"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_id_keeps_exact_digits() {
+        let v: serde_json::Value = serde_json::from_str("1579434053399035904").unwrap();
+        assert_eq!(
+            JobId::from_json(&v).unwrap().as_str(),
+            "1579434053399035904"
+        );
+        let s = serde_json::Value::String("1579434053399035904".into());
+        assert_eq!(
+            JobId::from_json(&s).unwrap().as_str(),
+            "1579434053399035904"
+        );
+        assert_eq!(
+            JobId::parse("18446744073709551615").unwrap().as_str(),
+            "18446744073709551615"
+        );
+    }
+
+    #[test]
+    fn job_id_refuses_non_integers() {
+        for bad in [
+            "1.5e18",
+            "-1",
+            "1.0",
+            "null",
+            "true",
+            "[1]",
+            "{}",
+            "\"\"",
+            "\"12a\"",
+            "18446744073709551616",
+        ] {
+            let v: serde_json::Value = serde_json::from_str(bad).unwrap();
+            assert!(JobId::from_json(&v).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn new_request_trims_and_validates() {
+        let r = NewRequest::new(
+            Some(" 小米科技有限责任公司\u{3000}"),
+            Some(""),
+            None,
+            ReportType::Pdf,
+        )
+        .unwrap();
+        assert_eq!(r.company_name.as_deref(), Some("小米科技有限责任公司"));
+        assert_eq!(r.credit_code, None);
+        assert!(
+            NewRequest::new(None, Some("  "), None, ReportType::Pdf)
+                .unwrap_err()
+                .contains("at least one")
+        );
+        assert!(
+            NewRequest::new(None, Some("91110108551385082q"), None, ReportType::Pdf)
+                .unwrap_err()
+                .contains("credit_code")
+        );
+        assert!(
+            NewRequest::new(Some("a\u{7}b"), None, None, ReportType::Pdf)
+                .unwrap_err()
+                .contains("control")
+        );
+        assert!(
+            NewRequest::new(Some("a\0b"), None, None, ReportType::Pdf)
+                .unwrap_err()
+                .contains("NUL")
+        );
+        let long = "x".repeat(201);
+        assert!(
+            NewRequest::new(Some(&long), None, None, ReportType::Pdf)
+                .unwrap_err()
+                .contains("at most 200")
+        );
+    }
+
+    #[test]
+    fn report_type_parses() {
+        assert_eq!("PDF".parse::<ReportType>().unwrap(), ReportType::Pdf);
+        assert_eq!(" word ".parse::<ReportType>().unwrap(), ReportType::Word);
+        assert!("xls".parse::<ReportType>().is_err());
+    }
+}

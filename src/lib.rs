@@ -1,0 +1,10 @@
+//! report-worker: a durable PostgreSQL-backed worker for slow, metered report APIs.
+//!
+//! Applications insert rows into `report_requests`; `report-worker run` claims them,
+//! drives the provider's create → poll → download cycle and stores each document.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod queue;

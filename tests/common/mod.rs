@@ -1,0 +1,122 @@
+//! Test support: a fresh PostgreSQL database per test, on the server named by
+//! TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres), and
+//! waiting on conditions with a deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_string())
+}
+
+fn url_for(db: &str) -> String {
+    let mut u = url::Url::parse(&admin_url()).expect("TEST_DATABASE_URL is a URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+/// A throwaway database, dropped by `close` (or, if a test panicked, by the next run:
+/// names carry the creating process id and stale ones are removed).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static CLEANUP: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&admin_url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL must answer at {} for the tests: {e}",
+                admin_url()
+            )
+        })
+}
+
+async fn drop_stale_databases() {
+    let mut conn = admin().await;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'rw\\_test\\_%'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+impl TestDb {
+    /// A new database with the migrations applied.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        report_worker::db::migrate(&db.pool)
+            .await
+            .expect("migrations apply");
+        db
+    }
+
+    /// A new database with nothing in it.
+    pub async fn empty() -> TestDb {
+        CLEANUP.get_or_init(drop_stale_databases).await;
+        let name = format!(
+            "rw_test_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut conn = admin().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = url_for(&name);
+        let pool = report_worker::db::connect(&url, 20).await.unwrap();
+        TestDb { name, url, pool }
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+        let mut conn = admin().await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
+
+/// Polls `check` until it returns Some, failing the test after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

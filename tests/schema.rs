@@ -1,0 +1,495 @@
+//! The SQL contract on a real database: constraints, dedupe, cancel/retry, events,
+//! NOTIFY and idempotent migrations.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use sqlx::postgres::PgListener;
+
+async fn insert(db: &TestDb, columns: &str, values: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO report_requests ({columns}) VALUES ({values}) RETURNING id"
+    )))
+    .fetch_one(&db.pool)
+    .await
+}
+
+fn constraint_of(e: sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.constraint().unwrap_or_default().to_string(),
+        other => panic!("expected a database error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn contract_statements_work_as_written() {
+    let db = TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, report_type) VALUES ('小米科技有限责任公司', 'pdf') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO report_requests (credit_code, report_type, priority, metadata)
+              VALUES ('91110108551385082Q', 'word', -10, '{\"customer\": 42}')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (state, attempts, max_attempts, priority): (String, i32, i32, i16) = sqlx::query_as(
+        "SELECT state, attempts, max_attempts, priority FROM report_requests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), attempts, max_attempts, priority),
+        ("queued", 0, 3, 0)
+    );
+    let stats: Vec<(String, i64)> = sqlx::query_as("SELECT state, count FROM report_queue_stats")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stats,
+        vec![
+            ("queued".into(), 2),
+            ("generating".into(), 0),
+            ("succeeded".into(), 0),
+            ("failed".into(), 0),
+            ("cancelled".into(), 0)
+        ]
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn good_rows_pass() {
+    let db = TestDb::new().await;
+    for (cols, vals) in [
+        ("company_name, report_type", "'小米科技有限责任公司', 'pdf'"),
+        ("credit_code, report_type", "'91110108551385082Q', 'word'"),
+        ("org_number, report_type", "'5513850T82', 'word'"),
+        (
+            "company_name, credit_code, report_type",
+            "'', '91110108551385082Q', 'pdf'",
+        ),
+        (
+            "company_name, report_type",
+            "'A Company (Beijing) Co., Ltd.', 'pdf'",
+        ),
+        ("company_name, report_type, max_attempts", "'x', 'pdf', 100"),
+        (
+            "company_name, report_type, metadata",
+            "'x', 'pdf', '{\"a\": [1, 2]}'",
+        ),
+    ] {
+        insert(&db, cols, vals)
+            .await
+            .unwrap_or_else(|e| panic!("({cols}) = ({vals}) refused: {e}"));
+    }
+    db.close().await;
+}
+
+#[tokio::test]
+async fn bad_rows_are_refused_by_named_constraints() {
+    let db = TestDb::new().await;
+    let long_name = "公".repeat(201);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "report_type",
+            "'pdf'".into(),
+            "report_requests_identifier_required",
+        ),
+        (
+            "company_name, report_type",
+            "'', 'pdf'".into(),
+            "report_requests_identifier_required",
+        ),
+        (
+            "company_name, credit_code, org_number, report_type",
+            "'', '', '', 'word'".into(),
+            "report_requests_identifier_required",
+        ),
+        (
+            "company_name, report_type",
+            "'x', 'xls'".into(),
+            "report_requests_report_type_word_or_pdf",
+        ),
+        (
+            "company_name, report_type",
+            "'x', 'PDF'".into(),
+            "report_requests_report_type_word_or_pdf",
+        ),
+        (
+            "company_name, report_type",
+            "E'x\\ty', 'pdf'".into(),
+            "report_requests_company_name_no_control_chars",
+        ),
+        (
+            "company_name, report_type",
+            "E'x\\u007f', 'pdf'".into(),
+            "report_requests_company_name_no_control_chars",
+        ),
+        (
+            "credit_code, report_type",
+            "E'91110108551385082\\n', 'pdf'".into(),
+            "report_requests_credit_code_no_control_chars",
+        ),
+        (
+            "org_number, report_type",
+            "E'55\\r13', 'pdf'".into(),
+            "report_requests_org_number_no_control_chars",
+        ),
+        (
+            "company_name, report_type",
+            "' 小米', 'pdf'".into(),
+            "report_requests_company_name_not_trimmed",
+        ),
+        (
+            "company_name, report_type",
+            "E'小米\\u3000', 'pdf'".into(),
+            "report_requests_company_name_not_trimmed",
+        ),
+        (
+            "company_name, report_type",
+            "'   ', 'pdf'".into(),
+            "report_requests_company_name_not_trimmed",
+        ),
+        (
+            "org_number, report_type",
+            "'5513850T82 ', 'pdf'".into(),
+            "report_requests_org_number_not_trimmed",
+        ),
+        (
+            "company_name, report_type",
+            format!("'{long_name}', 'pdf'"),
+            "report_requests_company_name_too_long",
+        ),
+        (
+            "credit_code, report_type",
+            "'9111010855138508', 'pdf'".into(),
+            "report_requests_credit_code_not_18_digits_or_capitals",
+        ),
+        (
+            "credit_code, report_type",
+            "'91110108551385082q', 'pdf'".into(),
+            "report_requests_credit_code_not_18_digits_or_capitals",
+        ),
+        (
+            "org_number, report_type",
+            format!("'{}', 'pdf'", "9".repeat(33)),
+            "report_requests_org_number_too_long",
+        ),
+        (
+            "company_name, report_type, dedupe_key",
+            format!("'x', 'pdf', '{}'", "k".repeat(256)),
+            "report_requests_dedupe_key_too_long",
+        ),
+        (
+            "company_name, report_type, max_attempts",
+            "'x', 'pdf', 0".into(),
+            "report_requests_max_attempts_out_of_range",
+        ),
+        (
+            "company_name, report_type, max_attempts",
+            "'x', 'pdf', 1000".into(),
+            "report_requests_max_attempts_out_of_range",
+        ),
+        (
+            "company_name, report_type, metadata",
+            "'x', 'pdf', '[1]'".into(),
+            "report_requests_metadata_not_object",
+        ),
+        (
+            "company_name, report_type, state",
+            "'x', 'pdf', 'done'".into(),
+            "report_requests_state_unknown",
+        ),
+        (
+            "company_name, report_type, state",
+            "'x', 'pdf', 'generating'".into(),
+            "report_requests_generating_without_job",
+        ),
+        (
+            "company_name, report_type, upstream_job_id",
+            "'x', 'pdf', '1.5e18'".into(),
+            "report_requests_upstream_job_id_not_digits",
+        ),
+    ];
+    for (cols, vals, expected) in cases {
+        let err = insert(&db, cols, &vals)
+            .await
+            .expect_err(&format!("({cols}) = ({vals}) was accepted"));
+        assert_eq!(constraint_of(err), expected, "({cols}) = ({vals})");
+    }
+    // PostgreSQL text cannot hold NUL at all: the insert fails before any constraint.
+    let err =
+        sqlx::query("INSERT INTO report_requests (company_name, report_type) VALUES ($1, 'pdf')")
+            .bind("a\0b")
+            .execute(&db.pool)
+            .await
+            .expect_err("NUL accepted");
+    assert!(err.to_string().contains("0x00"), "{err}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM report_requests")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn dedupe_key_is_idempotent() {
+    let db = TestDb::new().await;
+    let sql = "INSERT INTO report_requests (company_name, report_type, dedupe_key)
+               VALUES ('x', 'pdf', 'order-1') ON CONFLICT (dedupe_key) DO NOTHING RETURNING id";
+    let first: Option<i64> = sqlx::query_scalar(sql)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+    let second: Option<i64> = sqlx::query_scalar(sql)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    assert_eq!(second, None);
+    // Without ON CONFLICT the duplicate is refused by the unique index, by name.
+    let err = sqlx::query("INSERT INTO report_requests (company_name, report_type, dedupe_key) VALUES ('y', 'pdf', 'order-1')")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(constraint_of(err), "report_requests_dedupe_key_key");
+    // NULL keys never conflict.
+    for _ in 0..2 {
+        insert(&db, "company_name, report_type", "'z', 'pdf'")
+            .await
+            .unwrap();
+    }
+    // The library's enqueue reports the existing row.
+    let r = report_worker::domain::NewRequest::new(
+        Some("x"),
+        None,
+        None,
+        report_worker::domain::ReportType::Pdf,
+    )
+    .unwrap()
+    .with_dedupe_key(Some("order-1"))
+    .unwrap();
+    let again = report_worker::queue::enqueue(&db.pool, &r).await.unwrap();
+    assert_eq!(
+        again,
+        report_worker::queue::Enqueued::Duplicate(first.unwrap())
+    );
+    db.close().await;
+}
+
+async fn set_state(db: &TestDb, id: i64, state: &str) {
+    let extra = if state == "generating" {
+        ", upstream_job_id = '1579434053399035904', upstream_created_at = now(), next_poll_at = now()"
+    } else {
+        ""
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE report_requests SET state = '{state}'{extra} WHERE id = $1"
+    )))
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+async fn state_of(db: &TestDb, id: i64) -> (String, i32, i64) {
+    sqlx::query_as("SELECT state, attempts, lease_token FROM report_requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cancel_and_retry_in_every_state() {
+    let db = TestDb::new().await;
+    // (state, cancel applies, retry applies)
+    for (state, cancels, retries) in [
+        ("queued", true, false),
+        ("generating", true, false),
+        ("succeeded", false, false),
+        ("failed", false, true),
+        ("cancelled", false, true),
+    ] {
+        let id = insert(&db, "company_name, report_type", "'x', 'pdf'")
+            .await
+            .unwrap();
+        set_state(&db, id, state).await;
+        sqlx::query("UPDATE report_requests SET attempts = 2, last_error = 'boom', last_error_code = 68300008 WHERE id = $1")
+            .bind(id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let before = state_of(&db, id).await;
+        let cancelled: bool = sqlx::query_scalar("SELECT report_cancel($1)")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(cancelled, cancels, "report_cancel on {state}");
+        let after_cancel = state_of(&db, id).await;
+        if cancels {
+            assert_eq!(after_cancel.0, "cancelled");
+            assert!(
+                after_cancel.2 > before.2,
+                "cancel must fence off the current holder"
+            );
+            // back to the original state for the retry check
+            set_state(&db, id, state).await;
+        } else {
+            assert_eq!(after_cancel, before, "report_cancel changed a {state} row");
+        }
+        let before = state_of(&db, id).await;
+        let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(retried, retries, "report_retry on {state}");
+        let after = state_of(&db, id).await;
+        if retries {
+            assert_eq!((after.0.as_str(), after.1), ("queued", 0), "fresh attempts");
+            let (err, code): (Option<String>, Option<i32>) = sqlx::query_as(
+                "SELECT last_error, last_error_code FROM report_requests WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            assert_eq!((err, code), (None, None));
+        } else {
+            assert_eq!(after, before, "report_retry changed a {state} row");
+        }
+    }
+    // Unknown ids change nothing.
+    let none: bool = sqlx::query_scalar("SELECT report_cancel(999999)")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!none);
+    let none: bool = sqlx::query_scalar("SELECT report_retry(999999)")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!none);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn events_record_plain_sql_changes_and_errors() {
+    let db = TestDb::new().await;
+    let id = insert(&db, "company_name, report_type", "'x', 'pdf'")
+        .await
+        .unwrap();
+    sqlx::query("UPDATE report_requests SET last_error = 'busy', last_error_code = 67200100, last_error_at = now() WHERE id = $1")
+        .bind(id).execute(&db.pool).await.unwrap();
+    // The same error again, later: still a new event.
+    sqlx::query(
+        "UPDATE report_requests SET last_error_at = now() + interval '1 second' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // A change that is neither a state change nor an error: no event.
+    sqlx::query("UPDATE report_requests SET priority = 5 WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE report_requests SET state = 'failed', last_error = 'by hand' , last_error_code = NULL WHERE id = $1")
+        .bind(id).execute(&db.pool).await.unwrap();
+    type Event = (String, Option<String>, Option<i32>, Option<String>);
+    let events: Vec<Event> = sqlx::query_as(
+        "SELECT state, previous_state, error_code, error FROM report_events WHERE request_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        vec![
+            ("queued".into(), None, None, None),
+            (
+                "queued".into(),
+                Some("queued".into()),
+                Some(67200100),
+                Some("busy".into())
+            ),
+            (
+                "queued".into(),
+                Some("queued".into()),
+                Some(67200100),
+                Some("busy".into())
+            ),
+            (
+                "failed".into(),
+                Some("queued".into()),
+                None,
+                Some("by hand".into())
+            ),
+        ]
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn insert_and_retry_notify_listeners() {
+    let db = TestDb::new().await;
+    let mut listener = PgListener::connect(&db.url).await.unwrap();
+    listener
+        .listen(report_worker::queue::NOTIFY_CHANNEL)
+        .await
+        .unwrap();
+    let id = insert(&db, "company_name, report_type", "'x', 'pdf'")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("notify on insert")
+        .unwrap();
+    assert_eq!(n.channel(), "report_requests");
+    set_state(&db, id, "failed").await;
+    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(retried);
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("notify on retry")
+        .unwrap();
+    assert_eq!(n.payload(), "retry");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn migrations_apply_twice_and_by_hand() {
+    let db = TestDb::empty().await;
+    report_worker::db::migrate(&db.pool).await.unwrap();
+    report_worker::db::migrate(&db.pool).await.unwrap();
+    // The SQL itself is idempotent too (for those who apply it with psql).
+    for m in report_worker::db::MIGRATOR.iter() {
+        sqlx::raw_sql(m.sql.clone())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    insert(&db, "company_name, report_type", "'x', 'pdf'")
+        .await
+        .unwrap();
+    db.close().await;
+}
