@@ -1,0 +1,316 @@
+//! A downloaded report: its bytes checked against the expected type, its file name
+//! taken from the content disposition and made safe, its sha256.
+
+use std::io::Cursor;
+
+use percent_encoding::percent_decode_str;
+use sha2::{Digest, Sha256};
+
+use crate::domain::{JobId, ReportType, clip};
+
+/// A verified report, exactly as the provider served it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Document {
+    pub content: Vec<u8>,
+    pub content_type: &'static str,
+    pub file_name: String,
+    pub sha256: String,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document")
+            .field("bytes", &self.content.len())
+            .field("content_type", &self.content_type)
+            .field("file_name", &self.file_name)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Why a body is not the report that was asked for.
+pub fn check_report(bytes: &[u8], expected: ReportType) -> Result<(), String> {
+    match expected {
+        ReportType::Pdf => {
+            if !bytes.starts_with(b"%PDF-") {
+                return Err(format!(
+                    "not a PDF: the body starts with {}",
+                    describe_start(bytes)
+                ));
+            }
+            // A truncated PDF has no end-of-file marker near its end.
+            let tail = &bytes[bytes.len().saturating_sub(1024)..];
+            if !tail.windows(5).any(|w| w == b"%%EOF") {
+                return Err("truncated PDF: no %%EOF marker at the end".into());
+            }
+            Ok(())
+        }
+        ReportType::Word => {
+            if !bytes.starts_with(b"PK\x03\x04") {
+                return Err(format!(
+                    "not a DOCX: the body starts with {}",
+                    describe_start(bytes)
+                ));
+            }
+            let archive = zip::ZipArchive::new(Cursor::new(bytes))
+                .map_err(|e| format!("not a DOCX: unreadable ZIP ({e})"))?;
+            for part in ["[Content_Types].xml", "word/document.xml"] {
+                if archive.index_for_name(part).is_none() {
+                    return Err(format!("not a DOCX: the ZIP has no {part}"));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn describe_start(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(40)];
+    let text = String::from_utf8_lossy(head);
+    if bytes.is_empty() {
+        "nothing (empty body)".into()
+    } else {
+        format!("{:?}", clip(text.trim()))
+    }
+}
+
+/// The file name in a `Content-Disposition` value: RFC 5987/6266 `filename*=UTF-8''…`
+/// wins over a plain `filename=`. Returns the raw (unsanitised) name.
+pub fn filename_from_disposition(value: &str) -> Option<String> {
+    let mut plain = None;
+    let mut extended = None;
+    for param in split_params(value) {
+        let Some((key, val)) = param.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().to_ascii_lowercase();
+        let val = val.trim();
+        if key == "filename*" {
+            // charset'language'percent-encoded
+            let mut parts = val.splitn(3, '\'');
+            let (charset, _lang, encoded) = (parts.next()?, parts.next(), parts.next());
+            let Some(encoded) = encoded else { continue };
+            let bytes: Vec<u8> = percent_decode_str(encoded.trim_matches('"')).collect();
+            let decoded = if charset.eq_ignore_ascii_case("utf-8") {
+                String::from_utf8(bytes).ok()
+            } else if charset.eq_ignore_ascii_case("iso-8859-1") {
+                Some(bytes.iter().map(|&b| b as char).collect())
+            } else {
+                None
+            };
+            if let Some(d) = decoded {
+                extended = Some(d);
+            }
+        } else if key == "filename" {
+            let unquoted = val
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .map(|v| v.replace("\\\"", "\"").replace("\\\\", "\\"))
+                .unwrap_or_else(|| val.to_string());
+            // Some servers percent-encode plain filenames too.
+            let decoded = percent_decode_str(&unquoted)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .unwrap_or(unquoted);
+            plain = Some(decoded);
+        }
+    }
+    extended.or(plain).filter(|n| !n.trim().is_empty())
+}
+
+/// Splits `a; b="x;y"; c` on semicolons outside quotes.
+fn split_params(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in value.chars() {
+        match c {
+            _ if escaped => {
+                current.push(c);
+                escaped = false;
+            }
+            '\\' if quoted => {
+                current.push(c);
+                escaped = true;
+            }
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            ';' if !quoted => out.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    out.push(current);
+    out
+}
+
+/// The file name carried by a pre-signed link's `response-content-disposition`.
+pub fn filename_from_url(link: &str) -> Option<String> {
+    let url = url::Url::parse(link).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k.eq_ignore_ascii_case("response-content-disposition"))
+        .and_then(|(_, v)| filename_from_disposition(&v))
+}
+
+/// A file name that is safe on any file system and never leaves its directory: no path
+/// components, no control or reserved characters, no Windows device names, at most 180
+/// bytes, with the report's extension.
+pub fn sanitize_file_name(raw: &str, report_type: ReportType, job: Option<&JobId>) -> String {
+    // Keep only the last path component, whichever separator was used.
+    let base = raw.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut name: String = base
+        .chars()
+        .map(|c| match c {
+            c if c.is_control() => '_',
+            '<' | '>' | ':' | '"' | '|' | '?' | '*' => '_',
+            c => c,
+        })
+        .collect();
+    name = name
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .to_string();
+    let ext = report_type.extension();
+    let stem_of = |n: &str| -> String {
+        match n.rsplit_once('.') {
+            Some((stem, e)) if e.eq_ignore_ascii_case(ext) => stem.to_string(),
+            _ => n.to_string(),
+        }
+    };
+    let mut stem = stem_of(&name);
+    stem = stem
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .to_string();
+    if stem.is_empty() {
+        stem = match job {
+            Some(j) => format!("report-{j}"),
+            None => "report".to_string(),
+        };
+    }
+    const RESERVED: [&str; 22] = [
+        "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+        "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+    ];
+    let device = stem.split('.').next().unwrap_or("");
+    if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(device)) {
+        stem = format!("_{stem}");
+    }
+    // Leave room for the extension and a collision suffix within 255-byte limits.
+    while stem.len() > 180 {
+        stem.pop();
+    }
+    format!("{stem}.{ext}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn dispositions() {
+        assert_eq!(
+            filename_from_disposition("attachment;filename*=UTF-8''%E5%B0%8F%E7%B1%B3.docx")
+                .as_deref(),
+            Some("小米.docx")
+        );
+        assert_eq!(
+            filename_from_disposition(
+                r#"attachment; filename="a;b.pdf"; filename*=utf-8''real.pdf"#
+            )
+            .as_deref(),
+            Some("real.pdf")
+        );
+        assert_eq!(
+            filename_from_disposition(r#"attachment; filename="plain \"q\".pdf""#).as_deref(),
+            Some("plain \"q\".pdf")
+        );
+        assert_eq!(
+            filename_from_disposition("attachment; filename=x.pdf").as_deref(),
+            Some("x.pdf")
+        );
+        assert_eq!(filename_from_disposition("attachment"), None);
+        assert_eq!(
+            filename_from_disposition("attachment; filename*=UTF-8''%FF%FE"),
+            None
+        );
+        let link = "http://cos.example/r/1.docx?q-sign-algorithm=sha1&response-content-disposition=attachment%3Bfilename%2A%3DUTF-8%27%27%25E5%25B0%258F.docx";
+        assert_eq!(filename_from_url(link).as_deref(), Some("小.docx"));
+    }
+
+    #[test]
+    fn hostile_names() {
+        let j = JobId::parse("42").unwrap();
+        let cases = [
+            ("../../etc/passwd", "passwd.pdf"),
+            ("/abs/path/r.pdf", "r.pdf"),
+            ("..\\..\\win.pdf", "win.pdf"),
+            ("CON.pdf", "_CON.pdf"),
+            ("nul", "_nul.pdf"),
+            ("a\u{0}b\nc.pdf", "a_b_c.pdf"),
+            ("..", "report-42.pdf"),
+            ("", "report-42.pdf"),
+            ("what?.PDF", "what_.pdf"),
+            ("report.docx", "report.docx.pdf"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(
+                sanitize_file_name(raw, ReportType::Pdf, Some(&j)),
+                want,
+                "{raw:?}"
+            );
+        }
+        let long = "长".repeat(200);
+        assert!(sanitize_file_name(&long, ReportType::Word, None).len() <= 190);
+    }
+
+    #[test]
+    fn report_checks() {
+        assert!(check_report(b"%PDF-1.4\n...\n%%EOF\n", ReportType::Pdf).is_ok());
+        assert!(
+            check_report(b"%PDF-1.4\n...", ReportType::Pdf)
+                .unwrap_err()
+                .contains("truncated")
+        );
+        assert!(
+            check_report(b"<html><body>Error</body></html>", ReportType::Pdf)
+                .unwrap_err()
+                .contains("not a PDF")
+        );
+        assert!(
+            check_report(br#"{"error":"x"}"#, ReportType::Word)
+                .unwrap_err()
+                .contains("not a DOCX")
+        );
+        assert!(
+            check_report(b"PK\x03\x04garbage", ReportType::Word)
+                .unwrap_err()
+                .contains("ZIP")
+        );
+        assert!(
+            check_report(b"", ReportType::Pdf)
+                .unwrap_err()
+                .contains("empty")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn sanitized_names_stay_inside(raw in "\\PC{0,300}") {
+            let n = sanitize_file_name(&raw, ReportType::Pdf, None);
+            prop_assert!(!n.contains('/') && !n.contains('\\') && !n.chars().any(char::is_control));
+            prop_assert!(n != "." && n != ".." && !n.starts_with('.') && n.ends_with(".pdf"));
+            prop_assert!(n.len() <= 190);
+        }
+
+        #[test]
+        fn disposition_never_panics(raw in "\\PC{0,200}") {
+            let _ = filename_from_disposition(&raw);
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The provider's API (PatSnap Open Platform, R001): what its answers mean for a row.
+//!
+//! `classify` turns every answer — error code, HTTP status, transport failure — into
+//! what the worker should do about it, per the table in UPSTREAM_API.md. The HTTP
+//! client lives in `client`, document checks and file names in `document`.
+
+pub mod client;
+pub mod document;
+pub mod envelope;
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Days, FixedOffset, NaiveTime, TimeZone, Utc};
+
+pub use client::{Client, ClientConfig, Credentials, TaskStatus};
+pub use document::Document;
+
+/// What the worker should do after an upstream call failed. The variants say what a
+/// caller can do about it, not where the failure came from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpstreamError {
+    /// This request is wrong (68300004, 68300007, 68300010, 67200012, or a document that
+    /// can never be accepted): fail the row, do not retry.
+    #[error("refused by the provider{}: {message}", code_suffix(*code))]
+    Rejected { code: Option<i32>, message: String },
+    /// Trouble on the way or on the provider's side: retry later, after `retry_after`
+    /// when the answer names a delay. Does not spend an attempt.
+    #[error("transient failure{}: {message}", code_suffix(*code))]
+    Transient {
+        code: Option<i32>,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// 67200002: the account's QPS was exceeded. Slow down and retry; not the row's fault.
+    #[error("rate limited (67200002): {message}")]
+    RateLimited { message: String },
+    /// HTTP 401 or 67200009: the token is no longer accepted; fetch a new one.
+    #[error("token refused{}: {message}", code_suffix(*code))]
+    Unauthorized { code: Option<i32>, message: String },
+    /// 67200003: the key/secret was refused or the client disabled. Worth one fresh
+    /// token; if it persists it is an account stop.
+    #[error("credentials refused (67200003): {message}")]
+    BadCredentials { message: String },
+    /// The whole account must stop calling (balance, limits, permission, configuration);
+    /// rows stay queued. `until` is set when the answer implies when to come back.
+    #[error("account-wide stop ({code}): {reason}")]
+    AccountStop {
+        code: i32,
+        reason: String,
+        until: Option<DateTime<Utc>>,
+    },
+}
+
+fn code_suffix(code: Option<i32>) -> String {
+    code.map(|c| format!(" ({c})")).unwrap_or_default()
+}
+
+impl UpstreamError {
+    /// The provider's code (or the HTTP status) behind this error, for `last_error_code`.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            UpstreamError::Rejected { code, .. }
+            | UpstreamError::Transient { code, .. }
+            | UpstreamError::Unauthorized { code, .. } => *code,
+            UpstreamError::RateLimited { .. } => Some(67200002),
+            UpstreamError::BadCredentials { .. } => Some(67200003),
+            UpstreamError::AccountStop { code, .. } => Some(*code),
+        }
+    }
+
+    pub fn transient(message: impl Into<String>) -> UpstreamError {
+        UpstreamError::Transient {
+            code: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The provider's business day ends at midnight in Asia/Shanghai (UTC+8 all year:
+/// China has no daylight saving time, so a fixed offset is exact).
+pub fn next_shanghai_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
+    let shanghai = FixedOffset::east_opt(8 * 3600).expect("valid offset");
+    let local_date = now.with_timezone(&shanghai).date_naive();
+    let next = local_date
+        .checked_add_days(Days::new(1))
+        .expect("date in range")
+        .and_time(NaiveTime::MIN);
+    shanghai
+        .from_local_datetime(&next)
+        .single()
+        .expect("fixed offsets are unambiguous")
+        .with_timezone(&Utc)
+}
+
+/// What a provider error code means, per UPSTREAM_API.md. `now` fixes "the provider's
+/// next day" for 67200007. Codes the table does not list are transient (and logged).
+pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamError {
+    let message = if message.is_empty() {
+        known_message(code).unwrap_or("no message").to_string()
+    } else {
+        message.to_string()
+    };
+    let stop = |until| UpstreamError::AccountStop {
+        code,
+        reason: message.clone(),
+        until,
+    };
+    match code {
+        68300004 | 68300007 | 68300010 | 67200012 => UpstreamError::Rejected {
+            code: Some(code),
+            message,
+        },
+        68300005 | 68300006 | 68300008 | 67200100 => UpstreamError::Transient {
+            code: Some(code),
+            message,
+            retry_after: None,
+        },
+        67200002 => UpstreamError::RateLimited { message },
+        67200003 => UpstreamError::BadCredentials { message },
+        67200009 => UpstreamError::Unauthorized {
+            code: Some(code),
+            message,
+        },
+        67200007 => stop(Some(next_shanghai_midnight(now))),
+        67200000 | 67200001 | 67200004 | 67200005 | 67200006 | 67200008 | 67200101 => stop(None),
+        _ => {
+            tracing::warn!(code, %message, "unknown provider error code, treated as transient");
+            UpstreamError::Transient {
+                code: Some(code),
+                message: format!("unknown error code: {message}"),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+/// What an HTTP status means when the body carries no provider error code.
+pub fn classify_http_status(status: u16, retry_after: Option<Duration>) -> UpstreamError {
+    let code = Some(i32::from(status));
+    match status {
+        401 => UpstreamError::Unauthorized {
+            code,
+            message: "HTTP 401 Unauthorized".into(),
+        },
+        403 => UpstreamError::AccountStop {
+            code: 403,
+            reason: "HTTP 403 Forbidden: no permission for this API".into(),
+            until: None,
+        },
+        404 => UpstreamError::AccountStop {
+            code: 404,
+            reason: "HTTP 404 Not Found: check UPSTREAM_BASE_URL".into(),
+            until: None,
+        },
+        _ => UpstreamError::Transient {
+            code,
+            message: format!("HTTP {status}"),
+            retry_after,
+        },
+    }
+}
+
+fn known_message(code: i32) -> Option<&'static str> {
+    Some(match code {
+        68300004 => "Invalid parameter!",
+        68300005 => "Search api failure!",
+        68300006 => "Analytic basic access error!",
+        68300007 => "Bad request!",
+        68300008 => "Service error, please try again later!",
+        68300010 => "The file does not comply with upload specifications!",
+        67200000 | 67200001 => "API call exceeds the total limit set by the platform!",
+        67200002 => {
+            "The current call rate is too fast, exceeding the current configuration limit QPS!"
+        }
+        67200003 => {
+            "The key and secret parameters for applying for the token are incorrect or the client has been disabled!"
+        }
+        67200004 => {
+            "The requested api does not have permission. Please contact our support personnel!"
+        }
+        67200005 => "Insufficient account balance/number of calls!",
+        67200006 => "The client has exceeded the activation validity period!",
+        67200007 => "The current call exceeds the configured usage limit of the day!",
+        67200008 => {
+            "Please check if the required apikey in the query parameter has been transmitted!"
+        }
+        67200009 => {
+            "The apikey does not match the passed bearerToken. Please check if a valid token is being used!"
+        }
+        67200012 => "The request is illegal!",
+        67200100 => "The current server status is busy, request response timeout!",
+        67200101 => "The API requested currently does not exist. Please check the request path!",
+        _ => return None,
+    })
+}
+
+/// The provider's own text for a code, for the simulator and for messages.
+pub fn provider_message(code: i32) -> &'static str {
+    known_message(code).unwrap_or("Unknown error")
+}
+
+/// A secret that never shows itself in `Debug` or `Display` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The only way to read the value: at the point where it goes on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-28T17:30:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn every_code_in_the_table() {
+        let rejected = [68300004, 68300007, 68300010, 67200012];
+        let transient = [68300005, 68300006, 68300008, 67200100];
+        let stops = [
+            67200000, 67200001, 67200004, 67200005, 67200006, 67200008, 67200101,
+        ];
+        for c in rejected {
+            assert!(
+                matches!(classify_code(c, "", now()), UpstreamError::Rejected { code: Some(x), .. } if x == c),
+                "{c}"
+            );
+        }
+        for c in transient {
+            assert!(
+                matches!(classify_code(c, "", now()), UpstreamError::Transient { code: Some(x), .. } if x == c),
+                "{c}"
+            );
+        }
+        for c in stops {
+            assert!(
+                matches!(classify_code(c, "", now()), UpstreamError::AccountStop { code, until: None, .. } if code == c),
+                "{c}"
+            );
+        }
+        assert!(matches!(
+            classify_code(67200002, "", now()),
+            UpstreamError::RateLimited { .. }
+        ));
+        assert!(matches!(
+            classify_code(67200003, "", now()),
+            UpstreamError::BadCredentials { .. }
+        ));
+        assert!(matches!(
+            classify_code(67200009, "", now()),
+            UpstreamError::Unauthorized {
+                code: Some(67200009),
+                ..
+            }
+        ));
+        // Unknown codes are transient.
+        assert!(matches!(
+            classify_code(12345, "", now()),
+            UpstreamError::Transient {
+                code: Some(12345),
+                ..
+            }
+        ));
+        // Messages default to the provider's text.
+        assert!(
+            classify_code(67200005, "", now())
+                .to_string()
+                .contains("Insufficient account balance")
+        );
+    }
+
+    #[test]
+    fn daily_limit_waits_for_shanghai_midnight() {
+        // 17:30 UTC is 01:30 next day in Shanghai: the stop lasts until 16:00 UTC that day.
+        match classify_code(67200007, "", now()) {
+            UpstreamError::AccountStop { until: Some(u), .. } => {
+                assert_eq!(u, "2026-11-29T16:00:00Z".parse::<DateTime<Utc>>().unwrap())
+            }
+            other => panic!("{other:?}"),
+        }
+        let before: DateTime<Utc> = "2026-11-28T15:59:59Z".parse().unwrap();
+        assert_eq!(
+            next_shanghai_midnight(before),
+            "2026-11-28T16:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+    }
+
+    #[test]
+    fn every_http_status() {
+        assert!(matches!(
+            classify_http_status(401, None),
+            UpstreamError::Unauthorized {
+                code: Some(401),
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify_http_status(403, None),
+            UpstreamError::AccountStop { code: 403, .. }
+        ));
+        assert!(matches!(
+            classify_http_status(404, None),
+            UpstreamError::AccountStop { code: 404, .. }
+        ));
+        for s in [429, 500, 502, 503, 504, 400, 418] {
+            assert!(
+                matches!(
+                    classify_http_status(s, None),
+                    UpstreamError::Transient { .. }
+                ),
+                "{s}"
+            );
+        }
+        let r = classify_http_status(429, Some(Duration::from_secs(3)));
+        assert!(
+            matches!(r, UpstreamError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+    }
+}
