@@ -31,6 +31,17 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Show the queue at a glance and any account-wide stop.
     Status(DbArgs),
+    /// Serve a faithful simulator of the upstream API.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub sim: crate::simulator::SimConfig,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +150,7 @@ fn one_line(s: &str) -> String {
 fn init_tracing(command: &Command) {
     let default = match command {
         Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) => "warn",
+        Command::Simulate(_) => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -159,6 +171,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let pool = db::connect(&args.database_url, 2).await?;
             print!("{}", status_text(&pool).await?);
+        }
+        Command::Simulate(args) => {
+            let sim = crate::simulator::Simulator::start(args.sim, args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            println!("simulator listening on {}", sim.base_url());
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(crate::shutdown::on_signal(stop.clone()));
+            sim.wait(stop).await;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,4 +8,6 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod queue;
+pub mod shutdown;
+pub mod simulator;
 pub mod upstream;

@@ -148,10 +148,8 @@ impl Client {
     /// The current token, fetching a new one first when it is missing or due.
     async fn token(&self) -> Result<Secret, UpstreamError> {
         let mut slot = self.token.lock().await;
-        if let Some(cached) = slot.as_ref() {
-            if Instant::now() < cached.refresh_at {
-                return Ok(cached.token.clone());
-            }
+        if let Some(cached) = slot.as_ref().filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(cached.token.clone());
         }
         let answer = self.fetch_token().await?;
         // Refresh ahead of expiry: 60 s early for the documented 30-minute tokens, a

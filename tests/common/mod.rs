@@ -103,6 +103,9 @@ impl TestDb {
     }
 }
 
+/// How often `wait_for` looks again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Polls `check` until it returns Some, failing the test after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
@@ -117,6 +120,47 @@ where
         if start.elapsed() > deadline {
             panic!("timed out after {deadline:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// The simulator on a free loopback port.
+pub async fn start_sim(
+    config: report_worker::simulator::SimConfig,
+) -> report_worker::simulator::Simulator {
+    report_worker::simulator::Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator starts")
+}
+
+/// A client with the simulator's default credentials.
+pub fn client_for(sim: &report_worker::simulator::Simulator) -> report_worker::upstream::Client {
+    let config = client_config(sim);
+    report_worker::upstream::Client::new(config).unwrap()
+}
+
+pub fn client_config(
+    sim: &report_worker::simulator::Simulator,
+) -> report_worker::upstream::ClientConfig {
+    let credentials = report_worker::upstream::Credentials {
+        client_id: sim.config().client_id.clone(),
+        client_secret: report_worker::upstream::Secret::new(sim.config().client_secret.clone()),
+    };
+    report_worker::upstream::ClientConfig::new(sim.base_url(), credentials)
+}
+
+/// True when an external reader is installed; under CI its absence is a failure.
+pub fn have_tool(cmd: &str, args: &[&str]) -> bool {
+    let ok = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok && std::env::var("CI").is_ok() {
+        panic!("{cmd} is required under CI (see .ci/run)");
+    }
+    if !ok {
+        eprintln!("skipping the {cmd} check: {cmd} is not installed");
+    }
+    ok
 }
