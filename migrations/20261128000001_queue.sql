@@ -109,8 +109,11 @@ CREATE INDEX IF NOT EXISTS report_events_request_idx ON report_events (request_i
 
 -- The account-wide stop, shared by every worker process: while a row exists for an
 -- account no worker calls the provider for it except for one probe at `probe_at`.
+-- scope 'create' stops only new tasks (balance, quota: polls of paid tasks go on);
+-- 'all' stops every call (credentials, permission, configuration, or polls refused too).
 CREATE TABLE IF NOT EXISTS report_account_stops (
     account    text        PRIMARY KEY,
+    scope      text        NOT NULL DEFAULT 'all' CONSTRAINT report_account_stops_scope_unknown CHECK (scope IN ('create', 'all')),
     reason     text        NOT NULL,
     error_code int,
     since      timestamptz NOT NULL DEFAULT now(),

@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::parse_duration;
 use crate::domain::{NewRequest, ReportType};
+use crate::policy::PollPolicy;
+use crate::upstream::client::DEFAULT_BASE_URL;
+use crate::upstream::{Client, ClientConfig, Credentials, Secret};
+use crate::worker::{Worker, WorkerConfig};
 use crate::{db, queue};
 
 #[derive(Debug, Parser)]
@@ -31,8 +35,121 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Show the queue at a glance and any account-wide stop.
     Status(DbArgs),
+    /// Work the queue until SIGINT/SIGTERM.
+    Run(Box<RunArgs>),
     /// Serve a faithful simulator of the upstream API.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The provider's base URL.
+    #[arg(long, env = "UPSTREAM_BASE_URL", default_value = DEFAULT_BASE_URL)]
+    pub upstream_base_url: String,
+    /// The account's client id (also sent as the apikey).
+    #[arg(long, env = "UPSTREAM_CLIENT_ID")]
+    pub upstream_client_id: String,
+    /// The account's client secret.
+    #[arg(long, env = "UPSTREAM_CLIENT_SECRET", hide_env_values = true)]
+    pub upstream_client_secret: String,
+    /// Calls per second for the whole account, shared by every worker process (0: no pacing).
+    #[arg(long, env = "UPSTREAM_QPS", default_value_t = 5.0)]
+    pub upstream_qps: f64,
+    /// Timeout of one HTTP call (above the provider's 10 s maximum).
+    #[arg(long, env = "UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Largest document accepted, in bytes.
+    #[arg(long, env = "UPSTREAM_MAX_DOWNLOAD_BYTES", default_value_t = 200 * 1024 * 1024)]
+    pub upstream_max_download_bytes: u64,
+    /// How long one upstream task may take before it is given up.
+    #[arg(long, env = "REPORT_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub report_window: Duration,
+    /// First poll of a new task (nothing is ready before the provider's 1 minute minimum).
+    #[arg(long, env = "REPORT_FIRST_POLL", default_value = "60s", value_parser = parse_duration)]
+    pub report_first_poll: Duration,
+    /// Interval between polls while the task is exporting.
+    #[arg(long, env = "REPORT_POLL_MIN", default_value = "25s", value_parser = parse_duration)]
+    pub report_poll_min: Duration,
+    /// Interval between polls while the task waits in the provider's queue.
+    #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub report_poll_max: Duration,
+    /// How long a row keeps retrying transient errors before it fails.
+    #[arg(long, env = "REPORT_RETRY_BUDGET", default_value = "24h", value_parser = parse_duration)]
+    pub report_retry_budget: Duration,
+    /// Upstream calls in flight in this process.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
+    pub worker_concurrency: usize,
+    /// How long a claim lasts without a heartbeat (a killed worker's rows return after this).
+    #[arg(long, env = "WORKER_LEASE", default_value = "45s", value_parser = parse_duration)]
+    pub worker_lease: Duration,
+    /// Fallback poll of the table when no NOTIFY arrives.
+    #[arg(long, env = "WORKER_IDLE_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub worker_idle_poll: Duration,
+    /// Grace period for in-flight calls after SIGINT/SIGTERM.
+    #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub worker_shutdown_timeout: Duration,
+    /// This process's name in lease_owner (default host:pid).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Serve /metrics and /healthz here, e.g. 0.0.0.0:9187.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunArgs {
+    /// The client's and the worker's configuration, checked for consistency.
+    pub fn configs(&self) -> anyhow::Result<(ClientConfig, WorkerConfig)> {
+        if self.upstream_client_id.trim().is_empty() {
+            anyhow::bail!("UPSTREAM_CLIENT_ID is empty");
+        }
+        if self.upstream_client_secret.is_empty() {
+            anyhow::bail!("UPSTREAM_CLIENT_SECRET is empty");
+        }
+        url::Url::parse(&self.upstream_base_url).map_err(|e| {
+            anyhow::anyhow!(
+                "UPSTREAM_BASE_URL {:?} is not a URL: {e}",
+                self.upstream_base_url
+            )
+        })?;
+        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
+            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
+        }
+        if self.worker_concurrency == 0 || self.worker_concurrency > 1024 {
+            anyhow::bail!("WORKER_CONCURRENCY must be between 1 and 1024");
+        }
+        if self.report_poll_min.is_zero() || self.report_poll_min > self.report_poll_max {
+            anyhow::bail!("REPORT_POLL_MIN must be above zero and at most REPORT_POLL_MAX");
+        }
+        if self.upstream_timeout.is_zero() || self.worker_lease < Duration::from_secs(1) {
+            anyhow::bail!("UPSTREAM_TIMEOUT and WORKER_LEASE must be positive (lease at least 1s)");
+        }
+        let credentials = Credentials {
+            client_id: self.upstream_client_id.trim().to_string(),
+            client_secret: Secret::new(self.upstream_client_secret.clone()),
+        };
+        let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
+        client.timeout = self.upstream_timeout;
+        client.max_download_bytes = self.upstream_max_download_bytes;
+        let mut worker = WorkerConfig::new(self.upstream_client_id.trim());
+        if let Some(id) = &self.worker_id {
+            worker.owner = id.clone();
+        }
+        worker.concurrency = self.worker_concurrency;
+        worker.qps = self.upstream_qps;
+        worker.lease = self.worker_lease;
+        worker.idle_poll = self.worker_idle_poll;
+        worker.shutdown_timeout = self.worker_shutdown_timeout;
+        worker.poll = PollPolicy {
+            first_poll: self.report_first_poll,
+            poll_min: self.report_poll_min,
+            poll_max: self.report_poll_max,
+            window: self.report_window,
+        };
+        worker.retry.budget = self.report_retry_budget;
+        Ok((client, worker))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -150,7 +267,7 @@ fn one_line(s: &str) -> String {
 fn init_tracing(command: &Command) {
     let default = match command {
         Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) => "warn",
-        Command::Simulate(_) => "info",
+        Command::Simulate(_) | Command::Run(_) => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -172,6 +289,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pool = db::connect(&args.database_url, 2).await?;
             print!("{}", status_text(&pool).await?);
         }
+        Command::Run(args) => run_worker(*args).await?,
         Command::Simulate(args) => {
             let sim = crate::simulator::Simulator::start(args.sim, args.listen)
                 .await
@@ -257,4 +375,40 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
         )?;
     }
     Ok(out)
+}
+
+async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
+    let (client_config, worker_config) = args.configs()?;
+    let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Every in-flight call may need a connection for its write, plus the LISTEN
+    // connection, the heartbeat and the claim loop.
+    let pool = db::connect(&args.db.database_url, worker_config.concurrency as u32 + 3).await?;
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
+        .fetch_one(&pool)
+        .await?;
+    if !migrated {
+        anyhow::bail!(
+            "the database has no report_requests table: run `report-worker migrate` first"
+        );
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::shutdown::on_signal(cancel.clone()));
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    if let Some(addr) = args.metrics_addr {
+        let bound = crate::metrics::serve(
+            addr,
+            pool.clone(),
+            metrics.clone(),
+            worker_config.account.clone(),
+            cancel.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics on /metrics, health on /healthz");
+    }
+    Worker::new(pool.clone(), client, worker_config, metrics)
+        .run(cancel)
+        .await;
+    pool.close().await;
+    Ok(())
 }

@@ -1,0 +1,194 @@
+//! Prometheus metrics (through prometheus-client) and the `/metrics` + `/healthz`
+//! endpoints served on `METRICS_ADDR`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    endpoint: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    finished: Family<StateLabels, Counter>,
+    depth: Family<StateLabels, Gauge>,
+    insert_to_document: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("report_worker");
+        let calls = Family::<CallLabels, Counter>::default();
+        let finished = Family::<StateLabels, Counter>::default();
+        let depth = Family::<StateLabels, Gauge>::default();
+        // 5 s … ~5.7 h
+        let insert_to_document = Histogram::new(exponential_buckets(5.0, 2.0, 13));
+        registry.register(
+            "upstream_calls",
+            "Upstream calls by endpoint and outcome",
+            calls.clone(),
+        );
+        registry.register(
+            "reports_finished",
+            "Reports finished, by final state",
+            finished.clone(),
+        );
+        registry.register("queue_depth", "Rows per state", depth.clone());
+        registry.register(
+            "insert_to_document_seconds",
+            "Time from a row's insert to its stored document",
+            insert_to_document.clone(),
+        );
+        Metrics {
+            registry,
+            calls,
+            finished,
+            depth,
+            insert_to_document,
+        }
+    }
+
+    pub fn call(&self, endpoint: &str, outcome: &str) {
+        self.calls
+            .get_or_create(&CallLabels {
+                endpoint: endpoint.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn finished(&self, state: &str) {
+        self.finished
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .inc();
+    }
+
+    pub fn insert_to_document(&self, d: Duration) {
+        self.insert_to_document.observe(d.as_secs_f64());
+    }
+
+    pub fn set_depth(&self, state: &str, n: i64) {
+        self.depth
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .set(n);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    pool: PgPool,
+    metrics: Arc<Metrics>,
+    account: String,
+}
+
+async fn metrics_page(State(s): State<Http>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<Http>) -> Response {
+    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&s.pool)
+        .await;
+    let stop = queue::read_stop(&s.pool, &s.account).await.ok().flatten();
+    let body = serde_json::json!({
+        "database": if db.is_ok() { "ok" } else { "unreachable" },
+        "account_stop": stop.map(|(s, _)| serde_json::json!({
+            "scope": s.scope, "reason": s.reason, "error_code": s.error_code,
+            "since": s.since, "until": s.until, "next_probe": s.probe_at,
+        })),
+    });
+    let status = if db.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Serves `/metrics` and `/healthz` until `cancel`, refreshing the queue depth gauge.
+pub async fn serve(
+    addr: SocketAddr,
+    pool: PgPool,
+    metrics: Arc<Metrics>,
+    account: String,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(healthz))
+        .with_state(Http {
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            account,
+        });
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    tokio::spawn(async move {
+        loop {
+            if let Ok(stats) = queue::queue_stats(&pool).await {
+                for s in stats {
+                    metrics.set_depth(&s.state, s.count);
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+    });
+    Ok(bound)
+}

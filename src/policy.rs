@@ -1,0 +1,211 @@
+//! When to poll, when to retry, when to probe a stopped account: pure functions of the
+//! row (and a jitter value passed in), so the schedules are unit-tested without I/O and
+//! persisted as timestamps that survive restarts.
+//!
+//! The poll policy, and why: the provider documents 1–10 minutes of generation, so the
+//! first poll waits `first_poll` (60 s: nothing can be ready sooner). After that the
+//! task is polled every `poll_min` (25 s) while it is exporting, and every `poll_max`
+//! (60 s) while the provider still reports it queued (`job_status` 0): a queued task is
+//! minutes from done. For generation times spread evenly over 1–10 minutes, even spacing
+//! is what minimises the detection delay for a given number of calls; 25 s gives a
+//! median delay of about 12.5 s for about 11 calls per report (BENCHMARKS.md). The last
+//! poll is placed exactly at the end of the window, so a task is never given up on
+//! without having been asked at the deadline.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollPolicy {
+    pub first_poll: Duration,
+    pub poll_min: Duration,
+    pub poll_max: Duration,
+    /// How long one upstream task may take before it is given up.
+    pub window: Duration,
+}
+
+impl Default for PollPolicy {
+    fn default() -> Self {
+        PollPolicy {
+            first_poll: Duration::from_secs(60),
+            poll_min: Duration::from_secs(25),
+            poll_max: Duration::from_secs(60),
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the last status answer said about a task that is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// `job_status` 0: waiting in the provider's queue.
+    Queued,
+    /// `job_status` 1: being exported.
+    Exporting,
+}
+
+fn chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Scales `d` by a jitter factor in [1 - spread, 1 + spread]; `unit` is uniform in [0, 1).
+fn jittered(d: Duration, spread: f64, unit: f64) -> Duration {
+    d.mul_f64(1.0 - spread + 2.0 * spread * unit.clamp(0.0, 1.0))
+}
+
+impl PollPolicy {
+    /// The first poll of a task created at `created`.
+    pub fn first_poll_at(&self, created: DateTime<Utc>) -> DateTime<Utc> {
+        created + chrono(self.first_poll.min(self.window))
+    }
+
+    /// The next poll after a "not ready" answer at `now`, or `None` when the window has
+    /// run out and the task must be given up. Jitter (±10 %) spreads a batch created
+    /// together over time, so their polls do not arrive in bursts.
+    pub fn next_poll_at(
+        &self,
+        created: DateTime<Utc>,
+        now: DateTime<Utc>,
+        progress: Progress,
+        unit: f64,
+    ) -> Option<DateTime<Utc>> {
+        let deadline = created + chrono(self.window);
+        if now >= deadline {
+            return None;
+        }
+        let base = match progress {
+            Progress::Queued => self.poll_max,
+            Progress::Exporting => self.poll_min,
+        };
+        let next = now
+            + chrono(
+                jittered(base, 0.1, unit).clamp(self.poll_min, self.poll_max.max(self.poll_min)),
+            );
+        Some(next.min(deadline))
+    }
+}
+
+/// Exponential backoff with jitter for retries persisted on the row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay after the first transient error.
+    pub base: Duration,
+    /// Longest delay between two tries.
+    pub cap: Duration,
+    /// How long a row keeps retrying transient trouble before it fails.
+    pub budget: Duration,
+    /// Delay before a new upstream task after a failed or expired one.
+    pub new_task_base: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_secs(2),
+            cap: Duration::from_secs(300),
+            budget: Duration::from_secs(24 * 3600),
+            new_task_base: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before try `n + 1` after `n` consecutive transient errors (n ≥ 1):
+    /// base·2^(n-1), capped, with "equal jitter" (half fixed, half random) so that rows
+    /// failing together do not retry together.
+    pub fn transient_delay(&self, n: u32, unit: f64) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << n.saturating_sub(1).min(20));
+        let d = exp.min(self.cap);
+        d / 2 + d.mul_f64(0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    /// Whether a streak of transient errors that began at `since` has used up the budget.
+    pub fn exhausted(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        now - since >= chrono(self.budget)
+    }
+
+    /// Delay before creating upstream task number `attempts + 1`.
+    pub fn new_task_delay(&self, attempts: i32, unit: f64) -> Duration {
+        let exp = self
+            .new_task_base
+            .saturating_mul(1u32 << (attempts.max(1) - 1).min(10) as u32);
+        let d = exp.min(self.cap);
+        d / 2 + d.mul_f64(0.5 * unit.clamp(0.0, 1.0))
+    }
+}
+
+/// Pause before probing a stopped account again: 30 s for the first probe, doubling,
+/// capped at 15 minutes.
+pub fn stop_probe_delay(probes: i32) -> Duration {
+    let d = Duration::from_secs(30).saturating_mul(1u32 << probes.clamp(0, 10) as u32);
+    d.min(Duration::from_secs(15 * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn no_poll_before_the_provider_can_be_ready() {
+        let p = PollPolicy::default();
+        assert_eq!(p.first_poll_at(t(0)), t(60));
+    }
+
+    #[test]
+    fn polls_stay_within_bounds_and_end_at_the_window() {
+        let p = PollPolicy::default();
+        for unit in [0.0, 0.5, 0.999] {
+            let next = p
+                .next_poll_at(t(0), t(100), Progress::Exporting, unit)
+                .unwrap();
+            let gap = (next - t(100)).num_milliseconds();
+            assert!((25_000..=27_500).contains(&gap), "{gap}");
+            let next = p
+                .next_poll_at(t(0), t(100), Progress::Queued, unit)
+                .unwrap();
+            let gap = (next - t(100)).num_milliseconds();
+            assert!((54_000..=60_000).contains(&gap), "{gap}");
+        }
+        // Close to the deadline: the last poll lands exactly on it.
+        assert_eq!(
+            p.next_poll_at(t(0), t(590), Progress::Exporting, 0.5),
+            Some(t(600))
+        );
+        // At or after the deadline: give up.
+        assert_eq!(p.next_poll_at(t(0), t(600), Progress::Exporting, 0.5), None);
+    }
+
+    #[test]
+    fn transient_backoff_grows_is_capped_and_jittered() {
+        let r = RetryPolicy::default();
+        assert_eq!(r.transient_delay(1, 0.0), Duration::from_secs(1));
+        assert_eq!(r.transient_delay(1, 1.0), Duration::from_secs(2));
+        assert_eq!(r.transient_delay(3, 0.0), Duration::from_secs(4));
+        assert_eq!(r.transient_delay(40, 1.0), Duration::from_secs(300));
+        assert!(r.transient_delay(40, 0.0) >= Duration::from_secs(150));
+        assert!(!r.exhausted(t(0), t(3600)));
+        assert!(r.exhausted(t(0), t(24 * 3600)));
+    }
+
+    #[test]
+    fn new_task_backoff() {
+        let r = RetryPolicy::default();
+        assert_eq!(r.new_task_delay(1, 1.0), Duration::from_secs(30));
+        assert_eq!(r.new_task_delay(2, 1.0), Duration::from_secs(60));
+        assert_eq!(r.new_task_delay(30, 1.0), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn probes_back_off_to_a_cap() {
+        assert_eq!(stop_probe_delay(0), Duration::from_secs(30));
+        assert_eq!(stop_probe_delay(1), Duration::from_secs(60));
+        assert_eq!(stop_probe_delay(50), Duration::from_secs(900));
+    }
+}
