@@ -137,11 +137,11 @@ impl RetryPolicy {
     }
 }
 
-/// Pause before probing a stopped account again: 30 s for the first probe, doubling,
-/// capped at 15 minutes.
-pub fn stop_probe_delay(probes: i32) -> Duration {
-    let d = Duration::from_secs(30).saturating_mul(1u32 << probes.clamp(0, 10) as u32);
-    d.min(Duration::from_secs(15 * 60))
+/// Pause before probing a stopped account again: `base` (30 s by default) before the
+/// first probe, doubling after each, capped at 15 minutes.
+pub fn stop_probe_delay(base: Duration, probes: i32) -> Duration {
+    let d = base.saturating_mul(1u32 << probes.clamp(0, 10) as u32);
+    d.min(Duration::from_secs(15 * 60).max(base))
 }
 
 #[cfg(test)]
@@ -204,8 +204,9 @@ mod tests {
 
     #[test]
     fn probes_back_off_to_a_cap() {
-        assert_eq!(stop_probe_delay(0), Duration::from_secs(30));
-        assert_eq!(stop_probe_delay(1), Duration::from_secs(60));
-        assert_eq!(stop_probe_delay(50), Duration::from_secs(900));
+        let base = Duration::from_secs(30);
+        assert_eq!(stop_probe_delay(base, 0), Duration::from_secs(30));
+        assert_eq!(stop_probe_delay(base, 1), Duration::from_secs(60));
+        assert_eq!(stop_probe_delay(base, 50), Duration::from_secs(900));
     }
 }

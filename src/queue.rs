@@ -471,7 +471,8 @@ pub async fn read_stop(
 }
 
 /// Records (or updates) the account's stop. A stop whose end is known (67200007) is
-/// next probed at that end; otherwise the first probe comes 30 s after it began.
+/// next probed at that end; otherwise the first probe comes `first_probe_in` after it
+/// began.
 pub async fn record_stop(
     pool: &PgPool,
     account: &str,
@@ -479,10 +480,11 @@ pub async fn record_stop(
     code: i32,
     reason: &str,
     until: Option<DateTime<Utc>>,
+    first_probe_in: Duration,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO report_account_stops AS s (account, scope, reason, error_code, until, probe_at)
-         VALUES ($1, $2, $3, $4, $5, coalesce($5, now() + interval '30 seconds'))
+         VALUES ($1, $2, $3, $4, $5, coalesce($5, now() + $6 * interval '1 second'))
          ON CONFLICT (account) DO UPDATE
             SET scope = CASE WHEN s.scope = 'all' OR excluded.scope = 'all' THEN 'all' ELSE 'create' END,
                 reason = excluded.reason, error_code = excluded.error_code, until = excluded.until,
@@ -495,6 +497,7 @@ pub async fn record_stop(
     .bind(reason)
     .bind(code)
     .bind(until)
+    .bind(secs(first_probe_in))
     .execute(pool)
     .await?;
     Ok(())

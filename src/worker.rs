@@ -48,6 +48,8 @@ pub struct WorkerConfig {
     pub idle_poll: Duration,
     /// How long in-flight calls may finish after SIGINT/SIGTERM.
     pub shutdown_timeout: Duration,
+    /// Pause before the first probe of a stopped account (then doubling, capped).
+    pub stop_probe_base: Duration,
     pub poll: PollPolicy,
     pub retry: RetryPolicy,
 }
@@ -63,6 +65,7 @@ impl WorkerConfig {
             lease: Duration::from_secs(45),
             idle_poll: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(20),
+            stop_probe_base: Duration::from_secs(30),
             poll: PollPolicy::default(),
             retry: RetryPolicy::default(),
         }
@@ -319,7 +322,7 @@ impl Ctx {
                         &self.pool,
                         account,
                         stop.probes,
-                        stop_probe_delay(stop.probes + 1),
+                        stop_probe_delay(self.config.stop_probe_base, stop.probes + 1),
                     )
                     .await?;
                 (kinds, won.then_some(probe_kinds))
@@ -669,6 +672,7 @@ impl Ctx {
                         code,
                         &reason,
                         until,
+                        self.config.stop_probe_base,
                     )
                 })
                 .retry(db_backoff())

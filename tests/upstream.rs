@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client_config, client_for, have_tool, start_sim, wait_for};
+use common::{client_config, client_for, have_tool, http_client, start_sim, wait_for};
 use report_worker::domain::{JobId, ReportType};
 use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 use report_worker::upstream::client::CreateTask;
@@ -316,7 +316,7 @@ async fn every_error_code_is_produced_and_classified() {
 #[tokio::test]
 async fn apikey_problems_come_from_the_simulator() {
     let sim = start_sim(SimConfig::instant()).await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     let token: serde_json::Value = http
         .post(format!("{}/oauth/token", sim.base_url()))
         .basic_auth("demo-client", Some("demo-secret"))
@@ -639,7 +639,7 @@ async fn fault_rate_mixes_every_transient_fault_deterministically() {
 async fn control_surface_over_http() {
     let sim = start_sim(SimConfig::instant()).await;
     let client = client_for(&sim);
-    let http = reqwest::Client::new();
+    let http = http_client();
     let t = task(Some("小米科技有限责任公司"), None, None, ReportType::Pdf);
     client.create_task(&t).await.unwrap();
     let r = http

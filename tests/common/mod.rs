@@ -164,3 +164,129 @@ pub fn have_tool(cmd: &str, args: &[&str]) -> bool {
     }
     ok
 }
+
+/// Worker settings for tests: the same engine with seconds turned into milliseconds.
+pub fn fast_worker_config(account: &str) -> report_worker::worker::WorkerConfig {
+    use report_worker::policy::{PollPolicy, RetryPolicy};
+    let mut c = report_worker::worker::WorkerConfig::new(account);
+    c.concurrency = 8;
+    c.qps = 0.0;
+    c.lease = Duration::from_secs(3);
+    c.idle_poll = Duration::from_millis(200);
+    c.shutdown_timeout = Duration::from_secs(5);
+    c.stop_probe_base = Duration::from_millis(300);
+    c.poll = PollPolicy {
+        first_poll: Duration::from_millis(50),
+        poll_min: Duration::from_millis(100),
+        poll_max: Duration::from_millis(150),
+        window: Duration::from_secs(20),
+    };
+    c.retry = RetryPolicy {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(500),
+        budget: Duration::from_secs(3600),
+        new_task_base: Duration::from_millis(50),
+    };
+    c
+}
+
+/// A worker engine running in this process, with a pool of its own.
+pub struct RunningWorker {
+    pub cancel: tokio_util::sync::CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+    pub metrics: std::sync::Arc<report_worker::metrics::Metrics>,
+}
+
+impl RunningWorker {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.handle.await.unwrap();
+    }
+}
+
+pub async fn spawn_worker(
+    db_url: &str,
+    client: report_worker::upstream::ClientConfig,
+    config: report_worker::worker::WorkerConfig,
+) -> RunningWorker {
+    let pool = report_worker::db::connect(db_url, config.concurrency as u32 + 3)
+        .await
+        .unwrap();
+    let client = report_worker::upstream::Client::new(client).unwrap();
+    let metrics = std::sync::Arc::new(report_worker::metrics::Metrics::new());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let worker = report_worker::worker::Worker::new(pool, client, config, metrics.clone());
+    let handle = tokio::spawn(worker.run(cancel.clone()));
+    RunningWorker {
+        cancel,
+        handle,
+        metrics,
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits until no row is queued or generating.
+pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
+    wait_for("every row to finish", deadline, || async {
+        let open = count(
+            pool,
+            "SELECT count(*) FROM report_requests WHERE state IN ('queued', 'generating')",
+        )
+        .await;
+        (open == 0).then_some(())
+    })
+    .await
+}
+
+pub async fn enqueue(
+    pool: &PgPool,
+    company: Option<&str>,
+    code: Option<&str>,
+    org: Option<&str>,
+    kind: &str,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, credit_code, org_number, report_type) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(company)
+    .bind(code)
+    .bind(org)
+    .bind(kind)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Every stored document is byte-exact: its sha256 matches its bytes and the one the
+/// simulator recorded when it served that job's document.
+pub async fn assert_documents_exact(
+    pool: &PgPool,
+    sim: &report_worker::simulator::Simulator,
+) -> usize {
+    let rows: Vec<(i64, String, String, bool, String)> = sqlx::query_as(
+        "SELECT d.request_id, r.upstream_job_id, d.sha256, encode(sha256(d.content), 'hex') = d.sha256, r.report_type
+           FROM report_documents d JOIN report_requests r ON r.id = d.request_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let served = sim.stats().documents;
+    for (id, job, sha, matches, _) in &rows {
+        assert!(matches, "row {id}: stored sha256 does not match its bytes");
+        assert_eq!(
+            served.get(job),
+            Some(sha),
+            "row {id} (job {job}) is not what the simulator served"
+        );
+    }
+    rows.len()
+}
+
+/// A plain HTTP client for tests (rustls needs its crypto provider first).
+pub fn http_client() -> reqwest::Client {
+    report_worker::upstream::client::install_crypto_provider();
+    reqwest::Client::new()
+}
