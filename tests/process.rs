@@ -97,9 +97,15 @@ async fn workers_killed_with_sigkill_lose_nothing() {
     // The account's QPS, shared by the processes through the database, was respected.
     let metered = stats.calls_to("create") + stats.calls_to("status");
     let limited = stats.calls("create:67200002") + stats.calls("status:67200002");
-    eprintln!("{metered} metered calls, {limited} rate limited, {} tasks", stats.tasks_created);
+    eprintln!(
+        "{metered} metered calls, {limited} rate limited, {} tasks",
+        stats.tasks_created
+    );
     assert!(stats.max_calls_in_one_second <= 40);
-    assert!(limited * 100 <= metered, "{limited} of {metered} calls were rate limited");
+    assert!(
+        limited * 100 <= metered,
+        "{limited} of {metered} calls were rate limited"
+    );
     survivor.kill().unwrap();
     survivor.wait().unwrap();
     sim.stop().await;
