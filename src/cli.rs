@@ -39,6 +39,51 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Serve a faithful simulator of the upstream API.
     Simulate(SimulateArgs),
+    /// Write finished documents as files into a folder.
+    Export(ExportArgs),
+    /// The whole loop on one machine: a throwaway PostgreSQL (unless DATABASE_URL is set),
+    /// the simulator, a sample batch, documents on disk.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Folder to write into (created if missing); nothing is ever written outside it.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Only rows finished at or after this time (RFC 3339) or within this long ago (e.g. 24h).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only these request ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Option<Vec<i64>>,
+    /// Rows in this state.
+    #[arg(long, default_value = "succeeded", value_parser = ["succeeded", "queued", "generating", "failed", "cancelled"])]
+    pub state: String,
+}
+
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let ago = parse_duration(s)
+        .map_err(|_| format!("expected an RFC 3339 time or a duration like 24h, got {s:?}"))?;
+    Ok(Utc::now() - chrono::Duration::from_std(ago).map_err(|e| e.to_string())?)
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the documents go.
+    #[arg(long, default_value = "report-worker-demo")]
+    pub out: std::path::PathBuf,
+    /// Keep the throwaway database's folder (the server is stopped either way).
+    #[arg(long)]
+    pub keep: bool,
+    /// Use this database instead of a throwaway one.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +217,19 @@ pub struct DbArgs {
 pub struct EnqueueArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    /// Enqueue every line of this CSV file (columns by header: company_name, credit_code,
+    /// org_number, report_type, priority, dedupe_key, run_after, metadata, max_attempts).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["company_name", "credit_code", "org_number", "dedupe_key", "metadata", "run_after", "max_attempts"])]
+    pub csv: Option<std::path::PathBuf>,
+    /// Encoding of the CSV file: utf-8 (with or without BOM) or gbk.
+    #[arg(long, default_value = "utf-8", requires = "csv", value_parser = crate::csv_import::parse_encoding)]
+    pub encoding: &'static encoding_rs::Encoding,
+    /// Refuse the whole file if any line is bad (default: skip bad lines).
+    #[arg(long, requires = "csv")]
+    pub all_or_nothing: bool,
+    /// Rows per INSERT.
+    #[arg(long, default_value_t = 5000, requires = "csv", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
     /// Enterprise name, e.g. 小米科技有限责任公司.
     #[arg(long)]
     pub company_name: Option<String>,
@@ -181,9 +239,9 @@ pub struct EnqueueArgs {
     /// Organization code.
     #[arg(long)]
     pub org_number: Option<String>,
-    /// Report type: word or pdf.
-    #[arg(long = "type", default_value = "pdf")]
-    pub report_type: ReportType,
+    /// Report type: word or pdf (default pdf; with --csv, for lines without one).
+    #[arg(long = "type")]
+    pub report_type: Option<ReportType>,
     /// Lower runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i16,
@@ -268,6 +326,8 @@ fn init_tracing(command: &Command) {
     let default = match command {
         Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) => "warn",
         Command::Simulate(_) | Command::Run(_) => "info",
+        Command::Export(_) => "warn",
+        Command::Demo(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -284,12 +344,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             db::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Command::Enqueue(args) => enqueue_one(args).await?,
+        Command::Enqueue(args) => return enqueue_one(args).await,
         Command::Status(args) => {
             let pool = db::connect(&args.database_url, 2).await?;
             print!("{}", status_text(&pool).await?);
         }
         Command::Run(args) => run_worker(*args).await?,
+        Command::Demo(args) => crate::demo::run(args.database_url, &args.out, args.keep).await?,
+        Command::Export(args) => {
+            use std::io::IsTerminal;
+            let pool = db::connect(&args.db.database_url, 3).await?;
+            let filter = crate::export::ExportFilter {
+                state: args.state,
+                since: args.since,
+                ids: args.ids,
+            };
+            let s =
+                crate::export::export(&pool, &args.out, &filter, std::io::stderr().is_terminal())
+                    .await?;
+            println!(
+                "written {}, already there {}, {} bytes, in {}",
+                s.written,
+                s.skipped,
+                s.bytes,
+                args.out.display()
+            );
+        }
         Command::Simulate(args) => {
             let sim = crate::simulator::Simulator::start(args.sim, args.listen)
                 .await
@@ -303,12 +383,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<()> {
+async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.csv {
+        return enqueue_csv(&args, path).await;
+    }
     let mut request = NewRequest::new(
         args.company_name.as_deref(),
         args.credit_code.as_deref(),
         args.org_number.as_deref(),
-        args.report_type,
+        args.report_type.unwrap_or(ReportType::Pdf),
     )
     .and_then(|r| r.with_dedupe_key(args.dedupe_key.as_deref()))
     .and_then(|r| r.with_max_attempts(args.max_attempts))
@@ -327,7 +410,41 @@ async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<()> {
             eprintln!("dedupe key already used by request {id}: nothing inserted");
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status when some CSV lines were rejected (the good ones went in).
+pub const EXIT_SOME_REJECTED: u8 = 3;
+
+async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let pool = db::connect(&args.db.database_url, 2).await?;
+    let options = crate::csv_import::CsvOptions {
+        encoding: args.encoding,
+        default_type: args.report_type,
+        all_or_nothing: args.all_or_nothing,
+        batch_size: args.batch_size as usize,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let summary = crate::csv_import::import(&pool, path, &options, |line, reason| {
+        eprintln!("line {line}: {reason}");
+    })
+    .await?;
+    if summary.rolled_back {
+        anyhow::bail!(
+            "{} bad lines: nothing inserted (--all-or-nothing)",
+            summary.rejected
+        );
+    }
+    println!(
+        "inserted {}, duplicates {}, rejected {}",
+        summary.inserted, summary.duplicates, summary.rejected
+    );
+    Ok(if summary.rejected > 0 {
+        ExitCode::from(EXIT_SOME_REJECTED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The text `status` prints: one line per state, then the account-wide stops.

@@ -5,8 +5,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod csv_import;
 pub mod db;
+pub mod demo;
 pub mod domain;
+pub mod embedded_pg;
+pub mod export;
 pub mod metrics;
 pub mod policy;
 pub mod queue;

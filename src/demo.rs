@@ -1,0 +1,274 @@
+//! `report-worker demo`: the whole loop on one machine with nothing configured — a
+//! throwaway PostgreSQL (unless DATABASE_URL is set), the simulator in-process with
+//! generation times of seconds, a sample batch, the worker with a live progress bar,
+//! the documents on disk and a summary.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{NewRequest, ReportType};
+use crate::embedded_pg::ThrowawayPostgres;
+use crate::metrics::Metrics;
+use crate::policy::{PollPolicy, RetryPolicy};
+use crate::simulator::{SimConfig, Simulator};
+use crate::upstream::{Client, ClientConfig, Credentials, Secret};
+use crate::worker::{Worker, WorkerConfig};
+use crate::{db, export, queue};
+
+/// The sample batch: the seed's company by each identifier, both report types, a few
+/// more companies, and one credit code whose check character is wrong (the provider
+/// refuses it with 68300004).
+/// (company name, credit code, org number, report type)
+type Sample = (
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+    ReportType,
+);
+
+fn sample() -> Vec<Sample> {
+    use ReportType::{Pdf, Word};
+    vec![
+        (Some("小米科技有限责任公司"), None, None, Pdf),
+        (Some("小米科技有限责任公司"), None, None, Word),
+        (None, Some("91110108551385082Q"), None, Word),
+        (None, Some("91110108551385082Q"), None, Pdf),
+        (None, None, Some("5513850T82"), Pdf),
+        (Some("华为技术有限公司"), None, None, Pdf),
+        (Some("比亚迪股份有限公司"), None, None, Word),
+        (Some("宁德时代新能源科技股份有限公司"), None, None, Pdf),
+        (Some("深圳市大疆创新科技有限公司"), None, None, Word),
+        (None, Some("91110108551385083Q"), None, Pdf),
+    ]
+}
+
+pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let cancel = CancellationToken::new();
+    tokio::spawn(crate::shutdown::on_signal(cancel.clone()));
+    let mut throwaway = None;
+    let url = match database_url {
+        Some(url) => url,
+        None => {
+            println!("Starting a throwaway PostgreSQL (no DATABASE_URL set)…");
+            let pg = tokio::select! {
+                pg = ThrowawayPostgres::start() => pg?,
+                _ = cancel.cancelled() => anyhow::bail!("interrupted"),
+            };
+            let url = pg.url();
+            throwaway = Some(pg);
+            url
+        }
+    };
+    let result = tokio::select! {
+        r = body(&url, out) => r,
+        _ = cancel.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Some(mut pg) = throwaway {
+        if keep {
+            pg.keep();
+            println!(
+                "Kept the database folder {} (start it with: postgres -D <that folder>)",
+                pg.data_dir().display()
+            );
+        }
+        drop(pg);
+    }
+    result?;
+    println!("Done in {:.1} s.", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
+    let pool = db::connect(url, 12).await?;
+    db::migrate(&pool).await?;
+    let sim = Simulator::start(
+        SimConfig {
+            create_latency: (Duration::from_millis(200), Duration::from_millis(800)),
+            generation_time: (Duration::from_secs(3), Duration::from_secs(8)),
+            failure_rate: 0.0,
+            fault_rate: 0.03,
+            seed: Some(2026),
+            qps: Some(10),
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().expect("static address"),
+    )
+    .await
+    .context("starting the simulator")?;
+    println!(
+        "Simulator of the provider's API on {} (reports take 3–8 s here, 1–10 min for real).",
+        sim.base_url()
+    );
+
+    let mut ids = Vec::new();
+    for (i, (name, code, org, kind)) in sample().into_iter().enumerate() {
+        let r = NewRequest::new(name, code, org, kind)
+            .and_then(|r| r.with_dedupe_key(Some(&format!("demo:{i}"))))
+            .map_err(anyhow::Error::msg)?;
+        ids.push(queue::enqueue(&pool, &r).await?.id());
+    }
+    println!(
+        "Enqueued {} requests (INSERT INTO report_requests …).",
+        ids.len()
+    );
+
+    let credentials = Credentials {
+        client_id: sim.config().client_id.clone(),
+        client_secret: Secret::new(sim.config().client_secret.clone()),
+    };
+    let client = Client::new(ClientConfig::new(sim.base_url(), credentials))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut config = WorkerConfig::new(sim.config().client_id.clone());
+    config.owner = "demo".into();
+    config.concurrency = 8;
+    config.qps = 10.0;
+    config.lease = Duration::from_secs(15);
+    config.idle_poll = Duration::from_millis(200);
+    config.shutdown_timeout = Duration::from_secs(2);
+    config.poll = PollPolicy {
+        first_poll: Duration::from_secs(2),
+        poll_min: Duration::from_secs(1),
+        poll_max: Duration::from_secs(2),
+        window: Duration::from_secs(60),
+    };
+    config.retry = RetryPolicy {
+        base: Duration::from_millis(200),
+        cap: Duration::from_secs(2),
+        budget: Duration::from_secs(60),
+        new_task_base: Duration::from_secs(1),
+    };
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        Worker::new(pool.clone(), client, config, Arc::new(Metrics::new())).run(stop.clone()),
+    );
+
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed}] {bar:30} {pos}/{len} finished  {msg}",
+        )
+        .expect("static template"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, count(*) FROM report_requests WHERE id = ANY($1) GROUP BY state ORDER BY state",
+        )
+        .bind(&ids)
+        .fetch_all(&pool)
+        .await?;
+        let finished: i64 = counts
+            .iter()
+            .filter(|(s, _)| matches!(s.as_str(), "succeeded" | "failed" | "cancelled"))
+            .map(|(_, n)| n)
+            .sum();
+        bar.set_position(finished as u64);
+        bar.set_message(
+            counts
+                .iter()
+                .map(|(s, n)| format!("{s} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        if finished as usize == ids.len() || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bar.finish();
+    stop.cancel();
+    let _ = worker.await;
+    sim.stop().await;
+
+    let filter = export::ExportFilter {
+        ids: Some(ids.clone()),
+        ..Default::default()
+    };
+    let exported = export::export(&pool, out, &filter, false).await?;
+    print_summary(&pool, &ids, &exported).await?;
+    println!(
+        "\n{} documents in {}. Look further with SQL (psql \"$DATABASE_URL\"):\n  SELECT * FROM report_queue_stats;\n  SELECT request_id, at, state, error_code, error FROM report_events ORDER BY id;\n  SELECT request_id, file_name, byte_size, sha256 FROM report_documents;\n  SELECT * FROM report_account_stops;",
+        exported.files.len(),
+        out.display()
+    );
+    pool.close().await;
+    Ok(())
+}
+
+async fn print_summary(
+    pool: &sqlx::PgPool,
+    ids: &[i64],
+    exported: &export::ExportSummary,
+) -> anyhow::Result<()> {
+    type Row = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+        i32,
+        Option<i32>,
+        Option<String>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.attempts,
+                r.last_error_code, r.last_error, d.byte_size
+           FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
+          WHERE r.id = ANY($1) ORDER BY r.id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    println!(
+        "\n{:>4}  {}  {:<5} {:<10} {:>3}  result",
+        "id",
+        pad("asked for", 32),
+        "type",
+        "state",
+        "try"
+    );
+    for (id, name, code, org, kind, state, attempts, err_code, err, size) in rows {
+        let asked = name.or(code).or(org).unwrap_or_default();
+        let result = match (state.as_str(), size) {
+            ("succeeded", Some(bytes)) => {
+                let file = exported
+                    .files
+                    .iter()
+                    .find(|(i, _)| *i == id)
+                    .and_then(|(_, p)| p.file_name())
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{file} ({} KB)", bytes / 1024)
+            }
+            _ => format!(
+                "{} {}",
+                err_code.map(|c| c.to_string()).unwrap_or_default(),
+                err.unwrap_or_default()
+            ),
+        };
+        println!(
+            "{id:>4}  {}  {kind:<5} {state:<10} {attempts:>3}  {}",
+            pad(&asked, 32),
+            result.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Pads to a display width (CJK characters take two columns in a terminal).
+fn pad(s: &str, width: usize) -> String {
+    use unicode_width::UnicodeWidthStr;
+    let w = s.width();
+    if w >= width {
+        s.to_string()
+    } else {
+        format!("{s}{}", " ".repeat(width - w))
+    }
+}

@@ -1,0 +1,229 @@
+//! A throwaway PostgreSQL for the demo: `initdb` + `postgres` from the machine's own
+//! binaries, listening only on a Unix socket inside a temporary folder, stopped and
+//! removed when dropped. It owns finding the binaries and the server's lifetime; it
+//! knows nothing about the queue.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedPgError {
+    #[error(
+        "no PostgreSQL server binaries (initdb, postgres) found on PATH, via pg_config or under /usr/lib/postgresql/*/bin; install them (apt-get install postgresql, or brew install postgresql) or set DATABASE_URL"
+    )]
+    NotInstalled,
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+}
+
+fn failed(what: &str, detail: impl ToString) -> EmbeddedPgError {
+    EmbeddedPgError::Failed {
+        what: what.into(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Where `initdb` and `postgres` live: PATH first, then `pg_config --bindir`, then the
+/// newest Debian-style `/usr/lib/postgresql/<version>/bin`.
+pub fn find_bindir() -> Option<PathBuf> {
+    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_both(&dir) {
+                return Some(dir);
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_both(&dir) {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e
+                .file_name()
+                .to_string_lossy()
+                .split('.')
+                .next()?
+                .parse()
+                .ok()?;
+            let bin = e.path().join("bin");
+            has_both(&bin).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// PostgreSQL refuses to run as root: run it as the `postgres` user (or `nobody`).
+fn run_as() -> Option<(u32, u32)> {
+    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
+    if euid != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let lookup = |name: &str| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+        })
+    };
+    match lookup("postgres").or_else(|| lookup("nobody")) {
+        Some((Some(uid), Some(gid))) => Some((uid, gid)),
+        _ => Some((65534, 65534)),
+    }
+}
+
+pub struct ThrowawayPostgres {
+    dir: PathBuf,
+    child: Option<Child>,
+    keep: bool,
+}
+
+impl ThrowawayPostgres {
+    /// Creates a cluster in a new temporary folder and starts it on a private socket.
+    pub async fn start() -> Result<ThrowawayPostgres, EmbeddedPgError> {
+        let bindir = find_bindir().ok_or(EmbeddedPgError::NotInstalled)?;
+        let dir =
+            std::env::temp_dir().join(format!("report-worker-demo-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sock"))
+            .map_err(|e| failed("creating the temporary folder", e))?;
+        let user = run_as();
+        if let Some((uid, gid)) = user {
+            for p in [dir.clone(), dir.join("sock")] {
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+                    .map_err(|e| failed("chown of the temporary folder", e))?;
+            }
+        }
+        let mut pg = ThrowawayPostgres {
+            dir: dir.clone(),
+            child: None,
+            keep: false,
+        };
+        let command = |name: &str| {
+            let mut c = Command::new(bindir.join(name));
+            if let Some((uid, gid)) = user {
+                std::os::unix::process::CommandExt::uid(&mut c, uid);
+                std::os::unix::process::CommandExt::gid(&mut c, gid);
+            }
+            c.current_dir(&dir);
+            c
+        };
+        let out = command("initdb")
+            .args([
+                "-D",
+                "data",
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
+            .output()
+            .map_err(|e| failed("initdb", e))?;
+        if !out.status.success() {
+            return Err(failed(
+                "initdb",
+                String::from_utf8_lossy(&out.stderr).trim(),
+            ));
+        }
+        let log = std::fs::File::create(dir.join("postgres.log"))
+            .map_err(|e| failed("creating the server log", e))?;
+        if let Some((uid, gid)) = user {
+            let _ = std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid));
+        }
+        let child = command("postgres")
+            .args(["-D", "data", "-k"])
+            .arg(dir.join("sock"))
+            .args(["-c", "listen_addresses=", "-p", "5432", "-F"])
+            .args([
+                "-c",
+                "max_connections=60",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| failed("starting postgres", e))?;
+        pg.child = Some(child);
+        // Ready when a connection succeeds.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if crate::db::connect(&pg.url(), 1).await.is_ok() {
+                return Ok(pg);
+            }
+            if let Some(status) = pg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                return Err(failed(
+                    "postgres",
+                    format!("exited with {status}: {}", tail.join(" | ")),
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(failed("postgres", "did not accept connections within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let sock = self.dir.join("sock");
+        let encoded = percent_encoding::utf8_percent_encode(
+            &sock.to_string_lossy(),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        format!("postgres://postgres@localhost:5432/postgres?host={encoded}")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Keep the data folder when stopped (the server itself is always stopped).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT: PostgreSQL's fast shutdown; SIGKILL if it does not finish.
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            for _ in 0..100 {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

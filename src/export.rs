@@ -1,0 +1,154 @@
+//! `export --out DIR`: finished documents as files. Rows are streamed from the database
+//! one at a time (names and hashes first, content only for files that need writing);
+//! names are sanitised and always land inside DIR; a file already there with the same
+//! sha256 is skipped, a different file of the same name gets the request id appended.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use sqlx::PgPool;
+
+use crate::domain::ReportType;
+use crate::upstream::document::{sanitize_file_name, sha256_hex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot write to {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportFilter {
+    pub state: String,
+    pub since: Option<DateTime<Utc>>,
+    pub ids: Option<Vec<i64>>,
+}
+
+impl Default for ExportFilter {
+    fn default() -> Self {
+        ExportFilter {
+            state: "succeeded".into(),
+            since: None,
+            ids: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub written: u64,
+    pub skipped: u64,
+    pub bytes: u64,
+    /// (request id, path written or found), listed only when exporting chosen `ids`
+    /// (a full export stays in constant memory).
+    pub files: Vec<(i64, PathBuf)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Listed {
+    request_id: i64,
+    file_name: String,
+    content_type: String,
+    sha256: String,
+}
+
+fn file_sha(path: &Path) -> Option<String> {
+    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+}
+
+/// Where request `id`'s document goes: `name`, or `stem (id).ext` when `name` holds a
+/// different file. Returns the path and whether an identical file is already there.
+fn target(dir: &Path, name: &str, id: i64, sha: &str) -> (PathBuf, bool) {
+    let first = dir.join(name);
+    match file_sha(&first) {
+        None => return (first, false),
+        Some(s) if s == sha => return (first, true),
+        Some(_) => {}
+    }
+    let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+    let second = dir.join(format!("{stem} ({id}).{ext}"));
+    let same = file_sha(&second).is_some_and(|s| s == sha);
+    (second, same)
+}
+
+pub async fn export(
+    pool: &PgPool,
+    dir: &Path,
+    filter: &ExportFilter,
+    progress: bool,
+) -> Result<ExportSummary, ExportError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ExportError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let dir = dir.canonicalize().map_err(io(dir))?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM report_documents d JOIN report_requests r ON r.id = d.request_id
+          WHERE r.state = $1 AND ($2::timestamptz IS NULL OR r.finished_at >= $2)
+            AND ($3::bigint[] IS NULL OR r.id = ANY($3))",
+    )
+    .bind(&filter.state)
+    .bind(filter.since)
+    .bind(&filter.ids)
+    .fetch_one(pool)
+    .await?;
+    let bar = if progress {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut summary = ExportSummary::default();
+    let mut rows = sqlx::query_as::<_, Listed>(
+        "SELECT d.request_id, d.file_name, d.content_type, d.sha256
+           FROM report_documents d JOIN report_requests r ON r.id = d.request_id
+          WHERE r.state = $1 AND ($2::timestamptz IS NULL OR r.finished_at >= $2)
+            AND ($3::bigint[] IS NULL OR r.id = ANY($3))
+          ORDER BY d.request_id",
+    )
+    .bind(&filter.state)
+    .bind(filter.since)
+    .bind(&filter.ids)
+    .fetch(pool);
+    // A second connection fetches contents while the listing streams on the first.
+    let mut content_conn = pool.acquire().await?;
+    while let Some(row) = rows.try_next().await? {
+        let kind = if row.content_type == ReportType::Pdf.content_type() {
+            ReportType::Pdf
+        } else {
+            ReportType::Word
+        };
+        let name = sanitize_file_name(&row.file_name, kind, None);
+        let (path, present) = target(&dir, &name, row.request_id, &row.sha256);
+        // Belt and braces: whatever the name, the file's folder is DIR itself.
+        if path.parent() != Some(dir.as_path()) {
+            continue;
+        }
+        if present {
+            summary.skipped += 1;
+        } else {
+            let content: Vec<u8> =
+                sqlx::query_scalar("SELECT content FROM report_documents WHERE request_id = $1")
+                    .bind(row.request_id)
+                    .fetch_one(&mut *content_conn)
+                    .await?;
+            let tmp = dir.join(format!(".{}.part", row.request_id));
+            std::fs::write(&tmp, &content).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            summary.written += 1;
+            summary.bytes += content.len() as u64;
+        }
+        if filter.ids.is_some() {
+            summary.files.push((row.request_id, path));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(summary)
+}
