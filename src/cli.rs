@@ -44,6 +44,35 @@ pub enum Command {
     /// The whole loop on one machine: a throwaway PostgreSQL (unless DATABASE_URL is set),
     /// the simulator, a sample batch, documents on disk.
     Demo(DemoArgs),
+    /// Measure the worker (fresh databases named rw_bench_* on DATABASE_URL's server).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps, inflight.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Reports in the burn-down.
+    #[arg(long, default_value_t = 20_000)]
+    pub reports: usize,
+    /// Upstream calls in flight in the burn-down worker.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Rows in the bulk-enqueue CSV.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub csv_rows: usize,
+    /// Generating rows in the in-flight scenario.
+    #[arg(long, default_value_t = 100_000)]
+    pub inflight_rows: usize,
+    /// Account QPS for the QPS-use and in-flight scenarios.
+    #[arg(long, default_value_t = 20)]
+    pub qps: u32,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -327,7 +356,7 @@ fn init_tracing(command: &Command) {
         Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) => "warn",
         Command::Simulate(_) | Command::Run(_) => "info",
         Command::Export(_) => "warn",
-        Command::Demo(_) => "error",
+        Command::Demo(_) | Command::Bench(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -351,6 +380,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => run_worker(*args).await?,
         Command::Demo(args) => crate::demo::run(args.database_url, &args.out, args.keep).await?,
+        Command::Bench(args) => {
+            let options = crate::bench::BenchOptions {
+                database_url: args.db.database_url,
+                only: args.only,
+                reports: args.reports,
+                concurrency: args.concurrency,
+                csv_rows: args.csv_rows,
+                inflight_rows: args.inflight_rows,
+                qps: args.qps,
+            };
+            let results = crate::bench::run(&options).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", crate::bench::table(&results));
+            }
+        }
         Command::Export(args) => {
             use std::io::IsTerminal;
             let pool = db::connect(&args.db.database_url, 3).await?;
@@ -497,9 +543,11 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let (client_config, worker_config) = args.configs()?;
     let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Every in-flight call may need a connection for its write, plus the LISTEN
-    // connection, the heartbeat and the claim loop.
-    let pool = db::connect(&args.db.database_url, worker_config.concurrency as u32 + 3).await?;
+    let pool = db::connect(
+        &args.db.database_url,
+        crate::worker::pool_size(worker_config.concurrency),
+    )
+    .await?;
     let migrated: bool = sqlx::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
         .fetch_one(&pool)
         .await?;

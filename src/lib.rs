@@ -3,6 +3,7 @@
 //! Applications insert rows into `report_requests`; `report-worker run` claims them,
 //! drives the provider's create → poll → download cycle and stores each document.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod csv_import;
@@ -18,3 +19,4 @@ pub mod shutdown;
 pub mod simulator;
 pub mod upstream;
 pub mod worker;
+pub mod writer;

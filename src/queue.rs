@@ -263,6 +263,12 @@ pub async fn release(pool: &PgPool, held: &[(i64, i64)]) -> Result<u64, sqlx::Er
     Ok(r.rows_affected())
 }
 
+// A note on `r.state || '' = …` in the batch statements below: written plainly, the
+// state test lets the planner answer the join on `id` from the small partial claim
+// index (whose leading column is not `id`), scanning all of it once per row whenever
+// its statistics are stale — as they always are in a busy queue. The expression keeps
+// the lookup on the primary key.
+
 /// The upstream task exists: commit its job id, creation time and the spent attempt
 /// before anything else happens. Returns false when the claim was lost.
 pub async fn mark_generating(
@@ -272,22 +278,46 @@ pub async fn mark_generating(
     job_id: &str,
     first_poll_in: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE report_requests
-            SET state = 'generating', upstream_job_id = $3, upstream_created_at = now(),
-                attempts = attempts + 1, polls = 0,
-                next_poll_at = now() + $4 * interval '1 second',
+    let item = Created {
+        id,
+        token,
+        job_id: job_id.to_string(),
+        first_poll_in,
+    };
+    Ok(mark_generating_batch(pool, std::slice::from_ref(&item)).await? == vec![id])
+}
+
+/// One row whose upstream task was just created.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub id: i64,
+    pub token: i64,
+    pub job_id: String,
+    pub first_poll_in: Duration,
+}
+
+/// `mark_generating` for many rows in one statement; returns the ids still held.
+pub async fn mark_generating_batch(
+    pool: &PgPool,
+    items: &[Created],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE report_requests r
+            SET state = 'generating', upstream_job_id = b.job, upstream_created_at = now(),
+                attempts = r.attempts + 1, polls = 0,
+                next_poll_at = now() + b.delay * interval '1 second',
                 transient_errors = 0, transient_since = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-          WHERE id = $1 AND lease_token = $2 AND state = 'queued'",
+           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[]) AS b (id, token, job, delay)
+          WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'queued'
+         RETURNING r.id",
     )
-    .bind(id)
-    .bind(token)
-    .bind(job_id)
-    .bind(secs(first_poll_in))
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.job_id.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| secs(i.first_poll_in)).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
 }
 
 /// "Not ready yet": a snooze until the next poll, not an attempt.
@@ -297,57 +327,89 @@ pub async fn snooze_poll(
     token: i64,
     next_poll_at: DateTime<Utc>,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE report_requests
-            SET next_poll_at = $3, polls = polls + 1, transient_errors = 0, transient_since = NULL,
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-          WHERE id = $1 AND lease_token = $2 AND state = 'generating'",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(next_poll_at)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    let item = Snoozed {
+        id,
+        token,
+        next_poll_at,
+    };
+    Ok(snooze_batch(pool, std::slice::from_ref(&item)).await? == vec![id])
 }
 
-/// Stores the verified document and marks the row succeeded, in one transaction.
+/// One generating row that is not ready yet.
+#[derive(Debug, Clone)]
+pub struct Snoozed {
+    pub id: i64,
+    pub token: i64,
+    pub next_poll_at: DateTime<Utc>,
+}
+
+/// `snooze_poll` for many rows in one statement; returns the ids still held.
+pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE report_requests r
+            SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS b (id, token, next_poll_at)
+          WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
+         RETURNING r.id",
+    )
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.next_poll_at).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+}
+
+/// Stores the verified document and marks the row succeeded, atomically.
 pub async fn complete(
     pool: &PgPool,
     id: i64,
     token: i64,
     doc: &Document,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE report_requests
-            SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
-                polls = polls + 1, transient_errors = 0, transient_since = NULL,
-                lease_owner = NULL, lease_expires_at = NULL
-          WHERE id = $1 AND lease_token = $2 AND state = 'generating'",
+    let item = Completed {
+        id,
+        token,
+        document: doc.clone(),
+    };
+    Ok(complete_batch(pool, std::slice::from_ref(&item)).await? == vec![id])
+}
+
+/// One row whose document was downloaded and verified.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub id: i64,
+    pub token: i64,
+    pub document: Document,
+}
+
+/// `complete` for many rows in one statement (so one transaction): a row whose claim
+/// was lost is neither marked nor given a document. Returns the ids stored.
+pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE report_requests r
+                SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                    lease_owner = NULL, lease_expires_at = NULL
+               FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
+              WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
+             RETURNING r.id)
+         INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256)
+         SELECT d.id, d.content, d.content_type, d.file_name, octet_length(d.content), d.sha256
+           FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[])
+                AS d (id, content, content_type, file_name, sha256)
+           JOIN done ON done.id = d.id
+         RETURNING request_id",
     )
-    .bind(id)
-    .bind(token)
-    .execute(&mut *tx)
-    .await?;
-    if updated.rows_affected() != 1 {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    sqlx::query(
-        "INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(id)
-    .bind(&doc.content)
-    .bind(doc.content_type)
-    .bind(&doc.file_name)
-    .bind(doc.content.len() as i64)
-    .bind(&doc.sha256)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(true)
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.content.as_slice()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.content_type).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.file_name.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.sha256.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
 }
 
 /// Fails the row for good, with the reason.

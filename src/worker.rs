@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{JobId, ReportType};
 use crate::metrics::Metrics;
 use crate::policy::{PollPolicy, Progress, RetryPolicy, stop_probe_delay};
-use crate::queue::{self, ClaimKinds, Claimed, Retry};
+use crate::queue::{self, ClaimKinds, Claimed, Completed, Created, Retry, Snoozed};
 use crate::upstream::client::CreateTask;
 use crate::upstream::{Client, TaskStatus, UpstreamError};
+use crate::writer::Writer;
 
 /// Calls are spaced slightly wider than 1/QPS so that network jitter between processes
 /// does not push two calls into the same provider window.
@@ -72,6 +73,13 @@ impl WorkerConfig {
     }
 }
 
+/// Connections a worker process needs: its claim loop, LISTEN, heartbeat and the
+/// batched writers, plus room for the per-call statements (pacing, rare writes). Writes
+/// are batched, so a few dozen connections serve hundreds of calls in flight.
+pub fn pool_size(concurrency: usize) -> u32 {
+    (concurrency.min(37) + 3) as u32
+}
+
 /// Shared by the claim loop and every row task.
 struct Ctx {
     pool: PgPool,
@@ -84,6 +92,8 @@ struct Ctx {
     held: Mutex<HashMap<i64, i64>>,
     /// Wakes the claim loop: a NOTIFY arrived (or the listener reconnected).
     wake: Notify,
+    /// The frequent outcome writes, batched across rows.
+    writer: Writer,
 }
 
 pub struct Worker {
@@ -113,7 +123,7 @@ fn outcome<T>(r: &Result<T, UpstreamError>) -> &'static str {
 
 /// Database writes are retried for a while (a restart, a dropped connection); errors
 /// the server raised about the statement itself are not.
-fn db_backoff() -> ExponentialBuilder {
+pub(crate) fn db_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -121,7 +131,7 @@ fn db_backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
-fn retryable_db_error(e: &sqlx::Error) -> bool {
+pub(crate) fn retryable_db_error(e: &sqlx::Error) -> bool {
     !matches!(
         e,
         sqlx::Error::Database(_) | sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_)
@@ -135,6 +145,7 @@ impl Worker {
         config: WorkerConfig,
         metrics: Arc<Metrics>,
     ) -> Worker {
+        let writer = Writer::start(pool.clone());
         Worker {
             ctx: Arc::new(Ctx {
                 pool,
@@ -143,6 +154,7 @@ impl Worker {
                 metrics,
                 held: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                writer,
             }),
         }
     }
@@ -368,7 +380,13 @@ impl Ctx {
         Fut: Future<Output = Result<bool, sqlx::Error>>,
     {
         let result = f.retry(db_backoff()).when(retryable_db_error).await;
-        match result {
+        self.batched(row, what, result.map_err(|e| e.to_string()))
+    }
+
+    /// The outcome of a write: whether the row was still ours. A database failure that
+    /// outlasted the retries leaves the row to be redone after its lease expires.
+    fn batched(&self, row: &Claimed, what: &str, reply: Result<bool, String>) -> bool {
+        match reply {
             Ok(true) => true,
             Ok(false) => {
                 tracing::info!(
@@ -378,8 +396,13 @@ impl Ctx {
                 );
                 false
             }
-            Err(e) => {
-                tracing::error!(id = row.id, what, error = %e, "could not record the outcome; the row will be redone after its lease expires");
+            Err(error) => {
+                tracing::error!(
+                    id = row.id,
+                    what,
+                    error,
+                    "could not record the outcome; the row will be redone after its lease expires"
+                );
                 false
             }
         }
@@ -471,18 +494,14 @@ impl Ctx {
                 tracing::debug!(id = row.id, job = %job, "upstream task created");
                 let first = self.config.poll.first_poll_at(row.db_now) - row.db_now;
                 let first = first.to_std().unwrap_or_default();
-                if !self
-                    .write("mark generating", row, || {
-                        queue::mark_generating(
-                            &self.pool,
-                            row.id,
-                            row.lease_token,
-                            job.as_str(),
-                            first,
-                        )
-                    })
-                    .await
-                {
+                let created = Created {
+                    id: row.id,
+                    token: row.lease_token,
+                    job_id: job.to_string(),
+                    first_poll_in: first,
+                };
+                let reply = self.writer.created(created).await;
+                if !self.batched(row, "mark generating", reply) {
                     tracing::warn!(id = row.id, job = %job, "an upstream task was created for a row this worker no longer holds");
                 }
             }
@@ -529,11 +548,14 @@ impl Ctx {
                     .poll
                     .next_poll_at(created, now, progress, unit())
                 {
-                    Some(next) => {
-                        self.write("snooze", row, || {
-                            queue::snooze_poll(&self.pool, row.id, row.lease_token, next)
-                        })
-                        .await;
+                    Some(next_poll_at) => {
+                        let snoozed = Snoozed {
+                            id: row.id,
+                            token: row.lease_token,
+                            next_poll_at,
+                        };
+                        let reply = self.writer.snoozed(snoozed).await;
+                        self.batched(row, "snooze", reply);
                     }
                     None => {
                         let why = format!(
@@ -588,19 +610,20 @@ impl Ctx {
         .when(|e| matches!(e, UpstreamError::Transient { .. }))
         .await;
         match result {
-            Ok(doc) => {
-                if self
-                    .write("complete", row, || {
-                        queue::complete(&self.pool, row.id, row.lease_token, &doc)
-                    })
-                    .await
-                {
+            Ok(document) => {
+                let (bytes, file) = (document.content.len(), document.file_name.clone());
+                let completed = Completed {
+                    id: row.id,
+                    token: row.lease_token,
+                    document,
+                };
+                let reply = self.writer.completed(completed).await;
+                if self.batched(row, "complete", reply) {
                     self.metrics.finished("succeeded");
-                    let now = Utc::now();
-                    if let Ok(d) = (now - row.created_at).to_std() {
+                    if let Ok(d) = (Utc::now() - row.created_at).to_std() {
                         self.metrics.insert_to_document(d);
                     }
-                    tracing::info!(id = row.id, job = %job, bytes = doc.content.len(), file = %doc.file_name, "report stored");
+                    tracing::info!(id = row.id, job = %job, bytes, %file, "report stored");
                 }
             }
             Err(UpstreamError::Rejected { code, message }) => {

@@ -229,6 +229,8 @@ struct Inner {
     outage: Option<i32>,
     injections: Vec<Injection>,
     stats: SimStats,
+    /// When the first create call for each identifier arrived (for pickup latency).
+    first_create: HashMap<String, std::time::SystemTime>,
 }
 
 struct Shared {
@@ -603,6 +605,7 @@ async fn create(
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
+    let arrived = std::time::SystemTime::now();
     let (slow, _) = match s.gate("create", &headers, &query) {
         Gate::Answer(r) => return r,
         Gate::Pass { slow, job_failed } => (slow, job_failed),
@@ -676,6 +679,7 @@ async fn create(
             },
         );
         inner.stats.tasks_created += 1;
+        inner.first_create.entry(key.clone()).or_insert(arrived);
         *inner.stats.tasks_per_company.entry(key).or_default() += 1;
         *inner.stats.calls.entry("create:ok".into()).or_default() += 1;
         id
@@ -978,6 +982,7 @@ impl Simulator {
                 outage: None,
                 injections: Vec::new(),
                 stats: SimStats::default(),
+                first_create: HashMap::new(),
             }),
         });
         let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -1017,6 +1022,35 @@ impl Simulator {
 
     pub fn inject(&self, injection: Injection) {
         self.shared.lock().injections.push(injection);
+    }
+
+    /// When the first create call for `identifier` arrived, if any.
+    pub fn first_create(&self, identifier: &str) -> Option<std::time::SystemTime> {
+        self.shared.lock().first_create.get(identifier).copied()
+    }
+
+    /// Creates `n` tasks directly (no calls counted), each taking `generation`, and
+    /// returns their job ids: a backlog of generating tasks for benchmarks.
+    pub fn seed_jobs(&self, n: usize, generation: Duration, report_type: ReportType) -> Vec<u64> {
+        let mut inner = self.shared.lock();
+        let created_on = Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+        (0..n)
+            .map(|i| {
+                inner.next_job_id += 1;
+                let id = inner.next_job_id;
+                let job = Job {
+                    created: Instant::now(),
+                    generation,
+                    fails: false,
+                    initial_queue: 0,
+                    company: format!("预置企业{i}"),
+                    report_type,
+                    created_on: created_on.clone(),
+                };
+                inner.jobs.insert(id, job);
+                id
+            })
+            .collect()
     }
 
     /// Serves until the process is asked to stop (Ctrl-C) or `cancel` fires.

@@ -1,0 +1,693 @@
+//! `report-worker bench`: the worker measured the way its users feel it, against real
+//! PostgreSQL and the simulator over HTTP. Each scenario runs in a fresh database on
+//! the server named by DATABASE_URL. Figures, never assertions: targets are judged in
+//! BENCHMARKS.md.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ReportType;
+use crate::metrics::Metrics;
+use crate::policy::{PollPolicy, Progress};
+use crate::simulator::{SimConfig, Simulator};
+use crate::upstream::{Client, ClientConfig, Credentials, Secret};
+use crate::worker::{Worker, WorkerConfig};
+use crate::{db, queue};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub database_url: String,
+    pub only: Vec<String>,
+    pub reports: usize,
+    pub concurrency: usize,
+    pub csv_rows: usize,
+    pub inflight_rows: usize,
+    pub qps: u32,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct BenchResults {
+    pub date: String,
+    pub machine: String,
+    pub burn_down: Option<BurnDown>,
+    pub pickup: Option<Pickup>,
+    pub bulk_enqueue: Option<BulkEnqueue>,
+    pub economy: Option<Vec<Economy>>,
+    pub qps_use: Option<QpsUse>,
+    pub inflight: Option<InFlight>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BurnDown {
+    pub reports: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub reports_per_s: f64,
+    pub transactions_per_report: f64,
+    pub upstream_calls_per_report: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pickup {
+    pub rows: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BulkEnqueue {
+    pub rows: usize,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Economy {
+    pub policy: String,
+    pub calls_per_report: f64,
+    pub detection_p50_s: f64,
+    pub detection_p95_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QpsUse {
+    pub processes: usize,
+    pub qps: u32,
+    pub seconds: f64,
+    pub accepted_per_s: f64,
+    pub used_share: f64,
+    pub rejected_share: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InFlight {
+    pub generating_rows: usize,
+    pub seconds: f64,
+    pub worker_peak_rss_mb: f64,
+    pub transactions_per_s: f64,
+    pub polls_per_s: f64,
+    pub polls_due_per_s: f64,
+}
+
+fn wants(o: &BenchOptions, name: &str) -> bool {
+    o.only.is_empty() || o.only.iter().any(|n| n == name)
+}
+
+pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
+    let mut r = BenchResults {
+        date: chrono::Utc::now().to_rfc3339(),
+        machine: machine(),
+        ..Default::default()
+    };
+    if wants(o, "burn-down") {
+        r.burn_down = Some(burn_down(o).await.context("burn-down")?);
+        eprintln!("{:?}", r.burn_down);
+    }
+    if wants(o, "pickup") {
+        r.pickup = Some(pickup(o).await.context("pickup")?);
+        eprintln!("{:?}", r.pickup);
+    }
+    if wants(o, "bulk-enqueue") {
+        r.bulk_enqueue = Some(bulk_enqueue(o).await.context("bulk enqueue")?);
+        eprintln!("{:?}", r.bulk_enqueue);
+    }
+    if wants(o, "economy") {
+        r.economy = Some(economy(20_000));
+        eprintln!("{:?}", r.economy);
+    }
+    if wants(o, "qps") {
+        r.qps_use = Some(qps_use(o).await.context("qps use")?);
+        eprintln!("{:?}", r.qps_use);
+    }
+    if wants(o, "inflight") {
+        r.inflight = Some(inflight(o).await.context("in-flight scale")?);
+        eprintln!("{:?}", r.inflight);
+    }
+    Ok(r)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {mem} GiB")
+}
+
+/// A fresh database named `name` on DATABASE_URL's server, migrated.
+async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
+    let admin = db::connect(admin_url, 1).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let mut url = url::Url::parse(admin_url).context("DATABASE_URL")?;
+    url.set_path(&format!("/{name}"));
+    let url = url.to_string();
+    let pool = db::connect(&url, 8).await?;
+    db::migrate(&pool).await?;
+    Ok((url, pool))
+}
+
+async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
+    // Statistics reach pg_stat_database with a short delay; give them a moment.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    Ok(sqlx::query_scalar(
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+fn client_for(sim: &Simulator) -> anyhow::Result<Client> {
+    let credentials = Credentials {
+        client_id: sim.config().client_id.clone(),
+        client_secret: Secret::new(sim.config().client_secret.clone()),
+    };
+    Client::new(ClientConfig::new(sim.base_url(), credentials)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn open_rows(pool: &PgPool) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM report_requests WHERE state = 'queued')
+             OR EXISTS (SELECT 1 FROM report_requests WHERE state = 'generating')",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_burn_down").await?;
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type)
+         SELECT '企业' || i, CASE WHEN i % 2 = 0 THEN 'pdf' ELSE 'word' END FROM generate_series(1, $1) i",
+    )
+    .bind(o.reports as i64)
+    .execute(&pool)
+    .await?;
+    let sim = Simulator::start(
+        SimConfig {
+            doc_size: 2_000,
+            ..SimConfig::instant()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let mut config = WorkerConfig::new(sim.config().client_id.clone());
+    config.concurrency = o.concurrency;
+    config.qps = 0.0;
+    config.lease = Duration::from_secs(60);
+    config.poll = PollPolicy {
+        first_poll: Duration::ZERO,
+        ..PollPolicy::default()
+    };
+    let worker_pool = db::connect(&url, crate::worker::pool_size(o.concurrency)).await?;
+    let before = transactions(&pool).await?;
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let handle = tokio::spawn(
+        Worker::new(
+            worker_pool,
+            client_for(&sim)?,
+            config,
+            Arc::new(Metrics::new()),
+        )
+        .run(stop.clone()),
+    );
+    while open_rows(&pool).await? {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    stop.cancel();
+    handle.await?;
+    let stats = sim.stats();
+    sim.stop().await;
+    let after = transactions(&pool).await?;
+    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM report_documents")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(
+        succeeded as usize == o.reports,
+        "only {succeeded} of {} reports stored",
+        o.reports
+    );
+    let calls = stats.calls_to("create") + stats.calls_to("status") + stats.calls_to("download");
+    Ok(BurnDown {
+        reports: o.reports,
+        concurrency: o.concurrency,
+        seconds,
+        reports_per_s: o.reports as f64 / seconds,
+        // Minus the two statistics reads and the polling of this harness itself.
+        transactions_per_report: (after - before) as f64 / o.reports as f64,
+        upstream_calls_per_report: calls as f64 / o.reports as f64,
+    })
+}
+
+async fn pickup(o: &BenchOptions) -> anyhow::Result<Pickup> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_pickup").await?;
+    let sim = Simulator::start(SimConfig::instant(), "127.0.0.1:0".parse()?).await?;
+    let mut config = WorkerConfig::new(sim.config().client_id.clone());
+    config.qps = 0.0;
+    config.idle_poll = Duration::from_secs(5);
+    let worker_pool = db::connect(&url, crate::worker::pool_size(config.concurrency)).await?;
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(
+        Worker::new(
+            worker_pool,
+            client_for(&sim)?,
+            config,
+            Arc::new(Metrics::new()),
+        )
+        .run(stop.clone()),
+    );
+    // Let the worker reach its idle wait, listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows = 200;
+    let mut commits = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let name = format!("即时{i}");
+        sqlx::query("INSERT INTO report_requests (company_name, report_type) VALUES ($1, 'pdf')")
+            .bind(&name)
+            .execute(&pool)
+            .await?;
+        commits.push((name, SystemTime::now()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut latencies = Vec::with_capacity(rows);
+    for (name, committed) in &commits {
+        let created = loop {
+            if let Some(t) = sim.first_create(name) {
+                break t;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "row {name} was never picked up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let ms = created
+            .duration_since(*committed)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        latencies.push(ms);
+    }
+    stop.cancel();
+    handle.await?;
+    sim.stop().await;
+    latencies.sort_by(f64::total_cmp);
+    Ok(Pickup {
+        rows,
+        p50_ms: pct(&latencies, 0.5),
+        p99_ms: pct(&latencies, 0.99),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// A process's peak resident memory so far (VmHWM), in KiB.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Samples a child's peak resident memory (VmHWM) until it exits.
+async fn wait_with_peak_rss(mut child: Child) -> anyhow::Result<(std::process::ExitStatus, f64)> {
+    let pid = child.id();
+    let mut peak_kb = 0u64;
+    loop {
+        if let Some(kb) = peak_rss_kb(pid) {
+            peak_kb = peak_kb.max(kb);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, peak_kb as f64 / 1024.0));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn bulk_enqueue(o: &BenchOptions) -> anyhow::Result<BulkEnqueue> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_bulk").await?;
+    let dir = std::env::temp_dir().join(format!("rw-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("requests.csv");
+    write_csv(&path, o.csv_rows)?;
+    let start = Instant::now();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["enqueue", "--csv"])
+        .arg(&path)
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let (status, peak) = wait_with_peak_rss(child).await?;
+    let seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "enqueue --csv failed: {status}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM report_requests")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(
+        n as usize == o.csv_rows,
+        "{n} rows inserted of {}",
+        o.csv_rows
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(BulkEnqueue {
+        rows: o.csv_rows,
+        seconds,
+        rows_per_s: o.csv_rows as f64 / seconds,
+        peak_rss_mb: peak,
+    })
+}
+
+fn write_csv(path: &Path, rows: usize) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(
+        f,
+        "company_name,credit_code,report_type,priority,dedupe_key,metadata"
+    )?;
+    for i in 0..rows {
+        writeln!(
+            f,
+            "测试企业{i}有限公司,,{},{},order-{i},\"{{\"\"batch\"\": {}}}\"",
+            if i % 3 == 0 { "word" } else { "pdf" },
+            i % 5,
+            i / 1000
+        )?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Calls per report and detection delay of a poll schedule, on a virtual clock, for
+/// generation times spread evenly over 1–10 minutes. The provider is modelled as the
+/// simulator is: queued (`job_status` 0) for the first 30 % of the generation time.
+pub fn economy(n: usize) -> Vec<Economy> {
+    let gens: Vec<f64> = (0..n)
+        .map(|i| 60.0 + 540.0 * (i as f64 + 0.5) / n as f64)
+        .collect();
+    let policy = PollPolicy::default();
+    let t0 = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let secs = |d: chrono::DateTime<chrono::Utc>| (d - t0).num_milliseconds() as f64 / 1000.0;
+    let mut out = Vec::new();
+    let mut summarise = |name: &str, results: Vec<(u32, f64)>| {
+        let calls = results.iter().map(|(c, _)| *c as f64).sum::<f64>() / results.len() as f64;
+        let mut delays: Vec<f64> = results.iter().map(|(_, d)| *d).collect();
+        delays.sort_by(f64::total_cmp);
+        out.push(Economy {
+            policy: name.into(),
+            calls_per_report: calls,
+            detection_p50_s: pct(&delays, 0.5),
+            detection_p95_s: pct(&delays, 0.95),
+        });
+    };
+    let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
+    let mut unit = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        (rng_state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let ours: Vec<(u32, f64)> = gens
+        .iter()
+        .map(|&g| {
+            let mut t = policy.first_poll_at(t0);
+            let mut calls = 2; // the create and the first poll
+            while secs(t) < g {
+                let progress = if secs(t) < 0.3 * g {
+                    Progress::Queued
+                } else {
+                    Progress::Exporting
+                };
+                match policy.next_poll_at(t0, t, progress, unit()) {
+                    Some(next) => t = next,
+                    None => break,
+                }
+                calls += 1;
+            }
+            (calls, secs(t) - g)
+        })
+        .collect();
+    summarise(
+        "report-worker default (60 s, then 25 s / 60 s queued)",
+        ours,
+    );
+    for interval in [15.0, 60.0] {
+        let fixed: Vec<(u32, f64)> = gens
+            .iter()
+            .map(|&g| {
+                let polls = (g / interval).ceil();
+                (1 + polls as u32, polls * interval - g)
+            })
+            .collect();
+        summarise(&format!("fixed {interval:.0} s"), fixed);
+    }
+    out
+}
+
+fn worker_process(url: &str, sim: &Simulator, extra: &[(&str, &str)]) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("run")
+        .env("DATABASE_URL", url)
+        .env("UPSTREAM_BASE_URL", sim.base_url())
+        .env("UPSTREAM_CLIENT_ID", &sim.config().client_id)
+        .env("UPSTREAM_CLIENT_SECRET", &sim.config().client_secret)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Ok(cmd.spawn()?)
+}
+
+fn metered(sim: &Simulator) -> (u64, u64) {
+    let s = sim.stats();
+    let all = s.calls_to("create") + s.calls_to("status");
+    let limited = s.calls("create:67200002") + s.calls("status:67200002");
+    (all - limited, limited)
+}
+
+async fn qps_use(o: &BenchOptions) -> anyhow::Result<QpsUse> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_qps").await?;
+    sqlx::query("INSERT INTO report_requests (company_name, report_type) SELECT '积压' || i, 'pdf' FROM generate_series(1, 20000) i")
+        .execute(&pool)
+        .await?;
+    let sim = Simulator::start(
+        SimConfig {
+            qps: Some(o.qps),
+            create_latency: (Duration::from_millis(20), Duration::from_millis(200)),
+            generation_time: (Duration::from_secs(3600), Duration::from_secs(3600)),
+            ..SimConfig::instant()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let qps = o.qps.to_string();
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        children.push(worker_process(
+            &url,
+            &sim,
+            &[
+                ("UPSTREAM_QPS", &qps),
+                ("REPORT_FIRST_POLL", "5s"),
+                ("REPORT_POLL_MIN", "5s"),
+                ("REPORT_POLL_MAX", "5s"),
+            ],
+        )?);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (a0, l0) = metered(&sim);
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    let (a1, l1) = metered(&sim);
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    sim.stop().await;
+    let accepted = (a1 - a0) as f64 / window.as_secs_f64();
+    let limited = (l1 - l0) as f64;
+    Ok(QpsUse {
+        processes: 3,
+        qps: o.qps,
+        seconds: window.as_secs_f64(),
+        accepted_per_s: accepted,
+        used_share: accepted / o.qps as f64,
+        rejected_share: limited / ((a1 - a0) as f64 + limited).max(1.0),
+    })
+}
+
+async fn inflight(o: &BenchOptions) -> anyhow::Result<InFlight> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_inflight").await?;
+    let sim = Simulator::start(
+        SimConfig {
+            generation_time: (Duration::from_secs(3600), Duration::from_secs(3600)),
+            ..SimConfig::instant()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let jobs: Vec<String> = sim
+        .seed_jobs(o.inflight_rows, Duration::from_secs(3600), ReportType::Pdf)
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    // Tasks created over the last ten minutes, each next polled some time in the next minute.
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id,
+                                      upstream_created_at, next_poll_at)
+         SELECT '在途' || j, 'pdf', 'generating', 1, j, now(), now() + random() * interval '60 seconds'
+           FROM unnest($1::text[]) AS j",
+    )
+    .bind(&jobs)
+    .execute(&pool)
+    .await?;
+    let window = Duration::from_secs(30);
+    let due: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM report_requests WHERE state = 'generating' AND next_poll_at < now() + $1 * interval '1 second'",
+    )
+    .bind(window.as_secs_f64())
+    .fetch_one(&pool)
+    .await?;
+    let qps = o.qps.to_string();
+    let child = worker_process(
+        &url,
+        &sim,
+        &[("UPSTREAM_QPS", &qps), ("REPORT_WINDOW", "2h")],
+    )?;
+    let pid = child.id();
+    let before = transactions(&pool).await?;
+    let polls0 = sim.stats().calls_to("status");
+    let start = Instant::now();
+    let mut peak_kb = 0u64;
+    while start.elapsed() < window {
+        if let Some(kb) = peak_rss_kb(pid) {
+            peak_kb = peak_kb.max(kb);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let polls = sim.stats().calls_to("status") - polls0;
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
+    let after = transactions(&pool).await?;
+    sim.stop().await;
+    let _ = queue::NOTIFY_CHANNEL;
+    Ok(InFlight {
+        generating_rows: o.inflight_rows,
+        seconds,
+        worker_peak_rss_mb: peak_kb as f64 / 1024.0,
+        // The harness's own two statistics reads are included: negligible.
+        transactions_per_s: (after - before) as f64 / (seconds + 1.2),
+        polls_per_s: polls as f64 / seconds,
+        polls_due_per_s: due as f64 / window.as_secs_f64(),
+    })
+}
+
+/// The human-readable table.
+pub fn table(r: &BenchResults) -> String {
+    let mut s = format!("report-worker bench — {} — {}\n\n", r.date, r.machine);
+    if let Some(b) = &r.burn_down {
+        s += &format!(
+            "1. burn-down: {} reports, concurrency {}: {:.2} s, {:.0} reports/s, {:.1} transactions/report, {:.1} upstream calls/report\n",
+            b.reports,
+            b.concurrency,
+            b.seconds,
+            b.reports_per_s,
+            b.transactions_per_report,
+            b.upstream_calls_per_report
+        );
+    }
+    if let Some(p) = &r.pickup {
+        s += &format!(
+            "2. pickup latency ({} single inserts): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+            p.rows, p.p50_ms, p.p99_ms, p.max_ms
+        );
+    }
+    if let Some(b) = &r.bulk_enqueue {
+        s += &format!(
+            "3. bulk enqueue: {} CSV rows in {:.2} s = {:.0} rows/s, peak RSS {:.1} MB\n",
+            b.rows, b.seconds, b.rows_per_s, b.peak_rss_mb
+        );
+    }
+    if let Some(e) = &r.economy {
+        s += "4. upstream economy (generation uniform over 1–10 min, virtual clock):\n";
+        for p in e {
+            s += &format!(
+                "   {:<55} {:>5.1} calls/report, detection p50 {:>5.1} s, p95 {:>5.1} s\n",
+                p.policy, p.calls_per_report, p.detection_p50_s, p.detection_p95_s
+            );
+        }
+    }
+    if let Some(q) = &r.qps_use {
+        s += &format!(
+            "5. QPS use: {} processes at QPS {} over {:.0} s: {:.2} accepted calls/s = {:.1} % used, {:.2} % rejected (67200002)\n",
+            q.processes,
+            q.qps,
+            q.seconds,
+            q.accepted_per_s,
+            q.used_share * 100.0,
+            q.rejected_share * 100.0
+        );
+    }
+    if let Some(i) = &r.inflight {
+        s += &format!(
+            "6. in-flight: {} generating rows: worker peak RSS {:.1} MB, {:.1} transactions/s, {:.1} polls/s made, {:.1} polls/s due\n",
+            i.generating_rows,
+            i.worker_peak_rss_mb,
+            i.transactions_per_s,
+            i.polls_per_s,
+            i.polls_due_per_s
+        );
+    }
+    s
+}
