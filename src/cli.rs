@@ -58,8 +58,9 @@ pub struct BenchArgs {
     /// Reports in the burn-down.
     #[arg(long, default_value_t = 20_000)]
     pub reports: usize,
-    /// Upstream calls in flight in the burn-down worker.
-    #[arg(long, default_value_t = 32)]
+    /// Upstream calls in flight in the burn-down worker (reports wait on HTTP and on
+    /// commits, not on CPU: hundreds in flight is the point of an I/O-bound worker).
+    #[arg(long, default_value_t = 512)]
     pub concurrency: usize,
     /// Rows in the bulk-enqueue CSV.
     #[arg(long, default_value_t = 1_000_000)]
@@ -257,7 +258,7 @@ pub struct EnqueueArgs {
     #[arg(long, requires = "csv")]
     pub all_or_nothing: bool,
     /// Rows per INSERT.
-    #[arg(long, default_value_t = 5000, requires = "csv", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = 10_000, requires = "csv", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
     /// Enterprise name, e.g. 小米科技有限责任公司.
     #[arg(long)]

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use encoding_rs::Encoding;
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 
 use crate::domain::{NewRequest, ReportType};
 
@@ -42,7 +43,7 @@ impl Default for CsvOptions {
             encoding: encoding_rs::UTF_8,
             default_type: None,
             all_or_nothing: false,
-            batch_size: 5000,
+            batch_size: 10_000,
             progress: false,
         }
     }
@@ -235,7 +236,21 @@ fn db_reason(e: &sqlx::Error) -> String {
     }
 }
 
-/// Imports `path`; `on_reject(line, reason)` is called for every bad line as it is found.
+/// Batches being inserted at once, each on its own connection: the database backend
+/// is the bottleneck of a bulk load, and two of them use both cores of a small machine.
+const PARALLEL_BATCHES: usize = 2;
+
+/// What one inserted batch came to.
+struct Flushed {
+    conn: PoolConnection<Postgres>,
+    inserted: u64,
+    duplicates: u64,
+    rejected: Vec<(u64, String)>,
+}
+
+type InFlight = tokio::task::JoinHandle<Result<Flushed, sqlx::Error>>;
+
+/// Imports `path`; `on_reject(line, reason)` is called for every bad line.
 pub async fn import(
     pool: &PgPool,
     path: &Path,
@@ -279,16 +294,27 @@ pub async fn import(
         indicatif::ProgressBar::hidden()
     };
     let mut summary = CsvSummary::default();
-    let mut conn = pool.acquire().await?;
-    if options.all_or_nothing {
-        sqlx::query("BEGIN").execute(&mut *conn).await?;
+    // All-or-nothing is one transaction, so one connection; otherwise each batch
+    // commits on its own and batches overlap.
+    let parallel = if options.all_or_nothing {
+        1
+    } else {
+        PARALLEL_BATCHES
+    };
+    let mut idle: Vec<PoolConnection<Postgres>> = Vec::new();
+    for _ in 0..parallel {
+        idle.push(pool.acquire().await?);
     }
+    if options.all_or_nothing {
+        sqlx::query("BEGIN").execute(&mut *idle[0]).await?;
+    }
+    let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
     let mut batch: Vec<(u64, NewRequest)> = Vec::with_capacity(options.batch_size);
     let mut record = csv::StringRecord::new();
     loop {
         let line = reader.position().line();
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
+        let more = match reader.read_record(&mut record) {
+            Ok(false) => false,
             Ok(true) => {
                 let line = record.position().map(|p| p.line()).unwrap_or(line);
                 match parse_line(&columns, &record, options.default_type) {
@@ -306,44 +332,42 @@ pub async fn import(
                         }
                     }
                 }
+                true
             }
             Err(e) => {
                 // Broken quoting or bytes the decoder could not read: this line only.
                 summary.rejected += 1;
                 let line = e.position().map(|p| p.line()).unwrap_or(line + 1);
                 bar.suspend(|| on_reject(line, &format!("unreadable CSV: {e}")));
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    break;
-                }
+                !matches!(e.kind(), csv::ErrorKind::Io(_))
             }
-        }
-        if batch.len() >= options.batch_size {
-            flush(
-                &mut conn,
-                &mut batch,
-                options,
-                &mut summary,
-                &bar,
-                &mut on_reject,
-            )
-            .await?;
+        };
+        if batch.len() >= options.batch_size || (!more && !batch.is_empty()) {
+            if idle.is_empty() {
+                let oldest = in_flight
+                    .pop_front()
+                    .expect("a batch holds each busy connection");
+                idle.push(settle(oldest, &mut summary, &bar, &mut on_reject).await?);
+            }
+            let conn = idle.pop().expect("a free connection");
+            let rows = std::mem::replace(&mut batch, Vec::with_capacity(options.batch_size));
+            let own_tx = !options.all_or_nothing;
+            in_flight.push_back(tokio::spawn(flush(conn, rows, own_tx)));
             bar.set_position(read.load(Ordering::Relaxed));
             bar.set_message(format!(
                 "inserted {} duplicates {} rejected {}",
                 summary.inserted, summary.duplicates, summary.rejected
             ));
         }
+        if !more {
+            break;
+        }
     }
-    flush(
-        &mut conn,
-        &mut batch,
-        options,
-        &mut summary,
-        &bar,
-        &mut on_reject,
-    )
-    .await?;
+    while let Some(next) = in_flight.pop_front() {
+        idle.push(settle(next, &mut summary, &bar, &mut on_reject).await?);
+    }
     if options.all_or_nothing {
+        let conn = &mut *idle[0];
         if summary.rejected > 0 {
             sqlx::query("ROLLBACK").execute(&mut *conn).await?;
             summary.rolled_back = true;
@@ -357,34 +381,49 @@ pub async fn import(
     Ok(summary)
 }
 
-/// Inserts the batch. If the database refuses it, the rows go in one by one (each in a
-/// savepoint) so that only the refused lines are reported and skipped.
-async fn flush(
-    conn: &mut PgConnection,
-    batch: &mut Vec<(u64, NewRequest)>,
-    options: &CsvOptions,
+/// Waits for an inserted batch and adds it to the summary.
+async fn settle(
+    batch: InFlight,
     summary: &mut CsvSummary,
     bar: &indicatif::ProgressBar,
     on_reject: &mut impl FnMut(u64, &str),
-) -> Result<(), CsvError> {
-    if batch.is_empty() {
-        return Ok(());
+) -> Result<PoolConnection<Postgres>, CsvError> {
+    let done = batch.await.map_err(|e| {
+        CsvError::Database(sqlx::Error::Protocol(format!("insert task failed: {e}")))
+    })??;
+    summary.inserted += done.inserted;
+    summary.duplicates += done.duplicates;
+    summary.rejected += done.rejected.len() as u64;
+    for (line, reason) in &done.rejected {
+        bar.suspend(|| on_reject(*line, reason));
     }
-    let own_tx = !options.all_or_nothing;
+    Ok(done.conn)
+}
+
+/// Inserts the batch (in its own transaction, or in a savepoint of the file's). If the
+/// database refuses it, the rows go in one by one, each in a savepoint, so that only
+/// the refused lines are reported and skipped.
+async fn flush(
+    mut conn: PoolConnection<Postgres>,
+    batch: Vec<(u64, NewRequest)>,
+    own_tx: bool,
+) -> Result<Flushed, sqlx::Error> {
+    let (mut inserted, mut duplicates, mut rejected) = (0u64, 0u64, Vec::new());
+    let c = &mut *conn;
     sqlx::query(if own_tx { "BEGIN" } else { "SAVEPOINT batch" })
-        .execute(&mut *conn)
+        .execute(&mut *c)
         .await?;
-    match insert_batch(conn, batch).await {
+    match insert_batch(c, &batch).await {
         Ok(n) => {
             sqlx::query(if own_tx {
                 "COMMIT"
             } else {
                 "RELEASE SAVEPOINT batch"
             })
-            .execute(&mut *conn)
+            .execute(&mut *c)
             .await?;
-            summary.inserted += n;
-            summary.duplicates += batch.len() as u64 - n;
+            inserted += n;
+            duplicates += batch.len() as u64 - n;
         }
         Err(sqlx::Error::Database(_)) => {
             sqlx::query(if own_tx {
@@ -392,37 +431,40 @@ async fn flush(
             } else {
                 "ROLLBACK TO SAVEPOINT batch"
             })
-            .execute(&mut *conn)
+            .execute(&mut *c)
             .await?;
             if own_tx {
-                sqlx::query("BEGIN").execute(&mut *conn).await?;
+                sqlx::query("BEGIN").execute(&mut *c).await?;
             }
             for row in batch.iter() {
-                sqlx::query("SAVEPOINT one").execute(&mut *conn).await?;
-                match insert_batch(conn, std::slice::from_ref(row)).await {
+                sqlx::query("SAVEPOINT one").execute(&mut *c).await?;
+                match insert_batch(c, std::slice::from_ref(row)).await {
                     Ok(n) => {
                         sqlx::query("RELEASE SAVEPOINT one")
-                            .execute(&mut *conn)
+                            .execute(&mut *c)
                             .await?;
-                        summary.inserted += n;
-                        summary.duplicates += 1 - n;
+                        inserted += n;
+                        duplicates += 1 - n;
                     }
                     Err(e @ sqlx::Error::Database(_)) => {
                         sqlx::query("ROLLBACK TO SAVEPOINT one")
-                            .execute(&mut *conn)
+                            .execute(&mut *c)
                             .await?;
-                        summary.rejected += 1;
-                        bar.suspend(|| on_reject(row.0, &db_reason(&e)));
+                        rejected.push((row.0, db_reason(&e)));
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
             if own_tx {
-                sqlx::query("COMMIT").execute(&mut *conn).await?;
+                sqlx::query("COMMIT").execute(&mut *c).await?;
             }
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
-    batch.clear();
-    Ok(())
+    Ok(Flushed {
+        conn,
+        inserted,
+        duplicates,
+        rejected,
+    })
 }

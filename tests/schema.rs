@@ -493,3 +493,26 @@ async fn migrations_apply_twice_and_by_hand() {
         .unwrap();
     db.close().await;
 }
+
+#[tokio::test]
+async fn deleting_requests_deletes_their_history() {
+    let db = TestDb::new().await;
+    let keep = insert(&db, "company_name, report_type", "'keep', 'pdf'")
+        .await
+        .unwrap();
+    let gone = insert(&db, "company_name, report_type", "'gone', 'pdf'")
+        .await
+        .unwrap();
+    set_state(&db, gone, "failed").await;
+    sqlx::query("DELETE FROM report_requests WHERE id = $1")
+        .bind(gone)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let events: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT request_id FROM report_events")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, vec![keep]);
+    db.close().await;
+}

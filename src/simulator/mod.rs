@@ -881,13 +881,19 @@ async fn download(
         }
         None => {}
     }
-    // Generating a few hundred KB takes a moment: off the lock, off the async threads.
-    let bytes = tokio::task::spawn_blocking(move || match report_type {
+    let generate = move || match report_type {
         ReportType::Pdf => documents::pdf_report(&content),
         ReportType::Word => documents::docx_report(&content),
-    })
-    .await
-    .unwrap_or_default();
+    };
+    // Generating a few hundred KB takes a moment: off the lock, off the async threads.
+    // Small documents are cheaper to make than to hand to another thread.
+    let bytes = if s.config.doc_size <= 64 * 1024 {
+        generate()
+    } else {
+        tokio::task::spawn_blocking(generate)
+            .await
+            .unwrap_or_default()
+    };
     {
         let mut inner = s.lock();
         inner.stats.documents.insert(
@@ -987,6 +993,10 @@ impl Simulator {
         });
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        // Like any production API server: no Nagle delay on small answers.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let shutdown = CancellationToken::new();
         let app = router(shared.clone());
         let stop = shutdown.clone();
