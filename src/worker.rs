@@ -121,6 +121,16 @@ fn outcome<T>(r: &Result<T, UpstreamError>) -> &'static str {
     }
 }
 
+/// In-process retries of idempotent calls (status, download) before a transient error
+/// is persisted as a later retry: two more tries within about a second.
+fn immediate_retries() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(2)
+        .with_jitter()
+}
+
 /// Database writes are retried for a while (a restart, a dropped connection); errors
 /// the server raised about the statement itself are not.
 pub(crate) fn db_backoff() -> ExponentialBuilder {
@@ -524,13 +534,7 @@ impl Ctx {
             return false;
         };
         let result = (|| self.paced("status", || self.client.task_status(&job)))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(2)
-                    .with_jitter(),
-            )
+            .retry(immediate_retries())
             .when(|e| matches!(e, UpstreamError::Transient { .. }))
             .await;
         let normal = provider_answered_normally(&result);
@@ -600,13 +604,7 @@ impl Ctx {
             self.metrics.call("download", outcome(&r));
             r
         })
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(2)
-                .with_jitter(),
-        )
+        .retry(immediate_retries())
         .when(|e| matches!(e, UpstreamError::Transient { .. }))
         .await;
         match result {

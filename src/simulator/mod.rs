@@ -233,6 +233,35 @@ struct Inner {
     first_create: HashMap<String, std::time::SystemTime>,
 }
 
+impl Inner {
+    /// The fault of the first pending injection that `applies`, counting it down.
+    fn take_injection(&mut self, applies: impl Fn(&Injection) -> bool) -> Option<Fault> {
+        let pos = self.injections.iter().position(applies)?;
+        let injection = &mut self.injections[pos];
+        injection.count = injection.count.saturating_sub(1);
+        let fault = injection.fault.clone();
+        if injection.count == 0 {
+            self.injections.remove(pos);
+        }
+        Some(fault)
+    }
+}
+
+impl Fault {
+    /// How the counters name a call answered with this fault.
+    fn outcome(&self) -> String {
+        match self {
+            Fault::Code { code } => code.to_string(),
+            Fault::Http { status } => status.to_string(),
+            Fault::Reset => "reset".into(),
+            Fault::Malformed => "malformed".into(),
+            Fault::Slow { .. } => "slow".into(),
+            Fault::Html => "html".into(),
+            Fault::JobFailed => "job_failed".into(),
+        }
+    }
+}
+
 struct Shared {
     config: SimConfig,
     /// Salt of the pre-signed links, so that a forged link is refused like COS would.
@@ -415,30 +444,18 @@ impl Shared {
         }
         let mut slow = None;
         let mut job_failed = false;
-        if let Some(pos) = inner.injections.iter().position(|i| {
+        let injected = inner.take_injection(|i| {
             i.endpoint == Endpoint::Any && endpoint != "download" || i.endpoint_name() == endpoint
-        }) {
-            let inj = &mut inner.injections[pos];
-            inj.count = inj.count.saturating_sub(1);
-            let fault = inj.fault.clone();
-            if inj.count == 0 {
-                inner.injections.remove(pos);
-            }
-            match &fault {
-                Fault::Slow { millis } => slow = Some(Duration::from_millis(*millis)),
-                Fault::JobFailed => job_failed = true,
-                Fault::Html => {}
-                other => {
-                    let outcome = match other {
-                        Fault::Code { code } => code.to_string(),
-                        Fault::Http { status } => status.to_string(),
-                        Fault::Reset => "reset".into(),
-                        _ => "malformed".into(),
-                    };
-                    let response = fault_response(other).expect("answering fault");
-                    return answer(&mut inner, outcome, response);
+        });
+        match injected {
+            Some(Fault::Slow { millis }) => slow = Some(Duration::from_millis(millis)),
+            Some(Fault::JobFailed) => job_failed = true,
+            Some(fault) => {
+                if let Some(response) = fault_response(&fault) {
+                    return answer(&mut inner, fault.outcome(), response);
                 }
             }
+            None => {}
         }
         // QPS: a sliding one-second window over accepted calls.
         while inner
@@ -487,17 +504,13 @@ impl Shared {
                     millis: inner.rng.random_range(200..2000),
                 },
             };
-            if let Fault::Slow { millis } = fault {
-                slow = Some(Duration::from_millis(millis));
-            } else {
-                let outcome = match &fault {
-                    Fault::Code { code } => code.to_string(),
-                    Fault::Http { status } => status.to_string(),
-                    Fault::Reset => "reset".into(),
-                    _ => "malformed".into(),
-                };
-                let response = fault_response(&fault).expect("answering fault");
-                return answer(&mut inner, outcome, response);
+            match fault_response(&fault) {
+                Some(response) => return answer(&mut inner, fault.outcome(), response),
+                None => {
+                    if let Fault::Slow { millis } = fault {
+                        slow = Some(Duration::from_millis(millis));
+                    }
+                }
             }
         }
         inner.window.push_back(now);
@@ -521,22 +534,7 @@ impl Injection {
 }
 
 async fn token(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let injected = {
-        let mut inner = s.lock();
-        inner
-            .injections
-            .iter()
-            .position(|i| i.endpoint == Endpoint::Token)
-            .map(|pos| {
-                let inj = &mut inner.injections[pos];
-                inj.count = inj.count.saturating_sub(1);
-                let fault = inj.fault.clone();
-                if inj.count == 0 {
-                    inner.injections.remove(pos);
-                }
-                fault
-            })
-    };
+    let injected = s.lock().take_injection(|i| i.endpoint == Endpoint::Token);
     if let Some(resp) = injected.as_ref().and_then(fault_response) {
         s.count("token:injected".into());
         return resp;
@@ -817,19 +815,7 @@ async fn download(
     }
     let (injected, random_fault, content) = {
         let mut inner = s.lock();
-        let injected = inner
-            .injections
-            .iter()
-            .position(|i| i.endpoint == Endpoint::Download)
-            .map(|pos| {
-                let inj = &mut inner.injections[pos];
-                inj.count = inj.count.saturating_sub(1);
-                let f = inj.fault.clone();
-                if inj.count == 0 {
-                    inner.injections.remove(pos);
-                }
-                f
-            });
+        let injected = inner.take_injection(|i| i.endpoint == Endpoint::Download);
         let random_fault = s.config.fault_rate > 0.0
             && inner
                 .rng
