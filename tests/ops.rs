@@ -533,3 +533,63 @@ fn compose_file_is_complete_and_consistent() {
         assert!(dockerfile.contains(needed), "Dockerfile lacks {needed}");
     }
 }
+
+#[test]
+fn ctrl_c_during_the_demo_leaves_nothing_running() {
+    use std::io::BufRead;
+    if report_worker::embedded_pg::find_bindir().is_none() {
+        eprintln!("skipping: no PostgreSQL server binaries on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_report-worker"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the throwaway server is up and work is under way.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the demo prints its progress");
+        if line.starts_with("Enqueued") {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an interrupted demo does not claim success"
+    );
+    let folder = std::env::temp_dir().join(format!("report-worker-demo-pg-{pid}"));
+    assert!(!folder.exists(), "the throwaway database folder is removed");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let running = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !running.contains(&folder.to_string_lossy().to_string()),
+        "a server is still running:\n{running}"
+    );
+}

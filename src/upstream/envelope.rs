@@ -192,6 +192,8 @@ mod tests {
                 .as_str(),
             "1579434053399035904"
         );
+        // 201 Created is a success too (the reference lists it).
+        assert!(interpret(201, None, ok, now()).is_ok());
         let err200 = br#"{"data":null,"status":false,"error_code":68300004,"error_msg":"Invalid parameter!"}"#;
         assert!(matches!(
             interpret(200, None, err200, now()),
