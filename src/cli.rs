@@ -128,7 +128,7 @@ pub struct RunArgs {
     pub upstream_client_id: String,
     /// The account's client secret.
     #[arg(long, env = "UPSTREAM_CLIENT_SECRET", hide_env_values = true)]
-    pub upstream_client_secret: String,
+    pub upstream_client_secret: Secret,
     /// Calls per second for the whole account, shared by every worker process (0: no pacing).
     #[arg(long, env = "UPSTREAM_QPS", default_value_t = 5.0)]
     pub upstream_qps: f64,
@@ -179,7 +179,7 @@ impl RunArgs {
         if self.upstream_client_id.trim().is_empty() {
             anyhow::bail!("UPSTREAM_CLIENT_ID is empty");
         }
-        if self.upstream_client_secret.is_empty() {
+        if self.upstream_client_secret.expose().is_empty() {
             anyhow::bail!("UPSTREAM_CLIENT_SECRET is empty");
         }
         url::Url::parse(&self.upstream_base_url).map_err(|e| {
@@ -202,7 +202,7 @@ impl RunArgs {
         }
         let credentials = Credentials {
             client_id: self.upstream_client_id.trim().to_string(),
-            client_secret: Secret::new(self.upstream_client_secret.clone()),
+            client_secret: self.upstream_client_secret.clone(),
         };
         let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
         client.timeout = self.upstream_timeout;
@@ -577,4 +577,25 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         .await;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_arguments_never_show_the_secret() {
+        let cli = Cli::try_parse_from([
+            "report-worker",
+            "run",
+            "--database-url",
+            "postgres://localhost/x",
+            "--upstream-client-id",
+            "id",
+            "--upstream-client-secret",
+            "s3cr3t-value",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("s3cr3t-value"));
+    }
 }
