@@ -544,7 +544,7 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let (client_config, worker_config) = args.configs()?;
     let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pool = db::connect(
+    let pool = db::connect_worker(
         &args.db.database_url,
         crate::worker::pool_size(worker_config.concurrency),
     )

@@ -23,6 +23,17 @@ pub enum DbError {
 /// Opens a pool of at most `max_connections`; fails fast (10 s) when the server does
 /// not answer, with a message that names the server but never the password.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    open(url, max_connections, 0).await
+}
+
+/// A pool for a worker, whose connections are all opened up front: opened lazily, the
+/// first pickups of a fresh worker each waited up to 90 ms for a new connection
+/// (BENCHMARKS.md, pickup latency).
+pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    open(url, max_connections, max_connections).await
+}
+
+async fn open(url: &str, max_connections: u32, min_connections: u32) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(|source| DbError::BadUrl {
         url: redact_url(url),
         source,
@@ -30,6 +41,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
     let options = options.application_name("report-worker");
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
+        .min_connections(min_connections.min(max_connections))
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await

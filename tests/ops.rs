@@ -442,7 +442,11 @@ fn compose_file_is_complete_and_consistent() {
     assert!(svc("postgres")["healthcheck"]["test"].is_sequence());
     for s in ["migrate", "simulator", "worker"] {
         assert_eq!(svc(s)["build"].as_str(), Some("."), "{s} builds the image");
-        assert_eq!(svc(s)["image"].as_str(), Some("report-worker:latest"), "{s} names it");
+        assert_eq!(
+            svc(s)["image"].as_str(),
+            Some("report-worker:latest"),
+            "{s} names it"
+        );
     }
     assert_eq!(svc("migrate")["command"][0].as_str(), Some("migrate"));
     assert_eq!(

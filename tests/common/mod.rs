@@ -209,10 +209,12 @@ pub async fn spawn_worker(
     client: report_worker::upstream::ClientConfig,
     config: report_worker::worker::WorkerConfig,
 ) -> RunningWorker {
-    let pool =
-        report_worker::db::connect(db_url, report_worker::worker::pool_size(config.concurrency))
-            .await
-            .unwrap();
+    let pool = report_worker::db::connect_worker(
+        db_url,
+        report_worker::worker::pool_size(config.concurrency),
+    )
+    .await
+    .unwrap();
     let client = report_worker::upstream::Client::new(client).unwrap();
     let metrics = std::sync::Arc::new(report_worker::metrics::Metrics::new());
     let cancel = tokio_util::sync::CancellationToken::new();
