@@ -18,7 +18,7 @@ use crate::domain::ReportType;
 use crate::metrics::Metrics;
 use crate::policy::{PollPolicy, Progress};
 use crate::simulator::{SimConfig, Simulator};
-use crate::upstream::{Client, ClientConfig, Credentials, Secret};
+use crate::upstream::Client;
 use crate::worker::{Worker, WorkerConfig};
 use crate::{db, queue};
 
@@ -198,11 +198,7 @@ async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
 }
 
 fn client_for(sim: &Simulator) -> anyhow::Result<Client> {
-    let credentials = Credentials {
-        client_id: sim.config().client_id.clone(),
-        client_secret: Secret::new(sim.config().client_secret.clone()),
-    };
-    Client::new(ClientConfig::new(sim.base_url(), credentials)).map_err(|e| anyhow::anyhow!("{e}"))
+    Client::new(sim.client_config()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn open_rows(pool: &PgPool) -> anyhow::Result<bool> {

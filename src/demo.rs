@@ -15,7 +15,7 @@ use crate::embedded_pg::ThrowawayPostgres;
 use crate::metrics::Metrics;
 use crate::policy::{PollPolicy, RetryPolicy};
 use crate::simulator::{SimConfig, Simulator};
-use crate::upstream::{Client, ClientConfig, Credentials, Secret};
+use crate::upstream::Client;
 use crate::worker::{Worker, WorkerConfig};
 use crate::{db, export, queue};
 
@@ -117,12 +117,7 @@ async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
         ids.len()
     );
 
-    let credentials = Credentials {
-        client_id: sim.config().client_id.clone(),
-        client_secret: Secret::new(sim.config().client_secret.clone()),
-    };
-    let client = Client::new(ClientConfig::new(sim.base_url(), credentials))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = Client::new(sim.client_config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut config = WorkerConfig::new(sim.config().client_id.clone());
     config.owner = "demo".into();
     config.concurrency = 8;

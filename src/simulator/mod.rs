@@ -1007,6 +1007,15 @@ impl Simulator {
         &self.shared.config
     }
 
+    /// How a client reaches this simulator with its account.
+    pub fn client_config(&self) -> crate::upstream::ClientConfig {
+        let credentials = crate::upstream::Credentials {
+            client_id: self.shared.config.client_id.clone(),
+            client_secret: crate::upstream::Secret::new(self.shared.config.client_secret.clone()),
+        };
+        crate::upstream::ClientConfig::new(self.base_url(), credentials)
+    }
+
     pub fn stats(&self) -> SimStats {
         self.shared.lock().stats.clone()
     }

@@ -142,11 +142,7 @@ pub fn client_for(sim: &report_worker::simulator::Simulator) -> report_worker::u
 pub fn client_config(
     sim: &report_worker::simulator::Simulator,
 ) -> report_worker::upstream::ClientConfig {
-    let credentials = report_worker::upstream::Credentials {
-        client_id: sim.config().client_id.clone(),
-        client_secret: report_worker::upstream::Secret::new(sim.config().client_secret.clone()),
-    };
-    report_worker::upstream::ClientConfig::new(sim.base_url(), credentials)
+    sim.client_config()
 }
 
 /// True when an external reader is installed; under CI its absence is a failure.
