@@ -94,7 +94,18 @@ struct Ctx {
     wake: Notify,
     /// The frequent outcome writes, batched across rows.
     writer: Writer,
+    /// The account's stop as last read, and when: a busy claim loop reads it at most
+    /// every `STOP_READ_EVERY` instead of once per claim. A std mutex, never held across
+    /// an await; cleared whenever this process records or lifts a stop.
+    stop_seen: Mutex<Option<(Instant, SeenStop)>>,
 }
+
+/// The account's stop, if any, and whether its probe is due.
+type SeenStop = Option<(queue::AccountStop, bool)>;
+
+/// How stale the claim loop's view of the account stop may be. Calls already in flight
+/// when a stop begins meet it themselves, so this only delays the next claims a little.
+const STOP_READ_EVERY: Duration = Duration::from_millis(250);
 
 pub struct Worker {
     ctx: Arc<Ctx>,
@@ -165,6 +176,7 @@ impl Worker {
                 held: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 writer,
+                stop_seen: Mutex::new(None),
             }),
         }
     }
@@ -331,7 +343,7 @@ impl Ctx {
     /// stopped account is due and this process wins it.
     async fn claim_round(&self, free: usize) -> Result<Vec<(Claimed, bool)>, sqlx::Error> {
         let account = &self.config.account;
-        let (kinds, probe_kinds) = match queue::read_stop(&self.pool, account).await? {
+        let (kinds, probe_kinds) = match self.account_stop().await? {
             None => (ClaimKinds::ALL, None),
             Some((stop, due)) => {
                 let (kinds, probe_kinds) = if stop.scope == "create" {
@@ -371,6 +383,26 @@ impl Ctx {
         .await?;
         rows.extend(claimed.into_iter().map(|r| (r, false)));
         Ok(rows)
+    }
+
+    /// The account's stop, read from the database at most every `STOP_READ_EVERY`.
+    async fn account_stop(&self) -> Result<SeenStop, sqlx::Error> {
+        if let Some((_, seen)) = self
+            .stop_seen
+            .lock()
+            .expect("stop lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < STOP_READ_EVERY)
+        {
+            return Ok(seen.clone());
+        }
+        let stop = queue::read_stop(&self.pool, &self.config.account).await?;
+        *self.stop_seen.lock().expect("stop lock") = Some((Instant::now(), stop.clone()));
+        Ok(stop)
+    }
+
+    fn forget_stop(&self) {
+        *self.stop_seen.lock().expect("stop lock") = None;
     }
 
     /// How long an idle claim loop may sleep: until the next poll falls due, at most
@@ -473,6 +505,7 @@ impl Ctx {
             }
         };
         if probe && answered_normally {
+            self.forget_stop();
             match queue::clear_stop(&self.pool, &self.config.account).await {
                 Ok(true) => {
                     tracing::info!(account = %self.config.account, "the provider answers normally again: account stop cleared")
@@ -699,6 +732,7 @@ impl Ctx {
                 .retry(db_backoff())
                 .when(retryable_db_error)
                 .await;
+                self.forget_stop();
                 self.write("release (account stop)", row, || {
                     queue::retry_later(
                         &self.pool,
