@@ -220,6 +220,17 @@ async fn bad_rows_are_refused_by_named_constraints() {
             "'x', 'pdf', '1.5e18'".into(),
             "report_requests_upstream_job_id_not_digits",
         ),
+        (
+            "company_name, report_type, dedupe_key",
+            "'x', 'pdf', E'order\\n1'".into(),
+            "report_requests_dedupe_key_no_control_chars",
+        ),
+        ("company_name, report_type, attempts", "'x', 'pdf', -1".into(), "report_requests_attempts_negative"),
+        (
+            "company_name, report_type, metadata",
+            "'x', 'pdf', (SELECT jsonb_object_agg(i::text, md5(i::text) || md5((i * 7)::text)) FROM generate_series(1, 3000) i)".into(),
+            "report_requests_metadata_too_large",
+        ),
     ];
     for (cols, vals, expected) in cases {
         let err = insert(&db, cols, &vals)
