@@ -21,12 +21,7 @@ async fn every_identifier_and_type_succeeds_byte_exact() {
         enqueue(&db.pool, None, Some("91110108551385082Q"), None, kind).await;
         enqueue(&db.pool, None, None, Some("5513850T82"), kind).await;
     }
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
     assert_eq!(
         count(
@@ -78,12 +73,7 @@ async fn permanent_refusals_fail_at_once() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig::instant()).await;
     let bad = enqueue(&db.pool, None, Some("91110108551385083Q"), None, "pdf").await;
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_all_finished(&db.pool, Duration::from_secs(10)).await;
     for code in [68300007, 68300010, 67200012] {
         sim.inject(Injection {
@@ -145,12 +135,7 @@ async fn transient_faults_at_a_high_rate_still_end_byte_exact() {
         )
         .await;
     }
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_all_finished(&db.pool, Duration::from_secs(90)).await;
     assert_eq!(
         count(
@@ -196,12 +181,7 @@ async fn job_status_3_creates_a_new_task() {
         count: 1,
     });
     let id = enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let (state, attempts): (String, i32) =
         sqlx::query_as("SELECT state, attempts FROM report_requests WHERE id = $1")
@@ -266,12 +246,7 @@ async fn an_html_page_served_as_the_report_is_never_stored() {
         count: 4,
     });
     let id = enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     assert_eq!(sim.stats().calls("download:html"), 4);
     assert_eq!(assert_documents_exact(&db.pool, &sim).await, 1);
@@ -341,12 +316,7 @@ async fn a_balance_outage_stops_the_account_and_work_resumes_by_itself() {
     for i in 0..5 {
         enqueue(&db.pool, Some(&format!("公司{i}")), None, None, "word").await;
     }
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_for("the account stop", Duration::from_secs(10), || async {
         let code: Option<i32> = sqlx::query_scalar("SELECT error_code FROM report_account_stops")
             .fetch_optional(&db.pool)
@@ -493,12 +463,7 @@ async fn cancel_while_generating_wins_over_the_worker() {
     })
     .await;
     let id = enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     wait_for("generating", Duration::from_secs(10), || async {
         (count(
             &db.pool,
@@ -563,12 +528,7 @@ async fn connections_killed_mid_run_are_survived() {
         )
         .await;
     }
-    let w = spawn_worker(
-        &db.url,
-        client_config(&sim),
-        fast_worker_config(&sim.config().client_id),
-    )
-    .await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
     let admin = report_worker::db::connect(&admin_url(), 2).await.unwrap();
     // As a database restart does: every connection of this database dies, three times.
     for round in 1..=3i64 {

@@ -223,6 +223,19 @@ pub async fn spawn_worker(
     }
 }
 
+/// A worker with the test settings on the simulator's account.
+pub async fn spawn_fast_worker(
+    db_url: &str,
+    sim: &report_worker::simulator::Simulator,
+) -> RunningWorker {
+    spawn_worker(
+        db_url,
+        client_config(sim),
+        fast_worker_config(&sim.config().client_id),
+    )
+    .await
+}
+
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
