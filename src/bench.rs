@@ -14,13 +14,13 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::db;
 use crate::domain::ReportType;
 use crate::metrics::Metrics;
 use crate::policy::{PollPolicy, Progress};
 use crate::simulator::{SimConfig, Simulator};
 use crate::upstream::Client;
 use crate::worker::{Worker, WorkerConfig};
-use crate::{db, queue};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -627,7 +627,6 @@ async fn inflight(o: &BenchOptions) -> anyhow::Result<InFlight> {
     let _ = child.wait();
     let after = transactions(&pool).await?;
     sim.stop().await;
-    let _ = queue::NOTIFY_CHANNEL;
     Ok(InFlight {
         generating_rows: o.inflight_rows,
         seconds,

@@ -55,9 +55,14 @@ fn jittered(d: Duration, spread: f64, unit: f64) -> Duration {
 }
 
 impl PollPolicy {
+    /// How long after its creation a task is first polled.
+    pub fn first_poll_delay(&self) -> Duration {
+        self.first_poll.min(self.window)
+    }
+
     /// The first poll of a task created at `created`.
     pub fn first_poll_at(&self, created: DateTime<Utc>) -> DateTime<Utc> {
-        created + chrono(self.first_poll.min(self.window))
+        created + chrono(self.first_poll_delay())
     }
 
     /// The next poll after a "not ready" answer at `now`, or `None` when the window has

@@ -320,22 +320,7 @@ pub async fn mark_generating_batch(
     .await
 }
 
-/// "Not ready yet": a snooze until the next poll, not an attempt.
-pub async fn snooze_poll(
-    pool: &PgPool,
-    id: i64,
-    token: i64,
-    next_poll_at: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    let item = Snoozed {
-        id,
-        token,
-        next_poll_at,
-    };
-    Ok(snooze_batch(pool, std::slice::from_ref(&item)).await? == vec![id])
-}
-
-/// One generating row that is not ready yet.
+/// One generating row that is not ready yet: a snooze until its next poll, not an attempt.
 #[derive(Debug, Clone)]
 pub struct Snoozed {
     pub id: i64,
@@ -358,21 +343,6 @@ pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, 
     .bind(items.iter().map(|i| i.next_poll_at).collect::<Vec<_>>())
     .fetch_all(pool)
     .await
-}
-
-/// Stores the verified document and marks the row succeeded, atomically.
-pub async fn complete(
-    pool: &PgPool,
-    id: i64,
-    token: i64,
-    doc: &Document,
-) -> Result<bool, sqlx::Error> {
-    let item = Completed {
-        id,
-        token,
-        document: doc.clone(),
-    };
-    Ok(complete_batch(pool, std::slice::from_ref(&item)).await? == vec![id])
 }
 
 /// One row whose document was downloaded and verified.

@@ -535,13 +535,11 @@ impl Ctx {
         match result {
             Ok(job) => {
                 tracing::debug!(id = row.id, job = %job, "upstream task created");
-                let first = self.config.poll.first_poll_at(row.db_now) - row.db_now;
-                let first = first.to_std().unwrap_or_default();
                 let created = Created {
                     id: row.id,
                     token: row.lease_token,
                     job_id: job.to_string(),
-                    first_poll_in: first,
+                    first_poll_in: self.config.poll.first_poll_delay(),
                 };
                 let reply = self.writer.created(created).await;
                 if !self.batched(row, "mark generating", reply) {
