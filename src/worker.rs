@@ -760,7 +760,9 @@ impl Ctx {
                 .await;
             }
             _ => {
-                let now = Utc::now();
+                // transient_since was written by the database's clock: judge it by the
+                // same clock (read at the claim) rather than this host's.
+                let now = row.db_now;
                 let since = row.transient_since.unwrap_or(now);
                 if self.config.retry.exhausted(since, now) {
                     let why = format!(
