@@ -8,9 +8,9 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 use common::*;
-use report_worker::csv_import::{CsvOptions, import, parse_encoding};
 use report_worker::domain::ReportType;
-use report_worker::export::{ExportFilter, export};
+use report_worker::ops::csv_import::{CsvOptions, import, parse_encoding};
+use report_worker::ops::export::{ExportFilter, export};
 
 fn bin(args: &[&str], database_url: Option<&str>, dir: &Path) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
@@ -72,7 +72,7 @@ fn check_demo_output(out: &Output, dir: &Path) {
 
 #[test]
 fn demo_runs_on_its_own_throwaway_postgres() {
-    if report_worker::embedded_pg::find_bindir().is_none() {
+    if report_worker::ops::embedded_pg::find_bindir().is_none() {
         eprintln!(
             "skipping: no PostgreSQL server binaries on this machine (the demo says how to install them)"
         );
@@ -120,7 +120,10 @@ async fn run_import(
     db: &TestDb,
     path: &Path,
     options: &CsvOptions,
-) -> (report_worker::csv_import::CsvSummary, Vec<(u64, String)>) {
+) -> (
+    report_worker::ops::csv_import::CsvSummary,
+    Vec<(u64, String)>,
+) {
     let mut rejected = Vec::new();
     let s = import(&db.pool, path, options, |line, why| {
         rejected.push((line, why.to_string()))
@@ -544,7 +547,7 @@ fn compose_file_is_complete_and_consistent() {
 #[test]
 fn ctrl_c_during_the_demo_leaves_nothing_running() {
     use std::io::BufRead;
-    if report_worker::embedded_pg::find_bindir().is_none() {
+    if report_worker::ops::embedded_pg::find_bindir().is_none() {
         eprintln!("skipping: no PostgreSQL server binaries on this machine");
         return;
     }

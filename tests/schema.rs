@@ -490,10 +490,10 @@ async fn insert_and_retry_notify_listeners() {
 #[tokio::test]
 async fn migrations_apply_twice_and_by_hand() {
     let db = TestDb::empty().await;
-    report_worker::db::migrate(&db.pool).await.unwrap();
-    report_worker::db::migrate(&db.pool).await.unwrap();
+    report_worker::queue::migrate(&db.pool).await.unwrap();
+    report_worker::queue::migrate(&db.pool).await.unwrap();
     // The SQL itself is idempotent too (for those who apply it with psql).
-    for m in report_worker::db::MIGRATOR.iter() {
+    for m in report_worker::queue::MIGRATOR.iter() {
         sqlx::raw_sql(m.sql.clone())
             .execute(&db.pool)
             .await

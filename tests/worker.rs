@@ -529,7 +529,9 @@ async fn connections_killed_mid_run_are_survived() {
         .await;
     }
     let w = spawn_fast_worker(&db.url, &sim).await;
-    let admin = report_worker::db::connect(&admin_url(), 2).await.unwrap();
+    let admin = report_worker::queue::connect(&admin_url(), 2)
+        .await
+        .unwrap();
     // As a database restart does: every connection of this database dies, three times.
     for round in 1..=3i64 {
         wait_for("progress", Duration::from_secs(30), || async {

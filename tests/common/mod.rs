@@ -67,7 +67,7 @@ impl TestDb {
     /// A new database with the migrations applied.
     pub async fn new() -> TestDb {
         let db = TestDb::empty().await;
-        report_worker::db::migrate(&db.pool)
+        report_worker::queue::migrate(&db.pool)
             .await
             .expect("migrations apply");
         db
@@ -87,7 +87,7 @@ impl TestDb {
             .await
             .unwrap();
         let url = url_for(&name);
-        let pool = report_worker::db::connect(&url, 20).await.unwrap();
+        let pool = report_worker::queue::connect(&url, 20).await.unwrap();
         TestDb { name, url, pool }
     }
 
@@ -162,9 +162,9 @@ pub fn have_tool(cmd: &str, args: &[&str]) -> bool {
 }
 
 /// Worker settings for tests: the same engine with seconds turned into milliseconds.
-pub fn fast_worker_config(account: &str) -> report_worker::worker::WorkerConfig {
-    use report_worker::policy::{PollPolicy, RetryPolicy};
-    let mut c = report_worker::worker::WorkerConfig::new(account);
+pub fn fast_worker_config(account: &str) -> report_worker::engine::WorkerConfig {
+    use report_worker::engine::policy::{PollPolicy, RetryPolicy};
+    let mut c = report_worker::engine::WorkerConfig::new(account);
     c.concurrency = 8;
     c.qps = 0.0;
     c.lease = Duration::from_secs(3);
@@ -190,7 +190,7 @@ pub fn fast_worker_config(account: &str) -> report_worker::worker::WorkerConfig 
 pub struct RunningWorker {
     pub cancel: tokio_util::sync::CancellationToken,
     pub handle: tokio::task::JoinHandle<()>,
-    pub metrics: std::sync::Arc<report_worker::metrics::Metrics>,
+    pub metrics: std::sync::Arc<report_worker::engine::metrics::Metrics>,
 }
 
 impl RunningWorker {
@@ -203,18 +203,18 @@ impl RunningWorker {
 pub async fn spawn_worker(
     db_url: &str,
     client: report_worker::upstream::ClientConfig,
-    config: report_worker::worker::WorkerConfig,
+    config: report_worker::engine::WorkerConfig,
 ) -> RunningWorker {
-    let pool = report_worker::db::connect_worker(
+    let pool = report_worker::queue::connect_worker(
         db_url,
-        report_worker::worker::pool_size(config.concurrency),
+        report_worker::engine::pool_size(config.concurrency),
     )
     .await
     .unwrap();
     let client = report_worker::upstream::Client::new(client).unwrap();
-    let metrics = std::sync::Arc::new(report_worker::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(report_worker::engine::metrics::Metrics::new());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let worker = report_worker::worker::Worker::new(pool, client, config, metrics.clone());
+    let worker = report_worker::engine::Worker::new(pool, client, config, metrics.clone());
     let handle = tokio::spawn(worker.run(cancel.clone()));
     RunningWorker {
         cancel,

@@ -164,7 +164,7 @@ impl ThrowawayPostgres {
         // Ready when a connection succeeds.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if crate::db::connect(&pg.url(), 1).await.is_ok() {
+            if crate::queue::connect(&pg.url(), 1).await.is_ok() {
                 return Ok(pg);
             }
             if let Some(status) = pg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::parse_duration;
 use crate::domain::{NewRequest, ReportType};
-use crate::policy::PollPolicy;
+use crate::engine::policy::PollPolicy;
+use crate::engine::{Worker, WorkerConfig};
+use crate::queue;
 use crate::upstream::client::DEFAULT_BASE_URL;
 use crate::upstream::{Client, ClientConfig, Credentials, Secret};
-use crate::worker::{Worker, WorkerConfig};
-use crate::{db, queue};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -252,7 +252,7 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["company_name", "credit_code", "org_number", "dedupe_key", "metadata", "run_after", "max_attempts"])]
     pub csv: Option<std::path::PathBuf>,
     /// Encoding of the CSV file: utf-8 (with or without BOM) or gbk.
-    #[arg(long, default_value = "utf-8", requires = "csv", value_parser = crate::csv_import::parse_encoding)]
+    #[arg(long, default_value = "utf-8", requires = "csv", value_parser = crate::ops::csv_import::parse_encoding)]
     pub encoding: &'static encoding_rs::Encoding,
     /// Refuse the whole file if any line is bad (default: skip bad lines).
     #[arg(long, requires = "csv")]
@@ -370,19 +370,21 @@ fn init_tracing(command: &Command) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => {
-            let pool = db::connect(&args.database_url, 2).await?;
-            db::migrate(&pool).await?;
+            let pool = queue::connect(&args.database_url, 2).await?;
+            queue::migrate(&pool).await?;
             println!("migrations applied");
         }
         Command::Enqueue(args) => return enqueue_one(args).await,
         Command::Status(args) => {
-            let pool = db::connect(&args.database_url, 2).await?;
+            let pool = queue::connect(&args.database_url, 2).await?;
             print!("{}", status_text(&pool).await?);
         }
         Command::Run(args) => run_worker(*args).await?,
-        Command::Demo(args) => crate::demo::run(args.database_url, &args.out, args.keep).await?,
+        Command::Demo(args) => {
+            crate::ops::demo::run(args.database_url, &args.out, args.keep).await?
+        }
         Command::Bench(args) => {
-            let options = crate::bench::BenchOptions {
+            let options = crate::ops::bench::BenchOptions {
                 database_url: args.db.database_url,
                 only: args.only,
                 reports: args.reports,
@@ -391,24 +393,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 inflight_rows: args.inflight_rows,
                 qps: args.qps,
             };
-            let results = crate::bench::run(&options).await?;
+            let results = crate::ops::bench::run(&options).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
-                print!("{}", crate::bench::table(&results));
+                print!("{}", crate::ops::bench::table(&results));
             }
         }
         Command::Export(args) => {
             use std::io::IsTerminal;
-            let pool = db::connect(&args.db.database_url, 3).await?;
-            let filter = crate::export::ExportFilter {
+            let pool = queue::connect(&args.db.database_url, 3).await?;
+            let filter = crate::ops::export::ExportFilter {
                 state: args.state,
                 since: args.since,
                 ids: args.ids,
             };
-            let s =
-                crate::export::export(&pool, &args.out, &filter, std::io::stderr().is_terminal())
-                    .await?;
+            let s = crate::ops::export::export(
+                &pool,
+                &args.out,
+                &filter,
+                std::io::stderr().is_terminal(),
+            )
+            .await?;
             println!(
                 "written {}, already there {}, {} bytes, in {}",
                 s.written,
@@ -423,7 +429,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             println!("simulator listening on {}", sim.base_url());
             let stop = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(crate::shutdown::on_signal(stop.clone()));
+            tokio::spawn(crate::ops::signals::on_signal(stop.clone()));
             sim.wait(stop).await;
         }
     }
@@ -446,7 +452,7 @@ async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     .map_err(anyhow::Error::msg)?;
     request.priority = args.priority;
     request.run_after = args.run_after;
-    let pool = db::connect(&args.db.database_url, 2).await?;
+    let pool = queue::connect(&args.db.database_url, 2).await?;
     match queue::enqueue(&pool, &request)
         .await
         .context("enqueue refused")?
@@ -465,15 +471,15 @@ pub const EXIT_SOME_REJECTED: u8 = 3;
 
 async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let pool = db::connect(&args.db.database_url, 2).await?;
-    let options = crate::csv_import::CsvOptions {
+    let pool = queue::connect(&args.db.database_url, 2).await?;
+    let options = crate::ops::csv_import::CsvOptions {
         encoding: args.encoding,
         default_type: args.report_type,
         all_or_nothing: args.all_or_nothing,
         batch_size: args.batch_size as usize,
         progress: std::io::stderr().is_terminal(),
     };
-    let summary = crate::csv_import::import(&pool, path, &options, |line, reason| {
+    let summary = crate::ops::csv_import::import(&pool, path, &options, |line, reason| {
         eprintln!("line {line}: {reason}");
     })
     .await?;
@@ -544,9 +550,9 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let (client_config, worker_config) = args.configs()?;
     let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pool = db::connect_worker(
+    let pool = queue::connect_worker(
         &args.db.database_url,
-        crate::worker::pool_size(worker_config.concurrency),
+        crate::engine::pool_size(worker_config.concurrency),
     )
     .await?;
     let migrated: bool = sqlx::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
@@ -558,10 +564,10 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::shutdown::on_signal(cancel.clone()));
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
+    let metrics = std::sync::Arc::new(crate::engine::metrics::Metrics::new());
     if let Some(addr) = args.metrics_addr {
-        let bound = crate::metrics::serve(
+        let bound = crate::engine::metrics::serve(
             addr,
             pool.clone(),
             metrics.clone(),

@@ -7,6 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
+mod connect;
+
+pub use connect::{DbError, MIGRATOR, connect, connect_worker, migrate};
+
 use crate::domain::NewRequest;
 use crate::upstream::Document;
 

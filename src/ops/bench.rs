@@ -14,13 +14,13 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::db;
 use crate::domain::ReportType;
-use crate::metrics::Metrics;
-use crate::policy::{PollPolicy, Progress};
+use crate::engine::metrics::Metrics;
+use crate::engine::policy::{PollPolicy, Progress};
+use crate::engine::{Worker, WorkerConfig};
+use crate::queue;
 use crate::simulator::{SimConfig, Simulator};
 use crate::upstream::Client;
-use crate::worker::{Worker, WorkerConfig};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -169,7 +169,7 @@ fn machine() -> String {
 
 /// A fresh database named `name` on DATABASE_URL's server, migrated.
 async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
-    let admin = db::connect(admin_url, 1).await?;
+    let admin = queue::connect(admin_url, 1).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
     )))
@@ -182,8 +182,8 @@ async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, PgPool
     let mut url = url::Url::parse(admin_url).context("DATABASE_URL")?;
     url.set_path(&format!("/{name}"));
     let url = url.to_string();
-    let pool = db::connect(&url, 8).await?;
-    db::migrate(&pool).await?;
+    let pool = queue::connect(&url, 8).await?;
+    queue::migrate(&pool).await?;
     Ok((url, pool))
 }
 
@@ -243,7 +243,7 @@ async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
         first_poll: Duration::ZERO,
         ..PollPolicy::default()
     };
-    let worker_pool = db::connect_worker(&url, crate::worker::pool_size(o.concurrency)).await?;
+    let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(o.concurrency)).await?;
     let before = transactions(&pool).await?;
     let stop = CancellationToken::new();
     let start = Instant::now();
@@ -292,7 +292,7 @@ async fn pickup(o: &BenchOptions) -> anyhow::Result<Pickup> {
     config.qps = 0.0;
     config.idle_poll = Duration::from_secs(5);
     let worker_pool =
-        db::connect_worker(&url, crate::worker::pool_size(config.concurrency)).await?;
+        queue::connect_worker(&url, crate::engine::pool_size(config.concurrency)).await?;
     let stop = CancellationToken::new();
     let handle = tokio::spawn(
         Worker::new(

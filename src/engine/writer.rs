@@ -144,8 +144,8 @@ async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) 
         // Connection trouble (a restart) is retried for a while; an error about the
         // statement itself is narrowed down to the rows that caused it.
         let result = (|| exec(pool, &items))
-            .retry(crate::worker::db_backoff())
-            .when(crate::worker::retryable_db_error)
+            .retry(crate::engine::db_backoff())
+            .when(crate::engine::retryable_db_error)
             .await;
         match result {
             Ok(updated) => {

@@ -6,6 +6,10 @@
 //! Nothing holds a slot, a connection or a transaction while a task generates: a
 //! generating row is only a timestamp (`next_poll_at`) until its poll falls due.
 
+pub mod metrics;
+pub mod policy;
+pub mod writer;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -20,13 +24,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::writer::Writer;
 use crate::domain::{JobId, ReportType};
-use crate::metrics::Metrics;
-use crate::policy::{PollPolicy, Progress, RetryPolicy, stop_probe_delay};
+use crate::engine::metrics::Metrics;
+use crate::engine::policy::{PollPolicy, Progress, RetryPolicy, stop_probe_delay};
 use crate::queue::{self, ClaimKinds, Claimed, Completed, Created, Retry, Snoozed};
 use crate::upstream::client::CreateTask;
 use crate::upstream::{Client, TaskStatus, UpstreamError};
-use crate::writer::Writer;
 
 /// Calls are spaced slightly wider than 1/QPS so that network jitter between processes
 /// does not push two calls into the same provider window.

@@ -11,13 +11,14 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{NewRequest, ReportType};
-use crate::embedded_pg::ThrowawayPostgres;
-use crate::metrics::Metrics;
-use crate::policy::{PollPolicy, RetryPolicy};
+use crate::engine::metrics::Metrics;
+use crate::engine::policy::{PollPolicy, RetryPolicy};
+use crate::engine::{Worker, WorkerConfig};
+use crate::ops::embedded_pg::ThrowawayPostgres;
+use crate::ops::export;
+use crate::queue;
 use crate::simulator::{SimConfig, Simulator};
 use crate::upstream::Client;
-use crate::worker::{Worker, WorkerConfig};
-use crate::{db, export, queue};
 
 /// The sample batch: the seed's company by each identifier, both report types, a few
 /// more companies, and one credit code whose check character is wrong (the provider
@@ -49,7 +50,7 @@ fn sample() -> Vec<Sample> {
 pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let cancel = CancellationToken::new();
-    tokio::spawn(crate::shutdown::on_signal(cancel.clone()));
+    tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
     let mut throwaway = None;
     let url = match database_url {
         Some(url) => url,
@@ -84,8 +85,8 @@ pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow
 }
 
 async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
-    let pool = db::connect(url, 12).await?;
-    db::migrate(&pool).await?;
+    let pool = queue::connect(url, 12).await?;
+    queue::migrate(&pool).await?;
     let sim = Simulator::start(
         SimConfig {
             create_latency: (Duration::from_millis(200), Duration::from_millis(800)),

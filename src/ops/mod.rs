@@ -1,0 +1,9 @@
+//! What operators and newcomers run besides the engine: status, CSV import, export,
+//! the demo, benchmarks, a throwaway PostgreSQL, and signal handling.
+
+pub mod bench;
+pub mod csv_import;
+pub mod demo;
+pub mod embedded_pg;
+pub mod export;
+pub mod signals;
