@@ -1,13 +1,49 @@
 //! Validated values at the edges: a request the queue will accept, the report type,
-//! the provider's job id. The database enforces the same rules with named constraints;
-//! these checks exist so that the command line and the CSV loader can say what is wrong
-//! with a line before it reaches the database.
+//! the provider's job id, a row's state, the scope of an account stop, a verified
+//! document. The database enforces the same rules with named constraints; these types
+//! exist so that bad values cannot travel inward, and so that the command line and the
+//! CSV loader can say what is wrong with a line before it reaches the database.
+//!
+//! This module depends on nothing else in the crate.
 
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+/// Why a value is not acceptable, naming the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidValue {
+    #[error("{field} contains a NUL character")]
+    Nul { field: &'static str },
+    #[error("{field} contains a control character: {value:?}")]
+    ControlCharacter { field: &'static str, value: String },
+    #[error("{field} is {chars} characters long, at most {max} allowed")]
+    TooLong {
+        field: &'static str,
+        chars: usize,
+        max: usize,
+    },
+    #[error("credit_code must be 18 digits or capital letters, got {0:?}")]
+    CreditCode(String),
+    #[error("at least one of company_name, credit_code, org_number is required")]
+    NoIdentifier,
+    #[error("max_attempts must be between 1 and 100, got {0}")]
+    MaxAttempts(i32),
+    #[error("metadata must be a JSON object")]
+    MetadataNotObject,
+    #[error("report type must be word or pdf, not {0:?}")]
+    ReportType(String),
+    #[error(
+        "request state must be one of queued, generating, succeeded, failed, cancelled, not {0:?}"
+    )]
+    State(String),
+    #[error("account stop scope must be create or all, not {0:?}")]
+    StopScope(String),
+    #[error("{0}")]
+    JobId(String),
+}
 
 /// The two document formats the provider produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,13 +85,129 @@ impl fmt::Display for ReportType {
 }
 
 impl FromStr for ReportType {
-    type Err = String;
+    type Err = InvalidValue;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "word" | "docx" => Ok(ReportType::Word),
             "pdf" => Ok(ReportType::Pdf),
-            _ => Err(format!("report type must be word or pdf, not {s:?}")),
+            _ => Err(InvalidValue::ReportType(clip(s))),
+        }
+    }
+}
+
+/// The database stores the lowercase name; anything else is a corrupt row.
+impl TryFrom<String> for ReportType {
+    type Error = InvalidValue;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "word" => Ok(ReportType::Word),
+            "pdf" => Ok(ReportType::Pdf),
+            _ => Err(InvalidValue::ReportType(clip(&s))),
+        }
+    }
+}
+
+/// Where a row is in its life (`report_requests.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestState {
+    /// Waits for (another) upstream task.
+    Queued,
+    /// Has a live upstream task that is polled.
+    Generating,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RequestState {
+    pub const ALL: [RequestState; 5] = [
+        RequestState::Queued,
+        RequestState::Generating,
+        RequestState::Succeeded,
+        RequestState::Failed,
+        RequestState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Queued => "queued",
+            RequestState::Generating => "generating",
+            RequestState::Succeeded => "succeeded",
+            RequestState::Failed => "failed",
+            RequestState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed or cancelled: the worker will not touch the row again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RequestState::Succeeded | RequestState::Failed | RequestState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for RequestState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RequestState {
+    type Err = InvalidValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RequestState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| InvalidValue::State(clip(s)))
+    }
+}
+
+impl TryFrom<String> for RequestState {
+    type Error = InvalidValue;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// What an account-wide stop stops (`report_account_stops.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopScope {
+    /// New upstream tasks only (balance, quota): polls of paid tasks go on.
+    Create,
+    /// Every call (credentials, permission, configuration, or polls refused too).
+    All,
+}
+
+impl StopScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopScope::Create => "create",
+            StopScope::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for StopScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for StopScope {
+    type Error = InvalidValue;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "create" => Ok(StopScope::Create),
+            "all" => Ok(StopScope::All),
+            _ => Err(InvalidValue::StopScope(clip(&s))),
         }
     }
 }
@@ -67,33 +219,35 @@ pub struct JobId(String);
 
 impl JobId {
     /// Accepts 1 to 20 ASCII digits that fit in a u64 (the provider's ids are positive).
-    pub fn parse(digits: &str) -> Result<JobId, String> {
+    pub fn parse(digits: &str) -> Result<JobId, InvalidValue> {
         if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
+            return Err(InvalidValue::JobId(format!(
                 "job id must be decimal digits, got {:?}",
                 clip(digits)
-            ));
+            )));
         }
         let value: u64 = digits
             .parse()
-            .map_err(|_| format!("job id {digits} does not fit in 64 bits"))?;
+            .map_err(|_| InvalidValue::JobId(format!("job id {digits} does not fit in 64 bits")))?;
         // Normalise leading zeros away so the same id always reads the same.
         Ok(JobId(value.to_string()))
     }
 
     /// From a JSON value: a number (exact digits through serde_json's integer path) or
     /// a string of digits. Floats, negatives and anything else are malformed answers.
-    pub fn from_json(value: &serde_json::Value) -> Result<JobId, String> {
+    pub fn from_json(value: &serde_json::Value) -> Result<JobId, InvalidValue> {
         match value {
             serde_json::Value::Number(n) => match n.as_u64() {
                 Some(v) => Ok(JobId(v.to_string())),
-                None => Err(format!("job id {n} is not a positive 64-bit integer")),
+                None => Err(InvalidValue::JobId(format!(
+                    "job id {n} is not a positive 64-bit integer"
+                ))),
             },
             serde_json::Value::String(s) => JobId::parse(s.trim()),
-            other => Err(format!(
+            other => Err(InvalidValue::JobId(format!(
                 "job id has the wrong type: {}",
                 clip(&other.to_string())
-            )),
+            ))),
         }
     }
 
@@ -105,6 +259,34 @@ impl JobId {
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for JobId {
+    type Error = InvalidValue;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        JobId::parse(&s)
+    }
+}
+
+/// A verified report, exactly as the provider served it: what the queue stores.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Document {
+    pub content: Vec<u8>,
+    pub content_type: &'static str,
+    pub file_name: String,
+    pub sha256: String,
+}
+
+impl fmt::Debug for Document {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Document")
+            .field("bytes", &self.content.len())
+            .field("content_type", &self.content_type)
+            .field("file_name", &self.file_name)
+            .field("sha256", &self.sha256)
+            .finish()
     }
 }
 
@@ -147,18 +329,15 @@ impl NewRequest {
         credit_code: Option<&str>,
         org_number: Option<&str>,
         report_type: ReportType,
-    ) -> Result<NewRequest, String> {
+    ) -> Result<NewRequest, InvalidValue> {
         let company_name = identifier("company_name", company_name, COMPANY_NAME_MAX_CHARS)?;
         let credit_code = identifier("credit_code", credit_code, 64)?;
         let org_number = identifier("org_number", org_number, ORG_NUMBER_MAX_CHARS)?;
         if let Some(code) = credit_code.as_deref().filter(|c| !is_credit_code(c)) {
-            return Err(format!(
-                "credit_code must be 18 digits or capital letters, got {:?}",
-                clip(code)
-            ));
+            return Err(InvalidValue::CreditCode(clip(code)));
         }
         if company_name.is_none() && credit_code.is_none() && org_number.is_none() {
-            return Err("at least one of company_name, credit_code, org_number is required".into());
+            return Err(InvalidValue::NoIdentifier);
         }
         Ok(NewRequest {
             company_name,
@@ -173,7 +352,7 @@ impl NewRequest {
         })
     }
 
-    pub fn with_dedupe_key(mut self, key: Option<&str>) -> Result<NewRequest, String> {
+    pub fn with_dedupe_key(mut self, key: Option<&str>) -> Result<NewRequest, InvalidValue> {
         self.dedupe_key = match key.map(str::trim).filter(|k| !k.is_empty()) {
             None => None,
             Some(k) => {
@@ -184,9 +363,9 @@ impl NewRequest {
         Ok(self)
     }
 
-    pub fn with_max_attempts(mut self, max: Option<i32>) -> Result<NewRequest, String> {
+    pub fn with_max_attempts(mut self, max: Option<i32>) -> Result<NewRequest, InvalidValue> {
         if let Some(m) = max.filter(|m| !(1..=100).contains(m)) {
-            return Err(format!("max_attempts must be between 1 and 100, got {m}"));
+            return Err(InvalidValue::MaxAttempts(m));
         }
         self.max_attempts = max;
         Ok(self)
@@ -195,9 +374,9 @@ impl NewRequest {
     pub fn with_metadata(
         mut self,
         metadata: Option<serde_json::Value>,
-    ) -> Result<NewRequest, String> {
+    ) -> Result<NewRequest, InvalidValue> {
         if metadata.as_ref().is_some_and(|m| !m.is_object()) {
-            return Err("metadata must be a JSON object".into());
+            return Err(InvalidValue::MetadataNotObject);
         }
         self.metadata = metadata;
         Ok(self)
@@ -218,7 +397,11 @@ fn is_padding(c: char) -> bool {
     c.is_whitespace() || c == '\u{a0}' || c == '\u{3000}'
 }
 
-fn identifier(field: &str, raw: Option<&str>, max_chars: usize) -> Result<Option<String>, String> {
+fn identifier(
+    field: &'static str,
+    raw: Option<&str>,
+    max_chars: usize,
+) -> Result<Option<String>, InvalidValue> {
     let Some(value) = raw
         .map(|v| v.trim_matches(is_padding))
         .filter(|v| !v.is_empty())
@@ -229,21 +412,23 @@ fn identifier(field: &str, raw: Option<&str>, max_chars: usize) -> Result<Option
     Ok(Some(value.to_string()))
 }
 
-fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
+fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<(), InvalidValue> {
     if value.contains('\0') {
-        return Err(format!("{field} contains a NUL character"));
+        return Err(InvalidValue::Nul { field });
     }
     if value.chars().any(char::is_control) {
-        return Err(format!(
-            "{field} contains a control character: {:?}",
-            clip(value)
-        ));
+        return Err(InvalidValue::ControlCharacter {
+            field,
+            value: clip(value),
+        });
     }
-    let n = value.chars().count();
-    if n > max_chars {
-        return Err(format!(
-            "{field} is {n} characters long, at most {max_chars} allowed"
-        ));
+    let chars = value.chars().count();
+    if chars > max_chars {
+        return Err(InvalidValue::TooLong {
+            field,
+            chars,
+            max: max_chars,
+        });
     }
     Ok(())
 }
@@ -303,27 +488,32 @@ mod tests {
         assert!(
             NewRequest::new(None, Some("  "), None, ReportType::Pdf)
                 .unwrap_err()
+                .to_string()
                 .contains("at least one")
         );
         assert!(
             NewRequest::new(None, Some("91110108551385082q"), None, ReportType::Pdf)
                 .unwrap_err()
+                .to_string()
                 .contains("credit_code")
         );
         assert!(
             NewRequest::new(Some("a\u{7}b"), None, None, ReportType::Pdf)
                 .unwrap_err()
+                .to_string()
                 .contains("control")
         );
         assert!(
             NewRequest::new(Some("a\0b"), None, None, ReportType::Pdf)
                 .unwrap_err()
+                .to_string()
                 .contains("NUL")
         );
         let long = "x".repeat(201);
         assert!(
             NewRequest::new(Some(&long), None, None, ReportType::Pdf)
                 .unwrap_err()
+                .to_string()
                 .contains("at most 200")
         );
     }

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use report_worker::queue::{self, ClaimKinds};
+use report_worker::domain::{JobId, StopScope};
+use report_worker::queue::{self, ClaimKinds, Fenced};
 
 #[tokio::test]
 async fn claims_are_exclusive_ordered_and_fenced() {
@@ -46,29 +47,20 @@ async fn claims_are_exclusive_ordered_and_fenced() {
         .unwrap();
     assert!(cancelled);
     let low_row = a.iter().find(|r| r.id == low).unwrap();
-    assert!(
-        !queue::mark_generating(
-            &db.pool,
-            low,
-            low_row.lease_token,
-            "1579434053399035904",
-            Duration::ZERO
-        )
-        .await
-        .unwrap()
+    let job = JobId::parse("1579434053399035904").unwrap();
+    assert_eq!(
+        queue::mark_generating(&db.pool, low, low_row.lease_token, &job, Duration::ZERO)
+            .await
+            .unwrap(),
+        Fenced::Lost
     );
     // The holder of `high` commits its task.
     let high_row = a.iter().find(|r| r.id == high).unwrap();
-    assert!(
-        queue::mark_generating(
-            &db.pool,
-            high,
-            high_row.lease_token,
-            "1579434053399035904",
-            Duration::ZERO
-        )
-        .await
-        .unwrap()
+    assert_eq!(
+        queue::mark_generating(&db.pool, high, high_row.lease_token, &job, Duration::ZERO)
+            .await
+            .unwrap(),
+        Fenced::Written
     );
     let (state, attempts, job): (String, i32, String) = sqlx::query_as(
         "SELECT state, attempts, upstream_job_id FROM report_requests WHERE id = $1",
@@ -107,16 +99,18 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_old_one_is_fenced() {
     .await;
     assert_eq!(b[0].id, id);
     assert!(b[0].lease_token > a[0].lease_token);
-    assert!(
-        !queue::fail(&db.pool, id, a[0].lease_token, Some(1), "stale")
+    assert_eq!(
+        queue::fail(&db.pool, id, a[0].lease_token, Some(1), "stale")
             .await
             .unwrap(),
+        Fenced::Lost,
         "old holder is fenced"
     );
-    assert!(
+    assert_eq!(
         queue::fail(&db.pool, id, b[0].lease_token, Some(2), "current")
             .await
-            .unwrap()
+            .unwrap(),
+        Fenced::Written
     );
     // Heartbeats extend only live claims, release gives rows back at once.
     let id2 = enqueue(&db.pool, Some("y"), None, None, "pdf").await;
@@ -190,7 +184,7 @@ async fn account_stop_lifecycle() {
     queue::record_stop(
         &db.pool,
         acct,
-        "create",
+        StopScope::Create,
         67200005,
         "Insufficient balance",
         None,
@@ -198,9 +192,9 @@ async fn account_stop_lifecycle() {
     )
     .await
     .unwrap();
-    let (stop, due) = queue::read_stop(&db.pool, acct).await.unwrap().unwrap();
+    let stop = queue::read_stop(&db.pool, acct).await.unwrap().unwrap();
     assert_eq!(
-        (stop.scope.as_str(), stop.error_code, due),
+        (stop.scope.as_str(), stop.error_code, stop.probe_due),
         ("create", Some(67200005), true)
     );
     // Only one process wins a probe.
@@ -219,7 +213,7 @@ async fn account_stop_lifecycle() {
     queue::record_stop(
         &db.pool,
         acct,
-        "all",
+        StopScope::All,
         67200007,
         "daily limit",
         Some(midnight),
@@ -227,9 +221,9 @@ async fn account_stop_lifecycle() {
     )
     .await
     .unwrap();
-    let (stop, due) = queue::read_stop(&db.pool, acct).await.unwrap().unwrap();
+    let stop = queue::read_stop(&db.pool, acct).await.unwrap().unwrap();
     assert_eq!(
-        (stop.scope.as_str(), stop.until, due),
+        (stop.scope.as_str(), stop.until, stop.probe_due),
         ("all", Some(midnight), false)
     );
     assert!(stop.probe_at >= midnight);

@@ -348,7 +348,9 @@ async fn a_balance_outage_stops_the_account_and_work_resumes_by_itself() {
         .await,
         5
     );
-    let status = report_worker::cli::status_text(&db.pool).await.unwrap();
+    let status = report_worker::ops::status::status_text(&db.pool)
+        .await
+        .unwrap();
     assert!(status.contains("67200005"), "{status}");
     sim.set_outage(None);
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;

@@ -140,7 +140,7 @@ async fn healthz(State(s): State<Http>) -> Response {
     let stop = queue::read_stop(&s.pool, &s.account).await.ok().flatten();
     let body = serde_json::json!({
         "database": if db.is_ok() { "ok" } else { "unreachable" },
-        "account_stop": stop.map(|(s, _)| serde_json::json!({
+        "account_stop": stop.map(|s| serde_json::json!({
             "scope": s.scope, "reason": s.reason, "error_code": s.error_code,
             "since": s.since, "until": s.until, "next_probe": s.probe_at,
         })),
@@ -181,7 +181,7 @@ pub async fn serve(
         loop {
             if let Ok(stats) = queue::queue_stats(&pool).await {
                 for s in stats {
-                    metrics.set_depth(&s.state, s.count);
+                    metrics.set_depth(s.state.as_str(), s.count);
                 }
             }
             tokio::select! {

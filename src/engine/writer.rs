@@ -6,18 +6,26 @@
 //! continues only after its own row's write committed — and there is no added delay
 //! when the worker is quiet (a lone write goes out at once).
 
+use std::sync::Arc;
+
+use backon::Retryable;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::queue::{self, Completed, Created, Snoozed};
+use crate::queue::{self, Completed, Created, Fenced, Snoozed, WriteError};
 
 /// Rows per statement, and bytes of documents per statement (large reports go alone).
 const MAX_ROWS: usize = 256;
 const MAX_BYTES: usize = 32 * 1024 * 1024;
 
-trait Item: Send + Sync + 'static {
+/// Batches in flight at once per kind: while one waits for its commit to reach the
+/// disk, the next can already be sent.
+const IN_FLIGHT_BATCHES: usize = 4;
+
+/// A write the batcher can carry: which row it is for, and how large it is.
+pub(crate) trait Item: Send + Sync + 'static {
     fn id(&self) -> i64;
     fn bytes(&self) -> usize {
         0
@@ -45,72 +53,85 @@ impl Item for Completed {
     }
 }
 
-/// Whether the row was still ours (true) or the write was fenced off (false); an error
-/// is a database failure that outlasted the retries.
-type Reply = Result<bool, String>;
+/// Whether the row was still ours, or why the write did not happen.
+pub type Reply = Result<Fenced, WriteError>;
 
 struct Request<T> {
     item: T,
     reply: oneshot::Sender<Reply>,
 }
 
-type Exec<T> = for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<i64>, sqlx::Error>>;
+/// One batch statement: writes `items`, returns the ids of the rows it wrote (those
+/// still held with their lease token).
+pub(crate) type Exec<T> =
+    for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<i64>, sqlx::Error>>;
 
 /// The three batchers. Cloning is cheap; the batchers stop when every clone is gone.
 #[derive(Clone)]
 pub struct Writer {
-    created: mpsc::UnboundedSender<Request<Created>>,
-    snoozed: mpsc::UnboundedSender<Request<Snoozed>>,
-    completed: mpsc::UnboundedSender<Request<Completed>>,
+    created: Batcher<Created>,
+    snoozed: Batcher<Snoozed>,
+    completed: Batcher<Completed>,
 }
 
 impl Writer {
     pub fn start(pool: PgPool) -> Writer {
         Writer {
-            created: spawn(pool.clone(), |p, items| {
+            created: Batcher::start(pool.clone(), |p, items| {
                 queue::mark_generating_batch(p, items).boxed()
             }),
-            snoozed: spawn(pool.clone(), |p, items| {
+            snoozed: Batcher::start(pool.clone(), |p, items| {
                 queue::snooze_batch(p, items).boxed()
             }),
-            completed: spawn(pool, |p, items| queue::complete_batch(p, items).boxed()),
+            completed: Batcher::start(pool, |p, items| queue::complete_batch(p, items).boxed()),
         }
     }
 
     pub async fn created(&self, item: Created) -> Reply {
-        submit(&self.created, item).await
+        self.created.submit(item).await
     }
 
     pub async fn snoozed(&self, item: Snoozed) -> Reply {
-        submit(&self.snoozed, item).await
+        self.snoozed.submit(item).await
     }
 
     pub async fn completed(&self, item: Completed) -> Reply {
-        submit(&self.completed, item).await
+        self.completed.submit(item).await
     }
 }
 
-async fn submit<T>(tx: &mpsc::UnboundedSender<Request<T>>, item: T) -> Reply {
-    let (reply, answer) = oneshot::channel();
-    tx.send(Request { item, reply })
-        .map_err(|_| "the writer has stopped".to_string())?;
-    answer
-        .await
-        .map_err(|_| "the writer has stopped".to_string())?
+/// Collects writes of one kind and sends them as batches.
+pub(crate) struct Batcher<T> {
+    tx: mpsc::UnboundedSender<Request<T>>,
 }
 
-fn spawn<T: Item>(pool: PgPool, exec: Exec<T>) -> mpsc::UnboundedSender<Request<T>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(pool, rx, exec));
-    tx
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
 }
 
-/// Batches in flight at once per kind: while one waits for its commit to reach the
-/// disk, the next can already be sent.
-const IN_FLIGHT_BATCHES: usize = 4;
+impl<T: Item> Batcher<T> {
+    pub(crate) fn start(pool: PgPool, exec: Exec<T>) -> Batcher<T> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, rx, exec));
+        Batcher { tx }
+    }
+
+    pub(crate) async fn submit(&self, item: T) -> Reply {
+        let stopped = || WriteError::Unavailable("the writer has stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request { item, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
 
 async fn run<T: Item>(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Request<T>>, exec: Exec<T>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BATCHES));
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES));
     loop {
         // Take a slot first, so a batch collects everything that arrived meanwhile.
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -136,37 +157,42 @@ async fn run<T: Item>(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Request<T>>,
     }
 }
 
+fn fenced(written: &[i64], id: i64) -> Fenced {
+    if written.contains(&id) {
+        Fenced::Written
+    } else {
+        Fenced::Lost
+    }
+}
+
 async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) {
-    use backon::Retryable;
-    {
-        let (items, replies): (Vec<T>, Vec<oneshot::Sender<Reply>>) =
-            batch.into_iter().map(|r| (r.item, r.reply)).unzip();
-        // Connection trouble (a restart) is retried for a while; an error about the
-        // statement itself is narrowed down to the rows that caused it.
-        let result = (|| exec(pool, &items))
-            .retry(crate::engine::db_backoff())
-            .when(crate::engine::retryable_db_error)
-            .await;
-        match result {
-            Ok(updated) => {
-                for (item, reply) in items.iter().zip(replies) {
-                    let _ = reply.send(Ok(updated.contains(&item.id())));
-                }
+    let (items, replies): (Vec<T>, Vec<oneshot::Sender<Reply>>) =
+        batch.into_iter().map(|r| (r.item, r.reply)).unzip();
+    // Connection trouble (a restart) is retried for a while; an error about the
+    // statement itself is narrowed down to the rows that caused it.
+    let result = (|| exec(pool, &items))
+        .retry(queue::backoff())
+        .when(queue::is_retryable)
+        .await;
+    match result {
+        Ok(written) => {
+            for (item, reply) in items.iter().zip(replies) {
+                let _ = reply.send(Ok(fenced(&written, item.id())));
             }
-            Err(sqlx::Error::Database(_)) if items.len() > 1 => {
-                for (item, reply) in items.iter().zip(replies) {
-                    let one = exec(pool, std::slice::from_ref(item)).await;
-                    let _ = reply.send(
-                        one.map(|ids| ids.contains(&item.id()))
-                            .map_err(|e| e.to_string()),
-                    );
-                }
+        }
+        Err(e) if items.len() > 1 && !queue::is_retryable(&e) => {
+            for (item, reply) in items.iter().zip(replies) {
+                let one = exec(pool, std::slice::from_ref(item)).await;
+                let _ = reply.send(
+                    one.map(|written| fenced(&written, item.id()))
+                        .map_err(WriteError::from),
+                );
             }
-            Err(e) => {
-                let message = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(message.clone()));
-                }
+        }
+        Err(e) => {
+            let error = WriteError::from(e);
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }

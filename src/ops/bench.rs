@@ -14,11 +14,12 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::ReportType;
+use crate::domain::{NewRequest, ReportType};
 use crate::engine::metrics::Metrics;
 use crate::engine::policy::{PollPolicy, Progress};
 use crate::engine::{Worker, WorkerConfig};
 use crate::queue;
+use crate::queue::fixtures;
 use crate::simulator::{SimConfig, Simulator};
 use crate::upstream::Client;
 
@@ -202,12 +203,7 @@ fn client_for(sim: &Simulator) -> anyhow::Result<Client> {
 }
 
 async fn open_rows(pool: &PgPool) -> anyhow::Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM report_requests WHERE state = 'queued')
-             OR EXISTS (SELECT 1 FROM report_requests WHERE state = 'generating')",
-    )
-    .fetch_one(pool)
-    .await?)
+    Ok(fixtures::any_open(pool).await?)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -220,13 +216,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
     let (url, pool) = fresh_db(&o.database_url, "rw_bench_burn_down").await?;
-    sqlx::query(
-        "INSERT INTO report_requests (company_name, report_type)
-         SELECT '企业' || i, CASE WHEN i % 2 = 0 THEN 'pdf' ELSE 'word' END FROM generate_series(1, $1) i",
-    )
-    .bind(o.reports as i64)
-    .execute(&pool)
-    .await?;
+    fixtures::insert_backlog(&pool, "企业", o.reports, true).await?;
     let sim = Simulator::start(
         SimConfig {
             doc_size: 2_000,
@@ -265,9 +255,7 @@ async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
     let stats = sim.stats();
     sim.stop().await;
     let after = transactions(&pool).await?;
-    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM report_documents")
-        .fetch_one(&pool)
-        .await?;
+    let succeeded = fixtures::count_documents_stored(&pool).await?;
     anyhow::ensure!(
         succeeded as usize == o.reports,
         "only {succeeded} of {} reports stored",
@@ -311,10 +299,8 @@ async fn pickup(o: &BenchOptions) -> anyhow::Result<Pickup> {
     let mut commits = Vec::with_capacity(rows);
     for i in 0..rows {
         let name = format!("即时{i}");
-        sqlx::query("INSERT INTO report_requests (company_name, report_type) VALUES ($1, 'pdf')")
-            .bind(&name)
-            .execute(&pool)
-            .await?;
+        let request = NewRequest::new(Some(&name), None, None, ReportType::Pdf)?;
+        queue::enqueue(&pool, &request).await?;
         commits.push((name, SystemTime::now()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -395,9 +381,7 @@ async fn bulk_enqueue(o: &BenchOptions) -> anyhow::Result<BulkEnqueue> {
     let (status, peak) = wait_with_peak_rss(child).await?;
     let seconds = start.elapsed().as_secs_f64();
     anyhow::ensure!(status.success(), "enqueue --csv failed: {status}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM report_requests")
-        .fetch_one(&pool)
-        .await?;
+    let n = fixtures::count_requests(&pool).await?;
     anyhow::ensure!(
         n as usize == o.csv_rows,
         "{n} rows inserted of {}",
@@ -522,9 +506,7 @@ fn metered(sim: &Simulator) -> (u64, u64) {
 
 async fn qps_use(o: &BenchOptions) -> anyhow::Result<QpsUse> {
     let (url, pool) = fresh_db(&o.database_url, "rw_bench_qps").await?;
-    sqlx::query("INSERT INTO report_requests (company_name, report_type) SELECT '积压' || i, 'pdf' FROM generate_series(1, 20000) i")
-        .execute(&pool)
-        .await?;
+    fixtures::insert_backlog(&pool, "积压", 20_000, false).await?;
     let sim = Simulator::start(
         SimConfig {
             qps: Some(o.qps),
@@ -586,23 +568,10 @@ async fn inflight(o: &BenchOptions) -> anyhow::Result<InFlight> {
         .iter()
         .map(u64::to_string)
         .collect();
-    // Tasks created over the last ten minutes, each next polled some time in the next minute.
-    sqlx::query(
-        "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id,
-                                      upstream_created_at, next_poll_at)
-         SELECT '在途' || j, 'pdf', 'generating', 1, j, now(), now() + random() * interval '60 seconds'
-           FROM unnest($1::text[]) AS j",
-    )
-    .bind(&jobs)
-    .execute(&pool)
-    .await?;
+    // Tasks just created, each next polled some time in the next minute.
+    fixtures::insert_generating(&pool, &jobs, ReportType::Pdf, 60.0).await?;
     let window = Duration::from_secs(30);
-    let due: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM report_requests WHERE state = 'generating' AND next_poll_at < now() + $1 * interval '1 second'",
-    )
-    .bind(window.as_secs_f64())
-    .fetch_one(&pool)
-    .await?;
+    let due = fixtures::polls_due_within(&pool, window.as_secs_f64()).await?;
     let qps = o.qps.to_string();
     let child = worker_process(
         &url,

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use encoding_rs::Encoding;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgPool, Postgres};
 
-use crate::domain::{NewRequest, ReportType};
+use crate::domain::{InvalidValue, NewRequest, ReportType};
+use crate::queue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CsvError {
@@ -124,17 +125,35 @@ impl Columns {
     }
 }
 
+/// Why a line is skipped: a value the queue would refuse, or a line that cannot be read
+/// as one request. Printed as `line N: <reason>`.
+#[derive(Debug, thiserror::Error)]
+enum BadLine {
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl From<String> for BadLine {
+    fn from(s: String) -> BadLine {
+        BadLine::Unreadable(s)
+    }
+}
+
+impl From<&str> for BadLine {
+    fn from(s: &str) -> BadLine {
+        BadLine::Unreadable(s.to_string())
+    }
+}
+
 fn parse_line(
     cols: &Columns,
     record: &csv::StringRecord,
     default_type: Option<ReportType>,
-) -> Result<NewRequest, String> {
+) -> Result<NewRequest, BadLine> {
     if record.len() != cols.width {
-        return Err(format!(
-            "{} fields, the header has {}",
-            record.len(),
-            cols.width
-        ));
+        return Err(format!("{} fields, the header has {}", record.len(), cols.width).into());
     }
     if record.iter().any(|f| f.contains('\u{fffd}')) {
         return Err("not valid text in this encoding (for GBK files use --encoding gbk)".into());
@@ -188,42 +207,6 @@ impl<R: Read> Read for Counting<R> {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
-}
-
-const INSERT_BATCH: &str = "INSERT INTO report_requests
-        (company_name, credit_code, org_number, report_type, priority, run_after, max_attempts, dedupe_key, metadata)
-     SELECT c, cc, o, t, p, coalesce(ra, now()), coalesce(ma, 3), dk, coalesce(m, '{}'::jsonb)
-       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::timestamptz[],
-                   $7::int4[], $8::text[], $9::jsonb[]) AS u (c, cc, o, t, p, ra, ma, dk, m)
-     ON CONFLICT (dedupe_key) DO NOTHING";
-
-async fn insert_batch(
-    conn: &mut PgConnection,
-    rows: &[(u64, NewRequest)],
-) -> Result<u64, sqlx::Error> {
-    let col =
-        |f: fn(&NewRequest) -> Option<String>| rows.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
-    let r = sqlx::query(INSERT_BATCH)
-        .bind(col(|r| r.company_name.clone()))
-        .bind(col(|r| r.credit_code.clone()))
-        .bind(col(|r| r.org_number.clone()))
-        .bind(
-            rows.iter()
-                .map(|(_, r)| r.report_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|(_, r)| r.priority).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, r)| r.run_after).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, r)| r.max_attempts).collect::<Vec<_>>())
-        .bind(col(|r| r.dedupe_key.clone()))
-        .bind(
-            rows.iter()
-                .map(|(_, r)| r.metadata.clone())
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await?;
-    Ok(r.rows_affected())
 }
 
 fn db_reason(e: &sqlx::Error) -> String {
@@ -325,7 +308,7 @@ pub async fn import(
                     }
                     Err(reason) => {
                         summary.rejected += 1;
-                        bar.suspend(|| on_reject(line, &reason));
+                        bar.suspend(|| on_reject(line, &reason.to_string()));
                         if options.all_or_nothing {
                             // Nothing will be committed: stop sending rows.
                             batch.clear();
@@ -413,7 +396,7 @@ async fn flush(
     sqlx::query(if own_tx { "BEGIN" } else { "SAVEPOINT batch" })
         .execute(&mut *c)
         .await?;
-    match insert_batch(c, &batch).await {
+    match queue::insert_many(c, batch.iter().map(|(_, r)| r)).await {
         Ok(n) => {
             sqlx::query(if own_tx {
                 "COMMIT"
@@ -438,7 +421,7 @@ async fn flush(
             }
             for row in batch.iter() {
                 sqlx::query("SAVEPOINT one").execute(&mut *c).await?;
-                match insert_batch(c, std::slice::from_ref(row)).await {
+                match queue::insert_many(c, [&row.1]).await {
                     Ok(n) => {
                         sqlx::query("RELEASE SAVEPOINT one")
                             .execute(&mut *c)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{NewRequest, ReportType};
+use crate::domain::{NewRequest, ReportType, RequestState};
 use crate::engine::metrics::Metrics;
 use crate::engine::policy::{PollPolicy, RetryPolicy};
 use crate::engine::{Worker, WorkerConfig};
@@ -152,15 +152,10 @@ async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let counts: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT state, count(*) FROM report_requests WHERE id = ANY($1) GROUP BY state ORDER BY state",
-        )
-        .bind(&ids)
-        .fetch_all(&pool)
-        .await?;
+        let counts = queue::state_counts(&pool, &ids).await?;
         let finished: i64 = counts
             .iter()
-            .filter(|(s, _)| matches!(s.as_str(), "succeeded" | "failed" | "cancelled"))
+            .filter(|(s, _)| s.is_final())
             .map(|(_, n)| n)
             .sum();
         bar.set_position(finished as u64);
@@ -201,27 +196,7 @@ async fn print_summary(
     ids: &[i64],
     exported: &export::ExportSummary,
 ) -> anyhow::Result<()> {
-    type Row = (
-        i64,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-        String,
-        i32,
-        Option<i32>,
-        Option<String>,
-        Option<i64>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.attempts,
-                r.last_error_code, r.last_error, d.byte_size
-           FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
-          WHERE r.id = ANY($1) ORDER BY r.id",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
+    let rows = queue::request_summaries(pool, ids).await?;
     println!(
         "\n{:>4}  {}  {:<5} {:<10} {:>3}  result",
         "id",
@@ -230,10 +205,14 @@ async fn print_summary(
         "state",
         "try"
     );
-    for (id, name, code, org, kind, state, attempts, err_code, err, size) in rows {
-        let asked = name.or(code).or(org).unwrap_or_default();
-        let result = match (state.as_str(), size) {
-            ("succeeded", Some(bytes)) => {
+    for row in rows {
+        let id = row.id;
+        let asked = (row.company_name)
+            .or(row.credit_code)
+            .or(row.org_number)
+            .unwrap_or_default();
+        let result = match (row.state, row.byte_size) {
+            (RequestState::Succeeded, Some(bytes)) => {
                 let file = exported
                     .files
                     .iter()
@@ -245,13 +224,18 @@ async fn print_summary(
             }
             _ => format!(
                 "{} {}",
-                err_code.map(|c| c.to_string()).unwrap_or_default(),
-                err.unwrap_or_default()
+                row.last_error_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                row.last_error.unwrap_or_default()
             ),
         };
         println!(
-            "{id:>4}  {}  {kind:<5} {state:<10} {attempts:>3}  {}",
+            "{id:>4}  {}  {:<5} {:<10} {:>3}  {}",
             pad(&asked, 32),
+            row.report_type.as_str(),
+            row.state.as_str(),
+            row.attempts,
             result.trim()
         );
     }

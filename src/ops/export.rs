@@ -5,11 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use sqlx::PgPool;
 
-use crate::domain::ReportType;
+use crate::domain::{ReportType, RequestState};
+use crate::queue::{self, DocumentFilter};
 use crate::upstream::document::{sanitize_file_name, sha256_hex};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,17 +23,14 @@ pub enum ExportError {
     Database(#[from] sqlx::Error),
 }
 
-#[derive(Debug, Clone)]
-pub struct ExportFilter {
-    pub state: String,
-    pub since: Option<DateTime<Utc>>,
-    pub ids: Option<Vec<i64>>,
-}
+/// Which documents to export: rows in `state` (default succeeded), finished since a
+/// time, or chosen by id.
+pub type ExportFilter = DocumentFilter;
 
-impl Default for ExportFilter {
+impl Default for DocumentFilter {
     fn default() -> Self {
-        ExportFilter {
-            state: "succeeded".into(),
+        DocumentFilter {
+            state: RequestState::Succeeded,
             since: None,
             ids: None,
         }
@@ -48,14 +45,6 @@ pub struct ExportSummary {
     /// (request id, path written or found), listed only when exporting chosen `ids`
     /// (a full export stays in constant memory).
     pub files: Vec<(i64, PathBuf)>,
-}
-
-#[derive(sqlx::FromRow)]
-struct Listed {
-    request_id: i64,
-    file_name: String,
-    content_type: String,
-    sha256: String,
 }
 
 fn file_sha(path: &Path) -> Option<String> {
@@ -89,33 +78,14 @@ pub async fn export(
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let dir = dir.canonicalize().map_err(io(dir))?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM report_documents d JOIN report_requests r ON r.id = d.request_id
-          WHERE r.state = $1 AND ($2::timestamptz IS NULL OR r.finished_at >= $2)
-            AND ($3::bigint[] IS NULL OR r.id = ANY($3))",
-    )
-    .bind(&filter.state)
-    .bind(filter.since)
-    .bind(&filter.ids)
-    .fetch_one(pool)
-    .await?;
+    let total = queue::count_documents(pool, filter).await?;
     let bar = if progress {
         indicatif::ProgressBar::new(total as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
     let mut summary = ExportSummary::default();
-    let mut rows = sqlx::query_as::<_, Listed>(
-        "SELECT d.request_id, d.file_name, d.content_type, d.sha256
-           FROM report_documents d JOIN report_requests r ON r.id = d.request_id
-          WHERE r.state = $1 AND ($2::timestamptz IS NULL OR r.finished_at >= $2)
-            AND ($3::bigint[] IS NULL OR r.id = ANY($3))
-          ORDER BY d.request_id",
-    )
-    .bind(&filter.state)
-    .bind(filter.since)
-    .bind(&filter.ids)
-    .fetch(pool);
+    let mut rows = queue::list_documents(pool, filter);
     // A second connection fetches contents while the listing streams on the first.
     let mut content_conn = pool.acquire().await?;
     while let Some(row) = rows.try_next().await? {
@@ -133,11 +103,7 @@ pub async fn export(
         if present {
             summary.skipped += 1;
         } else {
-            let content: Vec<u8> =
-                sqlx::query_scalar("SELECT content FROM report_documents WHERE request_id = $1")
-                    .bind(row.request_id)
-                    .fetch_one(&mut *content_conn)
-                    .await?;
+            let content = queue::document_content(&mut content_conn, row.request_id).await?;
             let tmp = dir.join(format!(".{}.part", row.request_id));
             std::fs::write(&tmp, &content).map_err(io(&tmp))?;
             std::fs::rename(&tmp, &path).map_err(io(&path))?;

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod embedded_pg;
 pub mod export;
 pub mod signals;
+pub mod status;

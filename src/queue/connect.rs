@@ -55,3 +55,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// Whether the migrations have created the queue (so `run` can say what to do first).
+pub async fn is_migrated(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}

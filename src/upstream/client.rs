@@ -15,10 +15,10 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::document::{self, Document};
+use super::document;
 use super::envelope::{interpret, parse_token};
 use super::{Secret, UpstreamError};
-use crate::domain::{JobId, ReportType, clip};
+use crate::domain::{Document, JobId, ReportType, clip};
 
 pub const DEFAULT_BASE_URL: &str = "https://connect.patsnap.com";
 pub const CREATE_PATH: &str = "/innovation/company-report/task/create";
@@ -230,11 +230,7 @@ impl Client {
                     retried = true;
                 }
                 Err(UpstreamError::BadCredentials { message }) => {
-                    return Err(UpstreamError::AccountStop {
-                        code: 67200003,
-                        reason: message,
-                        until: None,
-                    });
+                    return Err(UpstreamError::stop_all(67200003, message));
                 }
                 other => return other,
             }

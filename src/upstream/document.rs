@@ -8,32 +8,22 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::{JobId, ReportType, clip};
 
-/// A verified report, exactly as the provider served it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Document {
-    pub content: Vec<u8>,
-    pub content_type: &'static str,
-    pub file_name: String,
-    pub sha256: String,
-}
-
-impl std::fmt::Debug for Document {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Document")
-            .field("bytes", &self.content.len())
-            .field("content_type", &self.content_type)
-            .field("file_name", &self.file_name)
-            .field("sha256", &self.sha256)
-            .finish()
-    }
-}
+/// Why a downloaded body is not the report that was asked for (an HTML error page, a
+/// truncated PDF, a ZIP that is not a DOCX…).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAReport(pub String);
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// Why a body is not the report that was asked for.
-pub fn check_report(bytes: &[u8], expected: ReportType) -> Result<(), String> {
+pub fn check_report(bytes: &[u8], expected: ReportType) -> Result<(), NotAReport> {
+    check(bytes, expected).map_err(NotAReport)
+}
+
+fn check(bytes: &[u8], expected: ReportType) -> Result<(), String> {
     match expected {
         ReportType::Pdf => {
             if !bytes.starts_with(b"%PDF-") {
@@ -275,26 +265,31 @@ mod tests {
         assert!(
             check_report(b"%PDF-1.4\n...", ReportType::Pdf)
                 .unwrap_err()
+                .0
                 .contains("truncated")
         );
         assert!(
             check_report(b"<html><body>Error</body></html>", ReportType::Pdf)
                 .unwrap_err()
+                .0
                 .contains("not a PDF")
         );
         assert!(
             check_report(br#"{"error":"x"}"#, ReportType::Word)
                 .unwrap_err()
+                .0
                 .contains("not a DOCX")
         );
         assert!(
             check_report(b"PK\x03\x04garbage", ReportType::Word)
                 .unwrap_err()
+                .0
                 .contains("ZIP")
         );
         assert!(
             check_report(b"", ReportType::Pdf)
                 .unwrap_err()
+                .0
                 .contains("empty")
         );
     }

@@ -83,16 +83,11 @@ pub fn parse_token(
     now: DateTime<Utc>,
 ) -> Result<TokenAnswer, UpstreamError> {
     let value = interpret(http_status, None, body, now).map_err(|e| match e {
-        UpstreamError::BadCredentials { message } => UpstreamError::AccountStop {
-            code: 67200003,
-            reason: message,
-            until: None,
-        },
-        UpstreamError::Unauthorized { code, message } => UpstreamError::AccountStop {
-            code: code.unwrap_or(401),
-            reason: format!("token endpoint refused the credentials: {message}"),
-            until: None,
-        },
+        UpstreamError::BadCredentials { message } => UpstreamError::stop_all(67200003, message),
+        UpstreamError::Unauthorized { code, message } => UpstreamError::stop_all(
+            code.unwrap_or(401),
+            format!("token endpoint refused the credentials: {message}"),
+        ),
         other => other,
     });
     // The documented shape has no `data`: `interpret` then yields Null; read the top level.

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Days, FixedOffset, NaiveTime, TimeZone, Utc};
 
+use crate::domain::StopScope;
+
 pub use client::{Client, ClientConfig, Credentials, TaskStatus};
-pub use document::Document;
 
 /// What the worker should do after an upstream call failed. The variants say what a
 /// caller can do about it, not where the failure came from.
@@ -44,11 +45,15 @@ pub enum UpstreamError {
     BadCredentials { message: String },
     /// The whole account must stop calling (balance, limits, permission, configuration);
     /// rows stay queued. `until` is set when the answer implies when to come back.
+    /// `scope` is what the answer stops when it comes from a create: quota and balance
+    /// stop new tasks only (polls of paid tasks go on); credentials, configuration and
+    /// missing endpoints stop every call. Met on any other call, a stop stops them all.
     #[error("account-wide stop ({code}): {reason}")]
     AccountStop {
         code: i32,
         reason: String,
         until: Option<DateTime<Utc>>,
+        scope: StopScope,
     },
 }
 
@@ -66,6 +71,16 @@ impl UpstreamError {
             UpstreamError::RateLimited { .. } => Some(67200002),
             UpstreamError::BadCredentials { .. } => Some(67200003),
             UpstreamError::AccountStop { code, .. } => Some(*code),
+        }
+    }
+
+    /// An account stop that stops every call.
+    pub fn stop_all(code: i32, reason: impl Into<String>) -> UpstreamError {
+        UpstreamError::AccountStop {
+            code,
+            reason: reason.into(),
+            until: None,
+            scope: StopScope::All,
         }
     }
 
@@ -102,10 +117,11 @@ pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamEr
     } else {
         message.to_string()
     };
-    let stop = |until| UpstreamError::AccountStop {
+    let stop = |until, scope| UpstreamError::AccountStop {
         code,
         reason: message.clone(),
         until,
+        scope,
     };
     match code {
         68300004 | 68300007 | 68300010 | 67200012 => UpstreamError::Rejected {
@@ -123,8 +139,11 @@ pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamEr
             code: Some(code),
             message,
         },
-        67200007 => stop(Some(next_shanghai_midnight(now))),
-        67200000 | 67200001 | 67200004 | 67200005 | 67200006 | 67200008 | 67200101 => stop(None),
+        67200007 => stop(Some(next_shanghai_midnight(now)), StopScope::Create),
+        // Quota, balance, validity, permission for the create API: new tasks only.
+        67200000 | 67200001 | 67200004 | 67200005 | 67200006 => stop(None, StopScope::Create),
+        // Configuration: no call can succeed.
+        67200008 | 67200101 => stop(None, StopScope::All),
         _ => {
             tracing::warn!(code, %message, "unknown provider error code, treated as transient");
             UpstreamError::Transient {
@@ -144,16 +163,8 @@ pub fn classify_http_status(status: u16, retry_after: Option<Duration>) -> Upstr
             code,
             message: "HTTP 401 Unauthorized".into(),
         },
-        403 => UpstreamError::AccountStop {
-            code: 403,
-            reason: "HTTP 403 Forbidden: no permission for this API".into(),
-            until: None,
-        },
-        404 => UpstreamError::AccountStop {
-            code: 404,
-            reason: "HTTP 404 Not Found: check UPSTREAM_BASE_URL".into(),
-            until: None,
-        },
+        403 => UpstreamError::stop_all(403, "HTTP 403 Forbidden: no permission for this API"),
+        404 => UpstreamError::stop_all(404, "HTTP 404 Not Found: check UPSTREAM_BASE_URL"),
         _ => UpstreamError::Transient {
             code,
             message: format!("HTTP {status}"),

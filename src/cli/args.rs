@@ -1,0 +1,313 @@
+//! The command line's arguments: every flag with its environment fallback (flags win),
+//! and the checks that turn them into the engine's and the client's configuration.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::parse_duration;
+use crate::domain::{ReportType, RequestState};
+use crate::engine::WorkerConfig;
+use crate::engine::policy::PollPolicy;
+use crate::upstream::client::DEFAULT_BASE_URL;
+use crate::upstream::{ClientConfig, Credentials, Secret};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "report-worker",
+    version,
+    about = "A durable PostgreSQL worker for slow, metered report APIs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the migrations in migrations/ (safe to run again).
+    Migrate(DbArgs),
+    /// Add one report request from flags and print its id.
+    Enqueue(EnqueueArgs),
+    /// Show the queue at a glance and any account-wide stop.
+    Status(DbArgs),
+    /// Work the queue until SIGINT/SIGTERM.
+    Run(Box<RunArgs>),
+    /// Serve a faithful simulator of the upstream API.
+    Simulate(SimulateArgs),
+    /// Write finished documents as files into a folder.
+    Export(ExportArgs),
+    /// The whole loop on one machine: a throwaway PostgreSQL (unless DATABASE_URL is set),
+    /// the simulator, a sample batch, documents on disk.
+    Demo(DemoArgs),
+    /// Measure the worker (fresh databases named rw_bench_* on DATABASE_URL's server).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps, inflight.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Reports in the burn-down.
+    #[arg(long, default_value_t = 20_000)]
+    pub reports: usize,
+    /// Upstream calls in flight in the burn-down worker (reports wait on HTTP and on
+    /// commits, not on CPU: hundreds in flight is the point of an I/O-bound worker).
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+    /// Rows in the bulk-enqueue CSV.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub csv_rows: usize,
+    /// Generating rows in the in-flight scenario.
+    #[arg(long, default_value_t = 100_000)]
+    pub inflight_rows: usize,
+    /// Account QPS for the QPS-use and in-flight scenarios.
+    #[arg(long, default_value_t = 20)]
+    pub qps: u32,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Folder to write into (created if missing); nothing is ever written outside it.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Only rows finished at or after this time (RFC 3339) or within this long ago (e.g. 24h).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only these request ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Option<Vec<i64>>,
+    /// Rows in this state: succeeded, queued, generating, failed or cancelled.
+    #[arg(long, default_value = "succeeded", value_parser = parse_state)]
+    pub state: RequestState,
+}
+
+fn parse_state(s: &str) -> Result<RequestState, String> {
+    s.trim()
+        .parse()
+        .map_err(|e: crate::domain::InvalidValue| e.to_string())
+}
+
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let ago = parse_duration(s)
+        .map_err(|_| format!("expected an RFC 3339 time or a duration like 24h, got {s:?}"))?;
+    Ok(Utc::now() - chrono::Duration::from_std(ago).map_err(|e| e.to_string())?)
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the documents go.
+    #[arg(long, default_value = "report-worker-demo")]
+    pub out: std::path::PathBuf,
+    /// Keep the throwaway database's folder (the server is stopped either way).
+    #[arg(long)]
+    pub keep: bool,
+    /// Use this database instead of a throwaway one.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The provider's base URL.
+    #[arg(long, env = "UPSTREAM_BASE_URL", default_value = DEFAULT_BASE_URL)]
+    pub upstream_base_url: String,
+    /// The account's client id (also sent as the apikey).
+    #[arg(long, env = "UPSTREAM_CLIENT_ID")]
+    pub upstream_client_id: String,
+    /// The account's client secret.
+    #[arg(long, env = "UPSTREAM_CLIENT_SECRET", hide_env_values = true)]
+    pub upstream_client_secret: Secret,
+    /// Calls per second for the whole account, shared by every worker process (0: no pacing).
+    #[arg(long, env = "UPSTREAM_QPS", default_value_t = 5.0)]
+    pub upstream_qps: f64,
+    /// Timeout of one HTTP call (above the provider's 10 s maximum).
+    #[arg(long, env = "UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Largest document accepted, in bytes.
+    #[arg(long, env = "UPSTREAM_MAX_DOWNLOAD_BYTES", default_value_t = 200 * 1024 * 1024)]
+    pub upstream_max_download_bytes: u64,
+    /// How long one upstream task may take before it is given up.
+    #[arg(long, env = "REPORT_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub report_window: Duration,
+    /// First poll of a new task (nothing is ready before the provider's 1 minute minimum).
+    #[arg(long, env = "REPORT_FIRST_POLL", default_value = "60s", value_parser = parse_duration)]
+    pub report_first_poll: Duration,
+    /// Interval between polls while the task is exporting.
+    #[arg(long, env = "REPORT_POLL_MIN", default_value = "25s", value_parser = parse_duration)]
+    pub report_poll_min: Duration,
+    /// Interval between polls while the task waits in the provider's queue.
+    #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub report_poll_max: Duration,
+    /// How long a row keeps retrying transient errors before it fails.
+    #[arg(long, env = "REPORT_RETRY_BUDGET", default_value = "24h", value_parser = parse_duration)]
+    pub report_retry_budget: Duration,
+    /// Upstream calls in flight in this process.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
+    pub worker_concurrency: usize,
+    /// How long a claim lasts without a heartbeat (a killed worker's rows return after this).
+    #[arg(long, env = "WORKER_LEASE", default_value = "45s", value_parser = parse_duration)]
+    pub worker_lease: Duration,
+    /// Fallback poll of the table when no NOTIFY arrives.
+    #[arg(long, env = "WORKER_IDLE_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub worker_idle_poll: Duration,
+    /// Grace period for in-flight calls after SIGINT/SIGTERM.
+    #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub worker_shutdown_timeout: Duration,
+    /// This process's name in lease_owner (default host:pid).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Serve /metrics and /healthz here, e.g. 0.0.0.0:9187.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunArgs {
+    /// The client's and the worker's configuration, checked for consistency.
+    pub fn configs(&self) -> anyhow::Result<(ClientConfig, WorkerConfig)> {
+        if self.upstream_client_id.trim().is_empty() {
+            anyhow::bail!("UPSTREAM_CLIENT_ID is empty");
+        }
+        if self.upstream_client_secret.expose().is_empty() {
+            anyhow::bail!("UPSTREAM_CLIENT_SECRET is empty");
+        }
+        url::Url::parse(&self.upstream_base_url).map_err(|e| {
+            anyhow::anyhow!(
+                "UPSTREAM_BASE_URL {:?} is not a URL: {e}",
+                self.upstream_base_url
+            )
+        })?;
+        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
+            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
+        }
+        if self.worker_concurrency == 0 || self.worker_concurrency > 1024 {
+            anyhow::bail!("WORKER_CONCURRENCY must be between 1 and 1024");
+        }
+        if self.report_poll_min.is_zero() || self.report_poll_min > self.report_poll_max {
+            anyhow::bail!("REPORT_POLL_MIN must be above zero and at most REPORT_POLL_MAX");
+        }
+        if self.upstream_timeout.is_zero() || self.worker_lease < Duration::from_secs(1) {
+            anyhow::bail!("UPSTREAM_TIMEOUT and WORKER_LEASE must be positive (lease at least 1s)");
+        }
+        let credentials = Credentials {
+            client_id: self.upstream_client_id.trim().to_string(),
+            client_secret: self.upstream_client_secret.clone(),
+        };
+        let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
+        client.timeout = self.upstream_timeout;
+        client.max_download_bytes = self.upstream_max_download_bytes;
+        let mut worker = WorkerConfig::new(self.upstream_client_id.trim());
+        if let Some(id) = &self.worker_id {
+            worker.owner = id.clone();
+        }
+        worker.concurrency = self.worker_concurrency;
+        worker.qps = self.upstream_qps;
+        worker.lease = self.worker_lease;
+        worker.idle_poll = self.worker_idle_poll;
+        worker.shutdown_timeout = self.worker_shutdown_timeout;
+        worker.poll = PollPolicy {
+            first_poll: self.report_first_poll,
+            poll_min: self.report_poll_min,
+            poll_max: self.report_poll_max,
+            window: self.report_window,
+        };
+        worker.retry.budget = self.report_retry_budget;
+        Ok((client, worker))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub sim: crate::simulator::SimConfig,
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Enqueue every line of this CSV file (columns by header: company_name, credit_code,
+    /// org_number, report_type, priority, dedupe_key, run_after, metadata, max_attempts).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["company_name", "credit_code", "org_number", "dedupe_key", "metadata", "run_after", "max_attempts"])]
+    pub csv: Option<std::path::PathBuf>,
+    /// Encoding of the CSV file: utf-8 (with or without BOM) or gbk.
+    #[arg(long, default_value = "utf-8", requires = "csv", value_parser = crate::ops::csv_import::parse_encoding)]
+    pub encoding: &'static encoding_rs::Encoding,
+    /// Refuse the whole file if any line is bad (default: skip bad lines).
+    #[arg(long, requires = "csv")]
+    pub all_or_nothing: bool,
+    /// Rows per INSERT.
+    #[arg(long, default_value_t = 10_000, requires = "csv", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// Enterprise name, e.g. 小米科技有限责任公司.
+    #[arg(long)]
+    pub company_name: Option<String>,
+    /// Unified social credit code (18 digits or capital letters).
+    #[arg(long)]
+    pub credit_code: Option<String>,
+    /// Organization code.
+    #[arg(long)]
+    pub org_number: Option<String>,
+    /// Report type: word or pdf (default pdf; with --csv, for lines without one).
+    #[arg(long = "type")]
+    pub report_type: Option<ReportType>,
+    /// Lower runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i16,
+    /// Not before this: an RFC 3339 time or a delay from now such as 10m.
+    #[arg(long, value_parser = parse_run_after)]
+    pub run_after: Option<DateTime<Utc>>,
+    /// Upstream tasks that may be created for this row (1..=100, default 3).
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    /// Idempotency key: enqueueing the same key again returns the existing row.
+    #[arg(long)]
+    pub dedupe_key: Option<String>,
+    /// Opaque JSON object stored with the row.
+    #[arg(long, value_parser = parse_json_object)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+pub(super) fn parse_run_after(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let delay = parse_duration(s).map_err(|_| {
+        format!(
+            "expected an RFC 3339 time (2026-01-31T09:00:00+08:00) or a delay like 10m, got {s:?}"
+        )
+    })?;
+    Ok(Utc::now() + chrono::Duration::from_std(delay).map_err(|e| e.to_string())?)
+}
+
+fn parse_json_object(s: &str) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("metadata must be a JSON object".into());
+    }
+    Ok(v)
+}

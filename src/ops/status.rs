@@ -1,0 +1,54 @@
+//! `report-worker status`: the queue at a glance and any account-wide stop.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::queue;
+
+/// The text `status` prints: one line per state, then the account-wide stops.
+pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let stats = queue::queue_stats(pool)
+        .await
+        .context("reading report_queue_stats")?;
+    let stops = queue::account_stops(pool)
+        .await
+        .context("reading report_account_stops")?;
+    let mut out = String::new();
+    writeln!(out, "{:<12} {:>10}  oldest", "state", "count")?;
+    for s in &stats {
+        let age = s
+            .oldest_age_secs
+            .map(|secs| {
+                humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        writeln!(out, "{:<12} {:>10}  {}", s.state, s.count, age)?;
+    }
+    if stops.is_empty() {
+        writeln!(out, "account stop: none")?;
+    }
+    for stop in &stops {
+        let code = stop
+            .error_code
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        let until = stop
+            .until
+            .map(|u| format!(", until {}", u.to_rfc3339()))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "account stop for {}: {}{} since {}{}, next probe {}, probes so far {}",
+            stop.account,
+            stop.reason,
+            code,
+            stop.since.to_rfc3339(),
+            until,
+            stop.probe_at.to_rfc3339(),
+            stop.probes
+        )?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,82 @@
+//! Synthetic rows for the benchmarks: backlogs inserted in one statement, and the
+//! checks a benchmark harness makes while the worker burns them down. Not used by the
+//! engine.
+
+use sqlx::PgPool;
+
+use crate::domain::ReportType;
+
+/// Inserts `n` queued rows named `<prefix><i>`, alternating PDF and Word when `mixed`.
+pub async fn insert_backlog(
+    pool: &PgPool,
+    prefix: &str,
+    n: usize,
+    mixed: bool,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type)
+         SELECT $1 || i, CASE WHEN $3 AND i % 2 = 1 THEN 'word' ELSE 'pdf' END
+           FROM generate_series(1, $2) i",
+    )
+    .bind(prefix)
+    .bind(n as i64)
+    .bind(mixed)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Inserts one `generating` row per job id (tasks seeded at the provider), each next
+/// polled at a random moment within `spread_secs`.
+pub async fn insert_generating(
+    pool: &PgPool,
+    jobs: &[String],
+    report_type: ReportType,
+    spread_secs: f64,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id,
+                                      upstream_created_at, next_poll_at)
+         SELECT '在途' || j, $2, 'generating', 1, j, now(), now() + random() * $3 * interval '1 second'
+           FROM unnest($1::text[]) AS j",
+    )
+    .bind(jobs)
+    .bind(report_type.as_str())
+    .bind(spread_secs)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Generating rows whose poll falls due within `secs`.
+pub async fn polls_due_within(pool: &PgPool, secs: f64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM report_requests
+          WHERE state = 'generating' AND next_poll_at < now() + $1 * interval '1 second'",
+    )
+    .bind(secs)
+    .fetch_one(pool)
+    .await
+}
+
+/// Whether any row is still queued or generating.
+pub async fn any_open(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM report_requests WHERE state = 'queued')
+             OR EXISTS (SELECT 1 FROM report_requests WHERE state = 'generating')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+pub async fn count_requests(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM report_requests")
+        .fetch_one(pool)
+        .await
+}
+
+pub async fn count_documents_stored(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM report_documents")
+        .fetch_one(pool)
+        .await
+}

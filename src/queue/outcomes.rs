@@ -1,0 +1,228 @@
+//! A claimed row's outcomes. Every write after an upstream call is fenced by the
+//! `lease_token` the row was claimed with: a worker whose lease expired (or whose row
+//! was cancelled) changes nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::{Fenced, secs};
+use crate::domain::{Document, JobId};
+
+// A note on `r.state || '' = …` in the batch statements below: written plainly, the
+// state test lets the planner answer the join on `id` from the small partial claim
+// index (whose leading column is not `id`), scanning all of it once per row whenever
+// its statistics are stale — as they always are in a busy queue. The expression keeps
+// the lookup on the primary key.
+
+/// The upstream task exists: commit its job id, creation time and the spent attempt
+/// before anything else happens. Returns false when the claim was lost.
+pub async fn mark_generating(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    job_id: &JobId,
+    first_poll_in: Duration,
+) -> Result<Fenced, sqlx::Error> {
+    let item = Created {
+        id,
+        token,
+        job_id: job_id.clone(),
+        first_poll_in,
+    };
+    let written = mark_generating_batch(pool, std::slice::from_ref(&item)).await?;
+    Ok(Fenced::from_rows(written.len() as u64))
+}
+
+/// One row whose upstream task was just created.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub id: i64,
+    pub token: i64,
+    pub job_id: JobId,
+    pub first_poll_in: Duration,
+}
+
+/// `mark_generating` for many rows in one statement; returns the ids still held.
+pub async fn mark_generating_batch(
+    pool: &PgPool,
+    items: &[Created],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE report_requests r
+            SET state = 'generating', upstream_job_id = b.job, upstream_created_at = now(),
+                attempts = r.attempts + 1, polls = 0,
+                next_poll_at = now() + b.delay * interval '1 second',
+                transient_errors = 0, transient_since = NULL,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::float8[]) AS b (id, token, job, delay)
+          WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'queued'
+         RETURNING r.id",
+    )
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.job_id.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| secs(i.first_poll_in)).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+}
+
+/// One generating row that is not ready yet: a snooze until its next poll, not an attempt.
+#[derive(Debug, Clone)]
+pub struct Snoozed {
+    pub id: i64,
+    pub token: i64,
+    pub next_poll_at: DateTime<Utc>,
+}
+
+/// `snooze_poll` for many rows in one statement; returns the ids still held.
+pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE report_requests r
+            SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS b (id, token, next_poll_at)
+          WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
+         RETURNING r.id",
+    )
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.next_poll_at).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+}
+
+/// One row whose document was downloaded and verified.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub id: i64,
+    pub token: i64,
+    pub document: Document,
+}
+
+/// `complete` for many rows in one statement (so one transaction): a row whose claim
+/// was lost is neither marked nor given a document. Returns the ids stored.
+pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE report_requests r
+                SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                    lease_owner = NULL, lease_expires_at = NULL
+               FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
+              WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
+             RETURNING r.id)
+         INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256)
+         SELECT d.id, d.content, d.content_type, d.file_name, octet_length(d.content), d.sha256
+           FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[])
+                AS d (id, content, content_type, file_name, sha256)
+           JOIN done ON done.id = d.id
+         RETURNING request_id",
+    )
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.content.as_slice()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.content_type).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.file_name.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.sha256.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+}
+
+/// Fails the row for good, with the reason.
+pub async fn fail(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    code: Option<i32>,
+    message: &str,
+) -> Result<Fenced, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET state = 'failed', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                last_error_code = $3, last_error = $4, last_error_at = now(),
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(code)
+    .bind(message)
+    .execute(pool)
+    .await?;
+    Ok(Fenced::from_rows(r.rows_affected()))
+}
+
+/// The upstream task failed or ran out of time: back to the queue for a new task.
+pub async fn requeue_for_new_task(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    code: Option<i32>,
+    message: &str,
+    delay: Duration,
+) -> Result<Fenced, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET state = 'queued', run_after = now() + $5 * interval '1 second',
+                upstream_job_id = NULL, upstream_created_at = NULL, next_poll_at = NULL, polls = 0,
+                transient_errors = 0, transient_since = NULL,
+                last_error_code = $3, last_error = $4, last_error_at = now(),
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+          WHERE id = $1 AND lease_token = $2 AND state = 'generating'",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(code)
+    .bind(message)
+    .bind(secs(delay))
+    .execute(pool)
+    .await?;
+    Ok(Fenced::from_rows(r.rows_affected()))
+}
+
+/// How a row goes back after trouble that is not its fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient trouble: counts toward the row's retry budget and is recorded.
+    Transient,
+    /// An account stop: recorded on the row, but no budget is spent.
+    Stopped,
+    /// Rate limited: nothing recorded, nothing spent.
+    Quiet,
+}
+
+/// Puts a row back for a later try of the same step (create or poll) after `delay`.
+pub async fn retry_later(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    kind: Retry,
+    code: Option<i32>,
+    message: &str,
+    delay: Duration,
+) -> Result<Fenced, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET run_after = CASE WHEN state = 'queued' THEN now() + $7 * interval '1 second' ELSE run_after END,
+                next_poll_at = CASE WHEN state = 'generating' THEN now() + $7 * interval '1 second' ELSE next_poll_at END,
+                transient_errors = transient_errors + CASE WHEN $3 THEN 1 ELSE 0 END,
+                transient_since = CASE WHEN $3 THEN coalesce(transient_since, now()) ELSE transient_since END,
+                last_error_code = CASE WHEN $4 THEN $5 ELSE last_error_code END,
+                last_error = CASE WHEN $4 THEN $6 ELSE last_error END,
+                last_error_at = CASE WHEN $4 THEN now() ELSE last_error_at END,
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+          WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(kind == Retry::Transient)
+    .bind(kind != Retry::Quiet)
+    .bind(code)
+    .bind(message)
+    .bind(secs(delay))
+    .execute(pool)
+    .await?;
+    Ok(Fenced::from_rows(r.rows_affected()))
+}

@@ -1,0 +1,77 @@
+//! What operators read: per-state statistics, the account stops, and a batch of rows at
+//! a glance (the demo's progress and summary).
+
+use sqlx::PgPool;
+
+use super::AccountStop;
+use super::accounts::STOP_COLUMNS;
+use crate::domain::{ReportType, RequestState};
+
+/// One line of `report_queue_stats`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StateStats {
+    pub state: RequestState,
+    pub count: i64,
+    pub oldest_age_secs: Option<f64>,
+}
+
+pub async fn queue_stats(pool: &PgPool) -> Result<Vec<StateStats>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT state, count, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs
+           FROM report_queue_stats",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn account_stops(pool: &PgPool) -> Result<Vec<AccountStop>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {STOP_COLUMNS} FROM report_account_stops ORDER BY account"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// How many of `ids` are in each state.
+pub async fn state_counts(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Vec<(RequestState, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT state, count(*) FROM report_requests WHERE id = ANY($1) GROUP BY state ORDER BY state",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// One request as a person reads it: what was asked, where it stands, what came back.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RequestSummary {
+    pub id: i64,
+    pub company_name: Option<String>,
+    pub credit_code: Option<String>,
+    pub org_number: Option<String>,
+    pub report_type: ReportType,
+    pub state: RequestState,
+    pub attempts: i32,
+    pub last_error_code: Option<i32>,
+    pub last_error: Option<String>,
+    /// The stored document's size, when there is one.
+    pub byte_size: Option<i64>,
+}
+
+pub async fn request_summaries(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Vec<RequestSummary>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.attempts,
+                r.last_error_code, r.last_error, d.byte_size
+           FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
+          WHERE r.id = ANY($1) ORDER BY r.id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}

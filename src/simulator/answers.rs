@@ -1,0 +1,63 @@
+//! The shapes of the provider's answers: the envelope, error pages, broken bodies.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::upstream::provider_message;
+
+use super::config::*;
+
+pub(super) fn envelope_error(code: i32) -> Response {
+    Json(json!({"data": null, "status": false, "error_code": code, "error_msg": provider_message(code)}))
+        .into_response()
+}
+
+pub(super) fn ok(data: Value) -> Response {
+    Json(json!({"data": data, "status": true, "error_code": 0})).into_response()
+}
+
+/// A response whose body breaks off: headers promise more than is ever sent.
+pub(super) fn reset_response() -> Response {
+    let stream = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "simulated reset",
+        ))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("128"));
+    r
+}
+
+pub(super) fn fault_response(fault: &Fault) -> Option<Response> {
+    Some(match fault {
+        Fault::Code { code } => envelope_error(*code),
+        Fault::Http { status } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = format!("<html><body><h1>{status}</h1></body></html>");
+            (status, [(header::CONTENT_TYPE, "text/html")], body).into_response()
+        }
+        Fault::Reset => reset_response(),
+        Fault::Malformed => (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"data\":{\"job_id\":",
+        )
+            .into_response(),
+        Fault::Slow { .. } | Fault::Html | Fault::JobFailed => return None,
+    })
+}
+
+pub(super) fn cos_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<?xml version='1.0' encoding='utf-8' ?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    (status, [(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}

@@ -1,0 +1,195 @@
+//! How the simulator behaves (`simulate` flags) and what tests can ask of it: injected
+//! faults and the counters it keeps.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_duration, parse_duration_range};
+
+/// How the simulator behaves; every field is also a `simulate` flag.
+#[derive(Debug, Clone, Args)]
+pub struct SimConfig {
+    /// The account's client id (also the apikey).
+    #[arg(long, env = "SIM_CLIENT_ID", default_value = "demo-client")]
+    pub client_id: String,
+    /// The account's client secret.
+    #[arg(
+        long,
+        env = "SIM_CLIENT_SECRET",
+        default_value = "demo-secret",
+        hide_env_values = true
+    )]
+    pub client_secret: String,
+    /// How long a token lives.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// Which of the three token answer shapes to send: documented, data, access_token.
+    #[arg(long, default_value = "documented")]
+    pub token_shape: String,
+    /// How long a create call takes to answer, MIN..MAX (the provider: 5 s normal, 10 s max).
+    #[arg(long, default_value = "1s..5s", value_parser = parse_duration_range)]
+    pub create_latency: (Duration, Duration),
+    /// How long a report takes to generate, MIN..MAX.
+    #[arg(long, default_value = "1m..10m", value_parser = parse_duration_range)]
+    pub generation_time: (Duration, Duration),
+    /// Share of tasks that end in job_status 3.
+    #[arg(long, default_value_t = 0.02)]
+    pub failure_rate: f64,
+    /// Calls allowed in any one-second window (create + status); over it: 67200002.
+    #[arg(long)]
+    pub qps: Option<u32>,
+    /// Calls allowed per provider day (Asia/Shanghai); over it: 67200007.
+    #[arg(long)]
+    pub daily_limit: Option<u64>,
+    /// Creates the account can pay for; then 67200005.
+    #[arg(long)]
+    pub balance: Option<u64>,
+    /// Share of calls answered with a transient fault (codes, 5xx, slow, reset, bad JSON).
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate: f64,
+    /// Seed for every random choice (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Approximate document size in bytes.
+    #[arg(long, default_value_t = 300_000)]
+    pub doc_size: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            client_id: "demo-client".into(),
+            client_secret: "demo-secret".into(),
+            token_ttl: Duration::from_secs(1800),
+            token_shape: "documented".into(),
+            create_latency: (Duration::from_secs(1), Duration::from_secs(5)),
+            generation_time: (Duration::from_secs(60), Duration::from_secs(600)),
+            failure_rate: 0.02,
+            qps: None,
+            daily_limit: None,
+            balance: None,
+            fault_rate: 0.0,
+            seed: None,
+            doc_size: 300_000,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Fast settings for tests: instant answers, reports ready at once, small documents.
+    pub fn instant() -> SimConfig {
+        SimConfig {
+            create_latency: (Duration::ZERO, Duration::ZERO),
+            generation_time: (Duration::ZERO, Duration::ZERO),
+            failure_rate: 0.0,
+            seed: Some(7),
+            doc_size: 4_000,
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// Which endpoint an injected answer applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    Token,
+    Create,
+    Status,
+    Download,
+    /// Create or status (the metered calls).
+    Any,
+}
+
+/// A one-off (or repeated) answer the next matching calls get instead of the normal one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// HTTP 200 with `status:false` and this provider code.
+    Code { code: i32 },
+    /// This HTTP status with a small body.
+    Http { status: u16 },
+    /// The connection breaks off in the middle of the answer.
+    Reset,
+    /// A cut-off JSON body with HTTP 200.
+    Malformed,
+    /// The normal answer, after this delay.
+    Slow { millis: u64 },
+    /// For downloads: an HTML error page served with HTTP 200.
+    Html,
+    /// For status calls: job_status 3 for this task from now on.
+    JobFailed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Injection {
+    pub endpoint: Endpoint,
+    #[serde(flatten)]
+    pub fault: Fault,
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+pub(super) fn one() -> u32 {
+    1
+}
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Calls by `endpoint:outcome`, e.g. `create:ok`, `status:67200002`, `download:html`.
+    pub calls: BTreeMap<String, u64>,
+    pub tasks_created: u64,
+    /// Upstream tasks created per identifier (company name, else credit code, else org number).
+    pub tasks_per_company: BTreeMap<String, u64>,
+    /// sha256 of every document served, by job id.
+    pub documents: BTreeMap<String, String>,
+    /// The most metered calls accepted within any one-second window.
+    pub max_calls_in_one_second: usize,
+    pub token_fetches: u64,
+}
+
+impl SimStats {
+    pub fn calls(&self, key: &str) -> u64 {
+        self.calls.get(key).copied().unwrap_or(0)
+    }
+
+    /// All calls to `endpoint` whatever their outcome.
+    pub fn calls_to(&self, endpoint: &str) -> u64 {
+        self.calls
+            .iter()
+            .filter(|(k, _)| k.split(':').next() == Some(endpoint))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+impl Fault {
+    /// How the counters name a call answered with this fault.
+    pub(super) fn outcome(&self) -> String {
+        match self {
+            Fault::Code { code } => code.to_string(),
+            Fault::Http { status } => status.to_string(),
+            Fault::Reset => "reset".into(),
+            Fault::Malformed => "malformed".into(),
+            Fault::Slow { .. } => "slow".into(),
+            Fault::Html => "html".into(),
+            Fault::JobFailed => "job_failed".into(),
+        }
+    }
+}
+
+impl Injection {
+    pub(super) fn endpoint_name(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Token => "token",
+            Endpoint::Create => "create",
+            Endpoint::Status => "status",
+            Endpoint::Download => "download",
+            Endpoint::Any => "any",
+        }
+    }
+}
