@@ -9,15 +9,15 @@ cd "$(dirname "$0")/.."
 export DATABASE_URL
 N="${N:-20000}"
 CONC="${CONC:-512}"
-ANCHOR="${ANCHOR:-../shared/anchors/graphile-worker}"
+PEER=scripts/peers/graphile-worker
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp "$ANCHOR/bench.js" "$ANCHOR/package.json" "$work/"
+cp "$PEER/drain.js" "$PEER/package.json" "$work/"
 (cd "$work" && npm install --no-audit --no-fund --silent >/dev/null)
 
 cargo build --release --quiet
-gw=$(cd "$work" && DATABASE_URL="${DATABASE_URL%/*}/gw_anchor" N="$N" CONC=32 node bench.js 2>/dev/null | tail -n 1)
+gw=$(cd "$work" && DATABASE_URL="${DATABASE_URL%/*}/gw_peer" N="$N" CONC=32 node drain.js 2>/dev/null | tail -n 1)
 rw=$(./target/release/report-worker bench --only burn-down --reports "$N" --concurrency "$CONC" --json 2>/dev/null)
 
 node -e '

@@ -2,6 +2,26 @@
 //!
 //! Applications insert rows into `report_requests`; `report-worker run` claims them,
 //! drives the provider's create → poll → download cycle and stores each document.
+//!
+//! # Map
+//!
+//! | folder | owns |
+//! |---|---|
+//! | `domain` | validated values: `ReportType`, `JobId`, `RequestState`, `StopScope`, `NewRequest`, `Document` |
+//! | `config` | durations written like `30s`, connection strings without their password |
+//! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, documents, fixtures |
+//! | `upstream/` | the provider's HTTP API and what each answer means (`docs/provider-api.md`) |
+//! | `engine/` | what `run` does: the claim loop, one row's life, the account's pacing and stops, leases, heartbeat and LISTEN, the batched writer, the pure policies, metrics |
+//! | `simulator/` | a faithful provider for tests, the demo and benchmarks |
+//! | `ops/` | status, CSV import, export, the demo, benchmarks, a throwaway PostgreSQL, signals |
+//! | `cli/` | the command line: arguments apart from dispatch |
+//!
+//! # The dependency rule
+//!
+//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` → `domain` / `config`.
+//! A module uses only modules of a lower layer (never its own layer or above), and the
+//! files of one folder do not import each other in a cycle. `tests/it/layout.rs`
+//! checks both on every test run.
 
 pub mod cli;
 pub mod config;

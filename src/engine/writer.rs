@@ -197,3 +197,202 @@ async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use sqlx::postgres::PgPoolOptions;
+
+    use super::*;
+
+    /// A write of a given size for a row: even ids are still held, odd ones were lost.
+    struct Fake {
+        id: i64,
+        bytes: usize,
+    }
+
+    impl Item for Fake {
+        fn id(&self) -> i64 {
+            self.id
+        }
+        fn bytes(&self) -> usize {
+            self.bytes
+        }
+    }
+
+    /// A pool that never connects: the fake statements do not use it.
+    fn pool() -> PgPool {
+        PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
+    }
+
+    /// A constraint violation, as PostgreSQL reports one.
+    #[derive(Debug)]
+    struct Refusal;
+
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("new row violates check constraint \"fake_check\"")
+        }
+    }
+
+    impl std::error::Error for Refusal {}
+
+    impl sqlx::error::DatabaseError for Refusal {
+        fn message(&self) -> &str {
+            "new row violates check constraint \"fake_check\""
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some("23514".into())
+        }
+        fn constraint(&self) -> Option<&str> {
+            Some("fake_check")
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::CheckViolation
+        }
+    }
+
+    fn even(items: &[Fake]) -> Vec<i64> {
+        items
+            .iter()
+            .map(|i| i.id)
+            .filter(|id| id % 2 == 0)
+            .collect()
+    }
+
+    async fn submit_all(batcher: &Batcher<Fake>, items: Vec<Fake>) -> Vec<(i64, Reply)> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for item in items {
+            let b = batcher.clone();
+            tasks.spawn(async move { (item.id, b.submit(item).await) });
+        }
+        let mut replies = tasks.join_all().await;
+        replies.sort_by_key(|(id, _)| *id);
+        replies
+    }
+
+    static SIZES: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+    /// Records each batch's rows and bytes, taking a while like a commit does.
+    fn sized(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+        let bytes = items.iter().map(|i| i.bytes).sum();
+        SIZES.lock().unwrap().push((items.len(), bytes));
+        let written = even(items);
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(written)
+        }
+        .boxed()
+    }
+
+    #[tokio::test]
+    async fn batches_respect_row_and_byte_limits_and_fence_each_row() {
+        let batcher = Batcher::start(pool(), sized);
+        let rows: Vec<Fake> = (0..1500).map(|id| Fake { id, bytes: 10 }).collect();
+        let replies = submit_all(&batcher, rows).await;
+        for (id, reply) in &replies {
+            let want = if id % 2 == 0 {
+                Fenced::Written
+            } else {
+                Fenced::Lost
+            };
+            assert_eq!(reply, &Ok(want), "row {id}");
+        }
+        let big = 20 * 1024 * 1024;
+        let docs: Vec<Fake> = (0..6).map(|id| Fake { id, bytes: big }).collect();
+        submit_all(&batcher, docs).await;
+        let sizes = SIZES.lock().unwrap().clone();
+        assert_eq!(sizes.iter().map(|(n, _)| n).sum::<usize>(), 1506);
+        assert!(sizes.iter().all(|(n, _)| *n <= MAX_ROWS), "{sizes:?}");
+        assert!(
+            sizes.iter().any(|(n, _)| *n > 1),
+            "writes that queue up share a statement: {sizes:?}"
+        );
+        // A batch stops growing once it holds MAX_BYTES: at most one document beyond.
+        assert!(
+            sizes.iter().all(|(_, bytes)| *bytes < MAX_BYTES + big),
+            "{sizes:?}"
+        );
+    }
+
+    static CALLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    /// Refuses any statement that holds row 13, the way a constraint refuses a batch.
+    fn refuses_13(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+        CALLS.lock().unwrap().push(items.len());
+        let result = if items.iter().any(|i| i.id == 13) {
+            Err(sqlx::Error::Database(Box::new(Refusal)))
+        } else {
+            Ok(even(items))
+        };
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            result
+        }
+        .boxed()
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_row_by_row_and_only_the_bad_row_fails() {
+        let batcher = Batcher::start(pool(), refuses_13);
+        let rows: Vec<Fake> = (0..40).map(|id| Fake { id, bytes: 0 }).collect();
+        let replies = submit_all(&batcher, rows).await;
+        for (id, reply) in replies {
+            match id {
+                13 => assert_eq!(
+                    reply,
+                    Err(WriteError::Refused {
+                        constraint: Some("fake_check".into()),
+                        message: "new row violates check constraint \"fake_check\"".into()
+                    })
+                ),
+                id if id % 2 == 0 => assert_eq!(reply, Ok(Fenced::Written), "row {id}"),
+                id => assert_eq!(reply, Ok(Fenced::Lost), "row {id}"),
+            }
+        }
+        let calls = CALLS.lock().unwrap().clone();
+        assert!(calls.iter().any(|n| *n > 1), "{calls:?}");
+        assert!(
+            calls.contains(&1),
+            "the refused batch went row by row: {calls:?}"
+        );
+    }
+
+    static FLAKY: Mutex<u32> = Mutex::new(0);
+
+    /// Loses the connection twice, then works: the batch is retried, not failed.
+    fn flaky(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+        let mut failures = FLAKY.lock().unwrap();
+        let result = if *failures < 2 {
+            *failures += 1;
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "server closed the connection",
+            )))
+        } else {
+            Ok(even(items))
+        };
+        async move { result }.boxed()
+    }
+
+    #[tokio::test]
+    async fn connection_trouble_is_retried() {
+        let batcher = Batcher::start(pool(), flaky);
+        let reply = batcher.submit(Fake { id: 2, bytes: 0 }).await;
+        assert_eq!(reply, Ok(Fenced::Written));
+        assert_eq!(*FLAKY.lock().unwrap(), 2);
+    }
+}

@@ -1,4 +1,4 @@
-//! A faithful simulator of the provider (UPSTREAM_API.md), served over real HTTP by
+//! A faithful simulator of the provider (`docs/provider-api.md`), served over real HTTP by
 //! `report-worker simulate` or in-process by [`Simulator::start`] for tests, the demo
 //! and benchmarks.
 //!

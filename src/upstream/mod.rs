@@ -1,7 +1,7 @@
 //! The provider's API (PatSnap Open Platform, R001): what its answers mean for a row.
 //!
 //! `classify` turns every answer — error code, HTTP status, transport failure — into
-//! what the worker should do about it, per the table in UPSTREAM_API.md. The HTTP
+//! what the worker should do about it, per the table in `docs/provider-api.md`. The HTTP
 //! client lives in `client`, document checks and file names in `document`.
 
 pub mod client;
@@ -109,7 +109,7 @@ pub fn next_shanghai_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-/// What a provider error code means, per UPSTREAM_API.md. `now` fixes "the provider's
+/// What a provider error code means, per `docs/provider-api.md`. `now` fixes "the provider's
 /// next day" for 67200007. Codes the table does not list are transient (and logged).
 pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamError {
     let message = if message.is_empty() {

@@ -1,11 +1,9 @@
 //! The SQL contract on a real database: constraints, dedupe, cancel/retry, events,
 //! NOTIFY and idempotent migrations.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestDb;
+use crate::common::TestDb;
 use sqlx::postgres::PgListener;
 
 async fn insert(db: &TestDb, columns: &str, values: &str) -> Result<i64, sqlx::Error> {
@@ -526,4 +524,120 @@ async fn deleting_requests_deletes_their_history() {
         .unwrap();
     assert_eq!(events, vec![keep]);
     db.close().await;
+}
+
+/// The schema the migrations build, in a canonical text form: columns, constraints,
+/// indexes, functions, triggers, views and table options of the public schema.
+async fn schema_text(pool: &sqlx::PgPool) -> String {
+    let lines: Vec<String> = sqlx::query_scalar(
+        r#"
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+               || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+               || CASE WHEN a.attidentity <> '' THEN ' identity' ELSE '' END
+          FROM pg_attribute a
+          JOIN pg_class c ON c.oid = a.attrelid
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+           AND c.relname <> '_sqlx_migrations' AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT 'constraint ' || conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND conrelid <> 0
+           AND conrelid::regclass::text <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'index ' || indexdef FROM pg_indexes
+         WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') '
+               || pg_get_function_result(p.oid) || ' body ' || md5(p.prosrc)
+          FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
+        UNION ALL
+        SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger
+         WHERE NOT tgisinternal AND tgrelid::regclass::text LIKE 'report\_%'
+        UNION ALL
+        SELECT 'view ' || viewname || ' ' || regexp_replace(definition, '\s+', ' ', 'g')
+          FROM pg_views WHERE schemaname = 'public'
+        UNION ALL
+        SELECT 'options ' || relname || ' ' || array_to_string(reloptions, ',')
+          FROM pg_class WHERE relnamespace = 'public'::regnamespace AND reloptions IS NOT NULL
+        UNION ALL
+        SELECT 'storage ' || c.relname || '.' || a.attname || ' ' || a.attstorage::text
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND a.attnum > 0
+           AND NOT a.attisdropped AND a.attstorage <> (SELECT typstorage FROM pg_type WHERE oid = a.atttypid)
+        ORDER BY 1
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    lines.join("\n") + "\n"
+}
+
+/// The migrations build exactly the committed snapshot `tests/schema.snapshot`. A schema
+/// change comes with a new numbered migration and a refreshed snapshot
+/// (`UPDATE_SCHEMA_SNAPSHOT=1 cargo test schema_matches`), so a reviewer sees the whole
+/// schema change in one diff.
+#[tokio::test]
+async fn schema_matches_the_committed_snapshot() {
+    let db = TestDb::new().await;
+    let actual = schema_text(&db.pool).await;
+    db.close().await;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schema.snapshot");
+    if std::env::var_os("UPDATE_SCHEMA_SNAPSHOT").is_some() {
+        std::fs::write(path, &actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    if actual != expected {
+        let missing: Vec<&str> = expected
+            .lines()
+            .filter(|l| !actual.lines().any(|a| a == *l))
+            .collect();
+        let added: Vec<&str> = actual
+            .lines()
+            .filter(|l| !expected.lines().any(|e| e == *l))
+            .collect();
+        panic!(
+            "the migrations no longer build tests/schema.snapshot.\nonly in the snapshot:\n  {}\nonly in the database:\n  {}\nIf the change is intended, refresh it: UPDATE_SCHEMA_SNAPSHOT=1 cargo test schema_matches",
+            missing.join("\n  "),
+            added.join("\n  ")
+        );
+    }
+}
+
+/// Applied migrations are never edited: their checksums are pinned in
+/// `migrations/checksums.txt`, and a new migration is a new, higher-numbered file.
+#[test]
+fn applied_migrations_are_never_edited() {
+    use sha2::{Digest, Sha256};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sql"))
+        .collect();
+    files.sort();
+    let actual: String = files
+        .iter()
+        .map(|f| {
+            let sql = std::fs::read(format!("{dir}/{f}")).unwrap();
+            format!("{}  {f}\n", hex::encode(Sha256::digest(&sql)))
+        })
+        .collect();
+    let pinned = std::fs::read_to_string(format!("{dir}/checksums.txt")).unwrap_or_default();
+    if std::env::var_os("UPDATE_SCHEMA_SNAPSHOT").is_some() && actual.starts_with(&pinned) {
+        std::fs::write(format!("{dir}/checksums.txt"), &actual).unwrap();
+        return;
+    }
+    for line in pinned.lines() {
+        assert!(
+            actual.lines().any(|a| a == line),
+            "migration edited after it was applied: {line} (write a new migration instead)"
+        );
+    }
+    assert_eq!(
+        actual, pinned,
+        "a new migration: pin it with UPDATE_SCHEMA_SNAPSHOT=1 cargo test applied_migrations"
+    );
 }

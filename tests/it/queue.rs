@@ -1,11 +1,9 @@
 //! The queue's engine statements on a real database: claims, fencing, leases, pacing
 //! and the account stop.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use report_worker::domain::{JobId, StopScope};
 use report_worker::queue::{self, ClaimKinds, Fenced};
 

@@ -1,7 +1,6 @@
 //! Test support: a fresh PostgreSQL database per test, on the server named by
 //! TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres), and
 //! waiting on conditions with a deadline instead of sleeping.
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -190,7 +189,6 @@ pub fn fast_worker_config(account: &str) -> report_worker::engine::WorkerConfig 
 pub struct RunningWorker {
     pub cancel: tokio_util::sync::CancellationToken,
     pub handle: tokio::task::JoinHandle<()>,
-    pub metrics: std::sync::Arc<report_worker::engine::metrics::Metrics>,
 }
 
 impl RunningWorker {
@@ -214,13 +212,9 @@ pub async fn spawn_worker(
     let client = report_worker::upstream::Client::new(client).unwrap();
     let metrics = std::sync::Arc::new(report_worker::engine::metrics::Metrics::new());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let worker = report_worker::engine::Worker::new(pool, client, config, metrics.clone());
+    let worker = report_worker::engine::Worker::new(pool, client, config, metrics);
     let handle = tokio::spawn(worker.run(cancel.clone()));
-    RunningWorker {
-        cancel,
-        handle,
-        metrics,
-    }
+    RunningWorker { cancel, handle }
 }
 
 /// A worker with the test settings on the simulator's account.

@@ -1,12 +1,10 @@
 //! The real `report-worker run` process: SIGKILL mid-batch, SIGTERM, metrics, bad
 //! configuration.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use report_worker::simulator::{SimConfig, Simulator};
 
 fn worker_process(db_url: &str, sim: &Simulator, extra: &[(&str, &str)]) -> Child {

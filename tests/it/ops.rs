@@ -1,13 +1,11 @@
 //! Operations: the demo, bulk CSV enqueue, export, and the compose file.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use report_worker::domain::ReportType;
 use report_worker::ops::csv_import::{CsvOptions, import, parse_encoding};
 use report_worker::ops::export::{ExportFilter, export};

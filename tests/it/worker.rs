@@ -1,10 +1,8 @@
 //! The engine against the real simulator over HTTP and a real database.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 
 #[tokio::test]

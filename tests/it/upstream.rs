@@ -1,11 +1,9 @@
 //! The client against the simulator over real HTTP on port 0: every behaviour of
-//! UPSTREAM_API.md, produced by the simulator on demand and classified by the client.
-
-mod common;
+//! docs/provider-api.md, produced by the simulator on demand and classified by the client.
 
 use std::time::{Duration, Instant};
 
-use common::{client_config, client_for, have_tool, http_client, start_sim, wait_for};
+use crate::common::{client_config, client_for, have_tool, http_client, start_sim, wait_for};
 use report_worker::domain::{JobId, ReportType};
 use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 use report_worker::upstream::client::CreateTask;

@@ -1,10 +1,8 @@
 //! The real binary: migrate, enqueue and status, with good and bad input.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::TestDb;
+use crate::common::TestDb;
 
 fn bin(args: &[&str], database_url: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));

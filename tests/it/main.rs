@@ -1,0 +1,13 @@
+//! The integration tests: one binary (so the suite links once), one module per concern.
+//! Everything runs against real PostgreSQL (TEST_DATABASE_URL) and the simulator over
+//! real HTTP on port 0.
+
+mod cli;
+mod common;
+mod layout;
+mod ops;
+mod process;
+mod queue;
+mod schema;
+mod upstream;
+mod worker;
