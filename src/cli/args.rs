@@ -165,9 +165,14 @@ pub struct RunArgs {
     /// Fallback poll of the table when no NOTIFY arrives.
     #[arg(long, env = "WORKER_IDLE_POLL", default_value = "1s", value_parser = parse_duration)]
     pub worker_idle_poll: Duration,
-    /// Grace period for in-flight calls after SIGINT/SIGTERM.
-    #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
-    pub worker_shutdown_timeout: Duration,
+    /// Grace period after SIGINT/SIGTERM for creates already on the wire (everything
+    /// else stops at once). At least UPSTREAM_TIMEOUT; default UPSTREAM_TIMEOUT + 15s.
+    #[arg(long, env = "WORKER_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub worker_shutdown_timeout: Option<Duration>,
+    /// How long `run` waits for an unreachable database at start-up before giving up
+    /// (default: keeps trying, logging each try).
+    #[arg(long, env = "WORKER_STARTUP_TIMEOUT", value_parser = parse_duration)]
+    pub worker_startup_timeout: Option<Duration>,
     /// This process's name in lease_owner (default host:pid).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
@@ -203,6 +208,17 @@ impl RunArgs {
         if self.upstream_timeout.is_zero() || self.worker_lease < Duration::from_secs(1) {
             anyhow::bail!("UPSTREAM_TIMEOUT and WORKER_LEASE must be positive (lease at least 1s)");
         }
+        let shutdown_timeout = self
+            .worker_shutdown_timeout
+            .unwrap_or(self.upstream_timeout + Duration::from_secs(15));
+        if shutdown_timeout < self.upstream_timeout {
+            anyhow::bail!(
+                "WORKER_SHUTDOWN_TIMEOUT ({}) is shorter than UPSTREAM_TIMEOUT ({}): a create still on the wire at shutdown would be abandoned and possibly paid for twice; set it to at least {}",
+                humantime::format_duration(shutdown_timeout),
+                humantime::format_duration(self.upstream_timeout),
+                humantime::format_duration(self.upstream_timeout)
+            );
+        }
         let credentials = Credentials {
             client_id: self.upstream_client_id.trim().to_string(),
             client_secret: self.upstream_client_secret.clone(),
@@ -218,7 +234,7 @@ impl RunArgs {
         worker.qps = self.upstream_qps;
         worker.lease = self.worker_lease;
         worker.idle_poll = self.worker_idle_poll;
-        worker.shutdown_timeout = self.worker_shutdown_timeout;
+        worker.shutdown_timeout = shutdown_timeout;
         worker.poll = PollPolicy {
             first_poll: self.report_first_poll,
             poll_min: self.report_poll_min,

@@ -209,19 +209,23 @@ async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Resu
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let (client_config, worker_config) = args.configs()?;
     let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pool = queue::connect_worker(
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
+    // A database that is restarting is waited for, not a reason to exit.
+    let connecting = queue::connect_worker_patiently(
         &args.db.database_url,
         crate::engine::pool_size(worker_config.concurrency),
-    )
-    .await?;
-    let migrated = queue::is_migrated(&pool).await?;
-    if !migrated {
+        args.worker_startup_timeout,
+    );
+    let pool = tokio::select! {
+        pool = connecting => pool?,
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    if !queue::is_migrated(&pool).await? {
         anyhow::bail!(
             "the database has no report_requests table: run `report-worker migrate` first"
         );
     }
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
     let metrics = std::sync::Arc::new(crate::engine::metrics::Metrics::new());
     if let Some(addr) = args.metrics_addr {
         let bound = crate::engine::metrics::serve(

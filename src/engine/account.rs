@@ -177,14 +177,20 @@ impl Account {
             match r {
                 Err(UpstreamError::RateLimited { .. }) if limited < 3 => {
                     limited += 1;
-                    let _ = queue::slow_down(&self.pool, &self.name, Duration::from_secs(1)).await;
+                    self.slow_down().await;
                 }
                 other => return other,
             }
         }
     }
 
-    async fn wait_for_slot(&self) -> Result<(), UpstreamError> {
+    /// The provider said "too fast" (67200002): every process's next slot moves back.
+    pub(super) async fn slow_down(&self) {
+        let _ = queue::slow_down(&self.pool, &self.name, Duration::from_secs(1)).await;
+    }
+
+    /// Waits for the account's next call slot (shared by every process).
+    pub(super) async fn wait_for_slot(&self) -> Result<(), UpstreamError> {
         if self.qps <= 0.0 {
             return Ok(());
         }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -45,9 +47,14 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Extends the lease of every held row, three times per lease period.
+/// Extends the lease of every held row, three times per lease period, on a connection
+/// of its own (so a busy pool cannot starve it) with short `statement_timeout` and
+/// `lock_timeout` (so a blocked database cannot hold it past the lease). Rows it could
+/// not extend are flagged lost: their tasks stop before their next paid call.
 pub(super) async fn heartbeat(shared: Arc<Shared>, cancel: CancellationToken) {
     let every = shared.config.lease / 3;
+    let mut conn: Option<PgConnection> = None;
+    let mut last_success = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -55,17 +62,62 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         let held = shared.leases.snapshot();
         if held.is_empty() {
+            last_success = Instant::now();
             continue;
         }
-        if let Err(e) = queue::heartbeat(
-            &shared.pool,
-            &shared.config.owner,
-            &held,
-            shared.config.lease,
-        )
-        .await
-        {
-            tracing::warn!(error = %e, rows = held.len(), "heartbeat failed");
+        let result = async {
+            if conn.is_none() {
+                conn = Some(heartbeat_connection(&shared, every).await?);
+            }
+            let c = conn.as_mut().expect("connected above");
+            queue::heartbeat(&mut *c, &shared.config.owner, &held, shared.config.lease).await
+        }
+        .await;
+        match result {
+            Ok(extended) => {
+                last_success = Instant::now();
+                let lost = shared.leases.mark_lost_unless(&held, &extended);
+                shared.metrics.leases_lost(lost);
+                if lost > 0 {
+                    tracing::warn!(
+                        lost,
+                        "leases lost (taken over or cancelled): those rows stop before their next call"
+                    );
+                }
+            }
+            Err(e) => {
+                conn = None;
+                tracing::warn!(error = %e, rows = held.len(), "heartbeat failed");
+                if last_success.elapsed() >= shared.config.lease {
+                    tracing::warn!(
+                        rows = held.len(),
+                        "no heartbeat for a whole lease: every held row may be another process's now"
+                    );
+                    shared.leases.mark_all_lost(&held);
+                    shared.metrics.leases_lost(held.len());
+                }
+            }
         }
     }
+}
+
+async fn heartbeat_connection(
+    shared: &Shared,
+    every: Duration,
+) -> Result<PgConnection, sqlx::Error> {
+    let statement_timeout = every.as_millis().max(100).to_string();
+    let lock_timeout = (every / 2).as_millis().max(50).to_string();
+    let options = (*shared.pool.connect_options())
+        .clone()
+        .application_name("report-worker heartbeat")
+        .options([
+            ("statement_timeout", statement_timeout.as_str()),
+            ("lock_timeout", lock_timeout.as_str()),
+        ]);
+    tokio::time::timeout(
+        every.max(Duration::from_secs(1)),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| sqlx::Error::PoolTimedOut)?
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     finished: Family<StateLabels, Counter>,
     depth: Family<StateLabels, Gauge>,
     insert_to_document: Histogram,
+    held: Gauge,
+    leases_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -70,12 +72,26 @@ impl Metrics {
             "Time from a row's insert to its stored document",
             insert_to_document.clone(),
         );
+        let held = Gauge::default();
+        let leases_lost = Counter::default();
+        registry.register(
+            "rows_held",
+            "Rows this process holds under a lease right now",
+            held.clone(),
+        );
+        registry.register(
+            "leases_lost",
+            "Held rows whose lease the heartbeat could not extend (taken over or cancelled)",
+            leases_lost.clone(),
+        );
         Metrics {
             registry,
             calls,
             finished,
             depth,
             insert_to_document,
+            held,
+            leases_lost,
         }
     }
 
@@ -98,6 +114,14 @@ impl Metrics {
 
     pub fn insert_to_document(&self, d: Duration) {
         self.insert_to_document.observe(d.as_secs_f64());
+    }
+
+    pub fn set_held(&self, n: usize) {
+        self.held.set(n as i64);
+    }
+
+    pub fn leases_lost(&self, n: usize) {
+        self.leases_lost.inc_by(n as u64);
     }
 
     pub fn set_depth(&self, state: &str, n: i64) {

@@ -55,7 +55,9 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// Fallback poll of the table when no NOTIFY arrives.
     pub idle_poll: Duration,
-    /// How long in-flight calls may finish after SIGINT/SIGTERM.
+    /// How long creates already on the wire may take to be answered and recorded after
+    /// SIGINT/SIGTERM (everything else stops at once). At least the HTTP timeout, or a
+    /// create could be abandoned mid-flight.
     pub shutdown_timeout: Duration,
     /// Pause before the first probe of a stopped account (then doubling, capped).
     pub stop_probe_base: Duration,
@@ -73,7 +75,7 @@ impl WorkerConfig {
             qps: 5.0,
             lease: Duration::from_secs(45),
             idle_poll: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(20),
+            shutdown_timeout: Duration::from_secs(45),
             stop_probe_base: Duration::from_secs(30),
             poll: PollPolicy::default(),
             retry: RetryPolicy::default(),
@@ -151,6 +153,7 @@ impl Worker {
         while !cancel.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             shared.release_stray().await;
+            shared.metrics.set_held(shared.leases.len());
             let free = slots.available_permits();
             if free == 0 {
                 tokio::select! {
@@ -182,16 +185,17 @@ impl Worker {
                     .acquire_owned()
                     .await
                     .expect("semaphore is never closed");
-                let held = shared.leases.hold(row.id, row.lease_token);
+                let (held, lease) = shared.leases.hold(row.id, row.lease_token);
                 let span = tracing::info_span!("row", id = row.id, job = tracing::field::Empty);
                 if let Some(job) = &row.upstream_job_id {
                     span.record("job", tracing::field::display(job));
                 }
-                let task = RowTask::new(shared.clone(), row, probe);
+                let task = RowTask::new(shared.clone(), row, probe, lease, cancel.clone());
                 tasks.spawn(
                     async move {
-                        task.run().await;
-                        held.finish();
+                        if task.run().await {
+                            held.finish();
+                        }
                         drop(permit);
                     }
                     .instrument(span),
@@ -208,16 +212,22 @@ impl Worker {
             }
         }
 
-        // Shutdown: no new claims; in-flight rows get the grace period to finish.
+        // Shutdown: no new claims. Steps that sent nothing paid stop at once and their
+        // rows are handed back as they come in; creates on the wire get the grace
+        // period to be answered and recorded (it is at least the HTTP timeout).
         tracing::info!(in_flight = tasks.len(), "stopping: no new claims");
-        let drained = tokio::time::timeout(shared.config.shutdown_timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            shared.release_stray().await;
+        }
+        if !tasks.is_empty() {
             tracing::warn!(
                 left = tasks.len(),
-                "grace period over: abandoning in-flight calls"
+                "grace period over: abandoning in-flight calls (a create among them stays counted as an attempt)"
             );
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}

@@ -3,7 +3,13 @@
 //! lease expired or that a person cancelled is never overwritten.
 //!
 //! Read top to bottom: `run` → `live` → `create` / `poll` → `download` → `settle` →
-//! `store` / `fail` / `new_task_later` / `retry_later`.
+//! `record_task` / `store` / `fail` / `new_task_later` / `retry_later`.
+//!
+//! Spending: a create is a paid report. Before one is sent, `begin_create` commits the
+//! attempt and the intent in one guarded statement (no row, no call); afterwards the
+//! answer settles the intent: a job id is recorded (or kept as an orphan if the row is
+//! no longer ours), "certainly not created" gives the attempt back, and "no usable
+//! answer" keeps it spent. Nothing interrupts a create on the wire, not even shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,20 +19,40 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::account::outcome;
+use super::leases::LeaseFlag;
 use super::policy::Progress;
 use crate::domain::{Document, JobId, RequestState};
-use crate::queue::{self, Claimed, Completed, Created, Fenced, Retry, Snoozed, WriteError};
+use crate::queue::{
+    self, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate, Retry,
+    Snoozed, WriteError,
+};
 use crate::upstream::client::CreateTask;
-use crate::upstream::{TaskStatus, UpstreamError};
+use crate::upstream::{CreateError, TaskStatus, UpstreamError};
+
+/// Time a create may take beyond the HTTP timeout before a claimer that meets its
+/// intent (after a cancel and retry) stops waiting for its answer.
+const CREATE_MARGIN: Duration = Duration::from_secs(5);
 
 /// What one step of a row's life came to.
 #[derive(Debug)]
 enum Outcome {
-    /// The upstream task exists: record its job id and start polling.
-    TaskCreated(JobId),
+    /// The upstream task exists: record its job id and start polling. `started_at` is
+    /// the intent it was created under.
+    TaskCreated {
+        job: JobId,
+        started_at: DateTime<Utc>,
+    },
+    /// The create was sent and no usable answer came back: its attempt stays spent.
+    Unanswered {
+        error: UpstreamError,
+        attempt: i32,
+        unanswered: i32,
+        started_at: DateTime<Utc>,
+    },
     /// The task is not ready yet: poll again at this time (a snooze, not an attempt).
     NotReady { next_poll_at: DateTime<Utc> },
     /// The report is downloaded and verified: store it and finish the row.
@@ -35,12 +61,25 @@ enum Outcome {
     /// refuses to talk about it): a new task while attempts remain, else failed.
     TaskLost { code: Option<i32>, why: String },
     /// The request can never succeed: fail it.
-    Refused { code: Option<i32>, message: String },
+    Refused {
+        code: Option<i32>,
+        message: String,
+        intent: Intent,
+    },
     /// Trouble that is not the row's fault (transient, rate limited, account stop):
     /// try the same step again later.
-    Trouble(UpstreamError),
-    /// Nothing to do (a row in a state the engine does not work on).
-    Nothing,
+    Trouble {
+        error: UpstreamError,
+        intent: Intent,
+    },
+    /// A create sent before a cancel and retry is still on the wire: wait for it.
+    WaitForCreate,
+    /// Already written by the statement that decided it (an orphan was adopted).
+    Written,
+    /// The row is no longer ours: nothing to write.
+    LeaseLost,
+    /// Shutdown interrupted a step that had sent nothing paid: the row is handed back.
+    Interrupted,
 }
 
 pub(super) struct RowTask {
@@ -50,6 +89,10 @@ pub(super) struct RowTask {
     probe: bool,
     /// When the row was claimed, to tell the database's time from `row.db_now`.
     claimed_at: Instant,
+    /// Raised by the heartbeat when it could not extend this row's lease.
+    lease: LeaseFlag,
+    /// Cancelled at shutdown: steps that sent nothing paid stop at once.
+    stopping: CancellationToken,
     /// Whether the provider's metered API answered normally (a success or a refusal
     /// about this request): what ends an account stop when this row is the probe.
     answered_normally: AtomicBool,
@@ -71,24 +114,38 @@ fn unit() -> f64 {
 }
 
 impl RowTask {
-    pub(super) fn new(shared: Arc<Shared>, row: Claimed, probe: bool) -> RowTask {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        row: Claimed,
+        probe: bool,
+        lease: LeaseFlag,
+        stopping: CancellationToken,
+    ) -> RowTask {
         RowTask {
             shared,
             row,
             probe,
             claimed_at: Instant::now(),
+            lease,
+            stopping,
             answered_normally: AtomicBool::new(false),
         }
     }
 
     /// The whole of this claim: one step of the row's life, its outcome written, and
     /// the account's stop lifted when this row was the probe and the provider answered.
-    pub(super) async fn run(self) {
+    /// Returns false when the row was not finished with (shutdown interrupted it) and
+    /// must be handed back.
+    pub(super) async fn run(self) -> bool {
         let outcome = self.live().await;
+        if matches!(outcome, Outcome::Interrupted) {
+            return false;
+        }
         self.settle(outcome).await;
         if self.probe && self.answered_normally.load(Ordering::Relaxed) {
             self.shared.account.clear_stop().await;
         }
+        true
     }
 
     async fn live(&self) -> Outcome {
@@ -97,13 +154,15 @@ impl RowTask {
             RequestState::Generating => self.poll().await,
             other => {
                 tracing::warn!(state = %other, "claimed a row in an unexpected state");
-                Outcome::Nothing
+                Outcome::LeaseLost
             }
         }
     }
 
-    /// Creates the upstream task. Not retried in-process: a create that timed out may
-    /// have created a paid task, so the next try waits for its persisted schedule.
+    /// Creates the upstream task, under a committed intent. Never retried in-process
+    /// after an unanswered create: that may have made a paid task, so the next try is a
+    /// new attempt after its persisted backoff. Tries that certainly made no task (a
+    /// refused token, "too fast") give their attempt back and go again at once.
     async fn create(&self) -> Outcome {
         let task = CreateTask {
             company_name: self.row.company_name.clone(),
@@ -111,12 +170,143 @@ impl RowTask {
             org_number: self.row.org_number.clone(),
             report_type: Some(self.row.report_type),
         };
-        let client = &self.shared.client;
-        match self.paced("create", || client.create_task(&task)).await {
-            Ok(job) => Outcome::TaskCreated(job),
-            Err(UpstreamError::Rejected { code, message }) => Outcome::Refused { code, message },
-            Err(e) => Outcome::Trouble(e),
+        let shared = &self.shared;
+        let (mut token_refused, mut rate_limited) = (false, 0);
+        loop {
+            // The token before the intent: a create's time budget is for the create alone.
+            if let Err(error) = shared.client.ensure_token().await {
+                let intent = Intent::Keep;
+                return Outcome::Trouble { error, intent };
+            }
+            if self.lease.is_lost() {
+                return Outcome::LeaseLost;
+            }
+            if let Some(stop) = self.unless_stopping(shared.account.wait_for_slot()).await {
+                if let Err(error) = stop {
+                    let intent = Intent::Keep;
+                    return Outcome::Trouble { error, intent };
+                }
+            } else {
+                return Outcome::Interrupted;
+            }
+            let (attempt, unanswered, started_at) = match self.begin_create().await {
+                Ok(CreateIntent::Go {
+                    attempt,
+                    unanswered,
+                    started_at,
+                }) => (attempt, unanswered, started_at),
+                Ok(CreateIntent::Wait { until }) => {
+                    tracing::info!(%until, "a create sent before a cancel and retry is still on the wire: waiting for it");
+                    return Outcome::WaitForCreate;
+                }
+                Ok(CreateIntent::Adopted { job }) => {
+                    tracing::Span::current().record("job", tracing::field::display(&job));
+                    tracing::info!("adopted the task bought for this row earlier: no new create");
+                    return Outcome::Written;
+                }
+                Ok(CreateIntent::Exhausted {
+                    attempts,
+                    unanswered,
+                }) => {
+                    return Outcome::Refused {
+                        code: None,
+                        message: spent_message(
+                            attempts,
+                            unanswered,
+                            "the last create got no answer",
+                        ),
+                        intent: Intent::Keep,
+                    };
+                }
+                Ok(CreateIntent::Lost) => return Outcome::LeaseLost,
+                Err(e) => {
+                    let error = UpstreamError::transient(format!(
+                        "cannot record the create intent (nothing was sent): {e}"
+                    ));
+                    let intent = Intent::Keep;
+                    return Outcome::Trouble { error, intent };
+                }
+            };
+            let result = shared.client.create_task(&task).await;
+            shared.metrics.call("create", create_outcome(&result));
+            if matches!(
+                result,
+                Ok(_) | Err(CreateError::NotCreated(UpstreamError::Rejected { .. }))
+            ) {
+                self.answered_normally.store(true, Ordering::Relaxed);
+            }
+            let refund = Intent::Refund;
+            match result {
+                Ok(job) => return Outcome::TaskCreated { job, started_at },
+                Err(CreateError::Unknown(error)) => {
+                    return Outcome::Unanswered {
+                        error,
+                        attempt,
+                        unanswered: unanswered + 1,
+                        started_at,
+                    };
+                }
+                Err(CreateError::NotCreated(
+                    UpstreamError::Unauthorized { .. } | UpstreamError::BadCredentials { .. },
+                )) if !token_refused => token_refused = true,
+                Err(CreateError::NotCreated(UpstreamError::BadCredentials { message })) => {
+                    let error = UpstreamError::stop_all(67200003, message);
+                    return Outcome::Trouble {
+                        error,
+                        intent: refund,
+                    };
+                }
+                Err(CreateError::NotCreated(UpstreamError::RateLimited { .. }))
+                    if rate_limited < 3 =>
+                {
+                    rate_limited += 1;
+                    shared.account.slow_down().await;
+                }
+                Err(CreateError::NotCreated(UpstreamError::Rejected { code, message })) => {
+                    return Outcome::Refused {
+                        code,
+                        message,
+                        intent: refund,
+                    };
+                }
+                Err(CreateError::NotCreated(error)) => {
+                    return Outcome::Trouble {
+                        error,
+                        intent: refund,
+                    };
+                }
+            }
+            // Certainly no task was made: give the attempt back and go again.
+            let (pool, row) = (&shared.pool, &self.row);
+            let refunded = self
+                .write("refund the attempt", || {
+                    queue::refund_create(pool, row.id, row.lease_token)
+                })
+                .await;
+            if refunded != Some(Fenced::Written) {
+                return Outcome::LeaseLost;
+            }
         }
+    }
+
+    async fn begin_create(&self) -> Result<CreateIntent, sqlx::Error> {
+        let shared = &self.shared;
+        let budget = shared.client.config().timeout + CREATE_MARGIN;
+        let policy = &shared.config.poll;
+        (|| {
+            queue::begin_create(
+                &shared.pool,
+                self.row.id,
+                self.row.lease_token,
+                &shared.config.owner,
+                budget,
+                policy.window,
+                policy.first_poll_delay(),
+            )
+        })
+        .retry(queue::backoff())
+        .when(queue::is_retryable)
+        .await
     }
 
     /// Asks the provider how the task is doing; downloads it when it is ready.
@@ -125,13 +315,19 @@ impl RowTask {
             return Outcome::Refused {
                 code: None,
                 message: "generating without a valid upstream job id".into(),
+                intent: Intent::Keep,
             };
         };
+        if self.lease.is_lost() {
+            return Outcome::LeaseLost;
+        }
         let client = &self.shared.client;
         let status = (|| self.paced("status", || client.task_status(&job)))
             .retry(immediate_retries())
-            .when(|e| matches!(e, UpstreamError::Transient { .. }))
-            .await;
+            .when(|e| matches!(e, UpstreamError::Transient { .. }));
+        let Some(status) = self.unless_stopping(status).await else {
+            return Outcome::Interrupted;
+        };
         let progress = match status {
             Ok(TaskStatus::Ready { download_url }) => {
                 return self.download(&job, &download_url).await;
@@ -151,7 +347,10 @@ impl RowTask {
                     why: format!("status of job {job} refused: {message}"),
                 };
             }
-            Err(e) => return Outcome::Trouble(e),
+            Err(error) => {
+                let intent = Intent::Keep;
+                return Outcome::Trouble { error, intent };
+            }
         };
         let policy = &self.shared.config.poll;
         let created = self.row.upstream_created_at.unwrap_or(self.row.db_now);
@@ -181,32 +380,52 @@ impl RowTask {
             r
         })
         .retry(immediate_retries())
-        .when(|e| matches!(e, UpstreamError::Transient { .. }))
-        .await;
+        .when(|e| matches!(e, UpstreamError::Transient { .. }));
+        let Some(result) = self.unless_stopping(result).await else {
+            return Outcome::Interrupted;
+        };
         match result {
             Ok(document) => Outcome::Downloaded(document),
-            Err(UpstreamError::Rejected { code, message }) => Outcome::Refused { code, message },
-            Err(e) => Outcome::Trouble(e),
+            Err(UpstreamError::Rejected { code, message }) => Outcome::Refused {
+                code,
+                message,
+                intent: Intent::Keep,
+            },
+            Err(error) => {
+                let intent = Intent::Keep;
+                Outcome::Trouble { error, intent }
+            }
         }
     }
 
     /// Writes the outcome of this claim, fenced by its lease token.
     async fn settle(&self, outcome: Outcome) {
         match outcome {
-            Outcome::TaskCreated(job) => {
-                tracing::Span::current().record("job", tracing::field::display(&job));
-                tracing::debug!("upstream task created");
-                let created = Created {
-                    id: self.row.id,
-                    token: self.row.lease_token,
-                    job_id: job,
-                    first_poll_in: self.shared.config.poll.first_poll_delay(),
+            Outcome::TaskCreated { job, started_at } => self.record_task(job, started_at).await,
+            Outcome::Unanswered {
+                error,
+                attempt,
+                unanswered,
+                started_at,
+            } => {
+                let written = if attempt < self.row.max_attempts {
+                    let delay = self.shared.config.retry.new_task_delay(attempt, unit());
+                    tracing::warn!(%error, attempt, ?delay, "the create got no usable answer: the attempt counts, a new task later");
+                    let message = CreateError::Unknown(error.clone()).to_string();
+                    self.retry_write(
+                        Retry::Noted,
+                        error.code(),
+                        &message,
+                        delay,
+                        Intent::Unanswered,
+                    )
+                    .await
+                } else {
+                    let message = spent_message(attempt, unanswered, &error.to_string());
+                    self.fail(error.code(), &message, Intent::Unanswered).await
                 };
-                let reply = self.shared.writer.created(created).await;
-                if self.fenced("mark generating", reply) != Some(Fenced::Written) {
-                    tracing::warn!(
-                        "an upstream task was created for a row this worker no longer holds"
-                    );
+                if written == Some(Fenced::Lost) {
+                    self.forget_create(started_at).await;
                 }
             }
             Outcome::NotReady { next_poll_at } => {
@@ -220,9 +439,84 @@ impl RowTask {
             }
             Outcome::Downloaded(document) => self.store(document).await,
             Outcome::TaskLost { code, why } => self.new_task_later(code, &why).await,
-            Outcome::Refused { code, message } => self.fail(code, &message).await,
-            Outcome::Trouble(e) => self.retry_later(e).await,
-            Outcome::Nothing => {}
+            Outcome::Refused {
+                code,
+                message,
+                intent,
+            } => {
+                self.fail(code, &message, intent).await;
+            }
+            Outcome::Trouble { error, intent } => self.retry_later(error, intent).await,
+            Outcome::WaitForCreate => {
+                let (pool, row) = (&self.shared.pool, &self.row);
+                self.write("wait for the create on the wire", || {
+                    queue::wait_for_create(pool, row.id, row.lease_token)
+                })
+                .await;
+            }
+            Outcome::Written | Outcome::LeaseLost | Outcome::Interrupted => {}
+        }
+    }
+
+    /// The task exists and is paid for: its job id must not be lost. Written to the row
+    /// (retried for as long as the database is unreachable: the heartbeat keeps the
+    /// lease meanwhile); if the row is no longer ours, kept as an orphan — adopted at
+    /// once when the row waits for exactly this create (a cancel and retry while it was
+    /// on the wire), otherwise recorded for a later retry and for operators.
+    async fn record_task(&self, job: JobId, started_at: DateTime<Utc>) {
+        tracing::Span::current().record("job", tracing::field::display(&job));
+        tracing::debug!("upstream task created");
+        let shared = &self.shared;
+        let created = Created {
+            id: self.row.id,
+            token: self.row.lease_token,
+            job_id: job.clone(),
+            first_poll_in: shared.config.poll.first_poll_delay(),
+        };
+        let mut pause = Duration::from_millis(200);
+        let reason = loop {
+            match shared.writer.created(created.clone()).await {
+                Ok(Fenced::Written) => return,
+                Ok(Fenced::Lost) => {
+                    break "the row was cancelled or taken over while its create was on the wire"
+                        .to_string();
+                }
+                Err(WriteError::Refused { message, .. }) => {
+                    break format!("the job id could not be written to its row: {message}");
+                }
+                Err(WriteError::Unavailable(e)) => {
+                    tracing::error!(job = %job, error = %e, "cannot record the new task's job id yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let orphan = Orphan {
+            request_id: self.row.id,
+            job_id: job.clone(),
+            started_at: Some(started_at),
+            account: shared.config.account.clone(),
+            report_type: self.row.report_type,
+            reason,
+        };
+        let first_poll = shared.config.poll.first_poll_delay();
+        let fate = (|| queue::adopt_or_record_orphan(&shared.pool, &orphan, first_poll))
+            .retry(queue::backoff().with_max_times(usize::MAX))
+            .when(queue::is_retryable)
+            .notify(|e, _| tracing::error!(job = %job, error = %e, "cannot record the orphaned task yet; retrying"))
+            .await;
+        match fate {
+            Ok(OrphanFate::Adopted) => {
+                tracing::info!(
+                    "the row was retried while its create was on the wire: it adopted this task"
+                )
+            }
+            Ok(OrphanFate::Recorded) => {
+                tracing::warn!(reason = %orphan.reason, "a paid task has no row to go to: kept in report_orphan_tasks")
+            }
+            Err(e) => {
+                tracing::error!(job = %job, error = %e, "could not record an orphaned paid task")
+            }
         }
     }
 
@@ -244,17 +538,18 @@ impl RowTask {
         }
     }
 
-    async fn fail(&self, code: Option<i32>, message: &str) {
+    async fn fail(&self, code: Option<i32>, message: &str, intent: Intent) -> Option<Fenced> {
         let (pool, row) = (&self.shared.pool, &self.row);
         let written = self
             .write("fail", || {
-                queue::fail(pool, row.id, row.lease_token, code, message)
+                queue::fail(pool, row.id, row.lease_token, code, message, intent)
             })
             .await;
         if written == Some(Fenced::Written) {
             self.shared.metrics.finished("failed");
             tracing::info!(?code, message, "report failed");
         }
+        written
     }
 
     /// The current upstream task is lost: a new task after a backoff while attempts
@@ -280,21 +575,21 @@ impl RowTask {
             .await;
         } else {
             let message = format!("{why} (after {} upstream tasks)", row.attempts);
-            self.fail(code, &message).await;
+            self.fail(code, &message, Intent::Keep).await;
         }
     }
 
     /// Trouble that is not the row's fault: transient errors back off (and fail the row
     /// only once the retry budget is spent), rate limits retry soon, account stops are
     /// recorded for every process and leave the row as it was.
-    async fn retry_later(&self, e: UpstreamError) {
+    async fn retry_later(&self, e: UpstreamError, intent: Intent) {
         let code = e.code();
         let message = e.to_string();
         let (kind, delay) = match &e {
             UpstreamError::AccountStop { .. } => {
                 let on_create = self.row.state == RequestState::Queued;
                 self.shared.account.record_stop(&e, on_create).await;
-                (Retry::Stopped, Duration::ZERO)
+                (Retry::Noted, Duration::ZERO)
             }
             UpstreamError::RateLimited { .. } => (
                 Retry::Quiet,
@@ -311,7 +606,7 @@ impl RowTask {
                         "gave up after {} of transient errors; last: {message}",
                         humantime::format_duration(retry.budget)
                     );
-                    self.fail(code, &why).await;
+                    self.fail(code, &why, intent).await;
                     return;
                 }
                 let n = (self.row.transient_errors + 1).max(1) as u32;
@@ -320,11 +615,42 @@ impl RowTask {
                 (Retry::Transient, delay)
             }
         };
+        self.retry_write(kind, code, &message, delay, intent).await;
+    }
+
+    async fn retry_write(
+        &self,
+        kind: Retry,
+        code: Option<i32>,
+        message: &str,
+        delay: Duration,
+        intent: Intent,
+    ) -> Option<Fenced> {
         let (pool, row) = (&self.shared.pool, &self.row);
         self.write("retry later", || {
-            queue::retry_later(pool, row.id, row.lease_token, kind, code, &message, delay)
+            queue::retry_later(
+                pool,
+                row.id,
+                row.lease_token,
+                kind,
+                code,
+                message,
+                delay,
+                intent,
+            )
         })
-        .await;
+        .await
+    }
+
+    /// The create's answer could not be written to the row (cancelled or taken over):
+    /// clear its intent so that a retry of the row does not wait for it.
+    async fn forget_create(&self, started_at: DateTime<Utc>) {
+        let pool = &self.shared.pool;
+        let id = self.row.id;
+        let _ = (|| queue::forget_create(pool, id, started_at))
+            .retry(queue::backoff())
+            .when(queue::is_retryable)
+            .await;
     }
 
     /// Waits for the account's next call slot, then calls the metered API; notes
@@ -340,6 +666,16 @@ impl RowTask {
             self.answered_normally.store(true, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Runs `step` unless shutdown begins first (then `None`: the step is dropped).
+    /// Only for steps that cost nothing when dropped: never a create on the wire.
+    async fn unless_stopping<T>(&self, step: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.stopping.cancelled() => None,
+            r = step => Some(r),
+        }
     }
 
     /// A write fenced by this claim, retried through a restart or a dropped connection.
@@ -382,5 +718,27 @@ impl RowTask {
     /// The database's clock now, from the claim's reading plus local elapsed time.
     fn now(&self) -> DateTime<Utc> {
         self.row.db_now + chrono::Duration::from_std(self.claimed_at.elapsed()).unwrap_or_default()
+    }
+}
+
+/// How metrics name a create's result.
+fn create_outcome<T>(r: &Result<T, CreateError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(CreateError::Unknown(_)) => "unanswered",
+        Err(CreateError::NotCreated(e)) => outcome::<()>(&Err(e.clone())),
+    }
+}
+
+/// Why a row whose attempts are spent failed: how many tasks it paid for and how many
+/// creates got no answer (each may be a paid task at the provider without a job id
+/// here).
+fn spent_message(attempts: i32, unanswered: i32, last: &str) -> String {
+    if unanswered > 0 {
+        format!(
+            "gave up after {attempts} upstream tasks: {unanswered} of the creates got no usable answer, so up to {unanswered} paid tasks may exist at the provider without a job id here; last: {last}"
+        )
+    } else {
+        format!("gave up after {attempts} upstream tasks; last: {last}")
     }
 }

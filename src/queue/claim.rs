@@ -115,26 +115,29 @@ pub async fn next_poll_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::E
     Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 
-/// Extends the leases this worker still holds.
-pub async fn heartbeat(
-    pool: &PgPool,
+/// Extends the leases this worker still holds (never shortening one a create intent
+/// extended further); returns the ids whose lease was extended. A held row missing from
+/// the answer is no longer ours.
+pub async fn heartbeat<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     owner: &str,
     held: &[(i64, i64)],
     lease: Duration,
-) -> Result<u64, sqlx::Error> {
+) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    let r = sqlx::query(
-        "UPDATE report_requests r SET lease_expires_at = now() + $4 * interval '1 second'
+    sqlx::query_scalar(
+        "UPDATE report_requests r
+            SET lease_expires_at = greatest(r.lease_expires_at, now() + $4 * interval '1 second')
            FROM unnest($2::bigint[], $3::bigint[]) AS h (id, token)
-          WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1",
+          WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
+         RETURNING r.id",
     )
     .bind(owner)
     .bind(ids)
     .bind(tokens)
     .bind(secs(lease))
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected())
+    .fetch_all(executor)
+    .await
 }
 
 /// Gives rows back at once (shutdown): another worker may claim them immediately.

@@ -33,6 +33,46 @@ pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, D
     open(url, max_connections, max_connections).await
 }
 
+/// `connect_worker`, waiting for a database that is not there yet (restarting, failing
+/// over, starting up): each failed try is logged and retried with backoff (250 ms,
+/// doubling, at most 10 s apart) until it answers, or until `give_up_after` when set.
+/// Errors that waiting cannot fix (a bad URL, refused credentials, a missing database)
+/// are returned at once.
+pub async fn connect_worker_patiently(
+    url: &str,
+    max_connections: u32,
+    give_up_after: Option<Duration>,
+) -> Result<PgPool, DbError> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let error = match connect_worker(url, max_connections).await {
+            Ok(pool) => match super::is_migrated(&pool).await {
+                Ok(_) => return Ok(pool),
+                Err(source) => {
+                    pool.close().await;
+                    DbError::Unreachable {
+                        url: redact_url(url),
+                        source,
+                    }
+                }
+            },
+            Err(e) => e,
+        };
+        let waiting_helps =
+            matches!(&error, DbError::Unreachable { source, .. } if super::is_retryable(source));
+        let out_of_time = give_up_after.is_some_and(|limit| started.elapsed() + pause > limit);
+        if !waiting_helps || out_of_time {
+            return Err(error);
+        }
+        tracing::warn!(try_number = tries, retry_in = ?pause, %error, "the database is not ready; waiting for it");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
 async fn open(url: &str, max_connections: u32, min_connections: u32) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(|source| DbError::BadUrl {
         url: redact_url(url),

@@ -3,6 +3,7 @@
 //! - `connect`: pools and the migrations in `migrations/`;
 //! - `enqueue`: applications' and the CSV loader's inserts;
 //! - `claim`: claiming due rows under a lease, heartbeats, releasing;
+//! - `creates`: the create intent, committed before a paid create is sent, and orphans;
 //! - `outcomes`: a claimed row's fenced writes (task created, snoozed, stored, failed…);
 //! - `accounts`: the account-wide stop and the shared call pacing;
 //! - `stats`: what operators read (per-state statistics, stops);
@@ -15,6 +16,7 @@
 mod accounts;
 mod claim;
 mod connect;
+mod creates;
 mod documents;
 mod enqueue;
 pub mod fixtures;
@@ -27,7 +29,10 @@ use backon::ExponentialBuilder;
 
 pub use accounts::*;
 pub use claim::*;
-pub use connect::{DbError, MIGRATOR, connect, connect_worker, is_migrated, migrate};
+pub use connect::{
+    DbError, MIGRATOR, connect, connect_worker, connect_worker_patiently, is_migrated, migrate,
+};
+pub use creates::*;
 pub use documents::*;
 pub use enqueue::*;
 pub use outcomes::*;
@@ -35,6 +40,26 @@ pub use stats::*;
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retryable_sqlstate;
+
+    #[test]
+    fn sqlstates_that_mean_not_now_are_retried() {
+        for code in [
+            "08000", "08006", "08P01", "57P01", "57P02", "57P03", "40001", "40P01", "53300",
+            "53200", "25006", "55P03", "57014",
+        ] {
+            assert!(retryable_sqlstate(code), "{code}");
+        }
+        for code in [
+            "23505", "23514", "22001", "42P01", "42703", "22P02", "P0001",
+        ] {
+            assert!(!retryable_sqlstate(code), "{code}");
+        }
+    }
 }
 
 /// What a write fenced by a claim's `lease_token` found.
@@ -85,13 +110,34 @@ impl From<sqlx::Error> for WriteError {
     }
 }
 
-/// Whether a failed statement is worth trying again: connection trouble (a restart,
-/// a dropped connection) is; an error the server raised about the statement is not.
+/// Whether a failed statement is worth trying again. Connection trouble is (a restart,
+/// a failover, a dropped connection), and so are the server's errors that say "not now"
+/// rather than "not this": by SQLSTATE, connection exceptions (`08…`), shutdown and
+/// recovery (`57P01`, `57P02`, `57P03`), serialization failures and deadlocks (`40001`,
+/// `40P01`), insufficient resources (`53…`: too many connections, out of memory or
+/// disk), a read-only transaction (`25006`: a replica after a failover), and our own
+/// `lock_timeout`/`statement_timeout` (`55P03`, `57014`). Constraint and data errors,
+/// and anything the server says about the statement itself, are not.
 pub fn is_retryable(e: &sqlx::Error) -> bool {
-    !matches!(
-        e,
-        sqlx::Error::Database(_) | sqlx::Error::RowNotFound | sqlx::Error::ColumnNotFound(_)
-    )
+    match e {
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| retryable_sqlstate(&code)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        _ => false,
+    }
+}
+
+fn retryable_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "25006" | "55P03" | "57014"
+        )
 }
 
 /// How statements are retried through a restart or a dropped connection.

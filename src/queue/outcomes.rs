@@ -16,8 +16,8 @@ use crate::domain::{Document, JobId};
 // its statistics are stale — as they always are in a busy queue. The expression keeps
 // the lookup on the primary key.
 
-/// The upstream task exists: commit its job id, creation time and the spent attempt
-/// before anything else happens. Returns false when the claim was lost.
+/// The upstream task exists: commit its job id and creation time (its attempt was
+/// counted by the create intent) before anything else happens.
 pub async fn mark_generating(
     pool: &PgPool,
     id: i64,
@@ -33,6 +33,39 @@ pub async fn mark_generating(
     };
     let written = mark_generating_batch(pool, std::slice::from_ref(&item)).await?;
     Ok(Fenced::from_rows(written.len() as u64))
+}
+
+/// What an outcome write does to the row's create intent (see `creates`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// This claim sent no create (a poll, or the row waits for another's): leave it.
+    Keep,
+    /// The create was certainly not made (not sent, or refused explicitly): its attempt
+    /// is given back, the intent cleared.
+    Refund,
+    /// The create got no usable answer: its attempt stays spent and is counted as
+    /// unanswered, the intent cleared.
+    Unanswered,
+}
+
+/// The SET clauses for an `Intent` bound as `$refund, $unanswered, $keep`.
+macro_rules! intent_sets {
+    ($refund:literal, $unanswered:literal, $keep:literal) => {
+        concat!(
+            "attempts = attempts - CASE WHEN ",
+            $refund,
+            " AND create_started_at IS NOT NULL THEN 1 ELSE 0 END, ",
+            "unanswered_creates = unanswered_creates + CASE WHEN ",
+            $unanswered,
+            " AND create_started_at IS NOT NULL THEN 1 ELSE 0 END, ",
+            "create_started_at = CASE WHEN ",
+            $keep,
+            " THEN create_started_at END, ",
+            "create_deadline = CASE WHEN ",
+            $keep,
+            " THEN create_deadline END"
+        )
+    };
 }
 
 /// One row whose upstream task was just created.
@@ -52,7 +85,7 @@ pub async fn mark_generating_batch(
     sqlx::query_scalar(
         "UPDATE report_requests r
             SET state = 'generating', upstream_job_id = b.job, upstream_created_at = now(),
-                attempts = r.attempts + 1, polls = 0,
+                create_started_at = NULL, create_deadline = NULL, polls = 0,
                 next_poll_at = now() + b.delay * interval '1 second',
                 transient_errors = 0, transient_since = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -137,18 +170,23 @@ pub async fn fail(
     token: i64,
     code: Option<i32>,
     message: &str,
+    intent: Intent,
 ) -> Result<Fenced, sqlx::Error> {
-    let r = sqlx::query(
+    let r = sqlx::query(concat!(
         "UPDATE report_requests
             SET state = 'failed', finished_at = now(), updated_at = now(), next_poll_at = NULL,
                 last_error_code = $3, last_error = $4, last_error_at = now(),
-                lease_owner = NULL, lease_expires_at = NULL
-          WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')",
-    )
+                lease_owner = NULL, lease_expires_at = NULL, ",
+        intent_sets!("$5", "$6", "$7"),
+        " WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')"
+    ))
     .bind(id)
     .bind(token)
     .bind(code)
     .bind(message)
+    .bind(intent == Intent::Refund)
+    .bind(intent == Intent::Unanswered)
+    .bind(intent == Intent::Keep)
     .execute(pool)
     .await?;
     Ok(Fenced::from_rows(r.rows_affected()))
@@ -182,18 +220,20 @@ pub async fn requeue_for_new_task(
     Ok(Fenced::from_rows(r.rows_affected()))
 }
 
-/// How a row goes back after trouble that is not its fault.
+/// How a row goes back for a later try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
     /// Transient trouble: counts toward the row's retry budget and is recorded.
     Transient,
-    /// An account stop: recorded on the row, but no budget is spent.
-    Stopped,
+    /// Recorded on the row, but no budget is spent: an account stop, or a create that
+    /// got no answer (it spent an attempt instead).
+    Noted,
     /// Rate limited: nothing recorded, nothing spent.
     Quiet,
 }
 
 /// Puts a row back for a later try of the same step (create or poll) after `delay`.
+#[allow(clippy::too_many_arguments)]
 pub async fn retry_later(
     pool: &PgPool,
     id: i64,
@@ -202,8 +242,9 @@ pub async fn retry_later(
     code: Option<i32>,
     message: &str,
     delay: Duration,
+    intent: Intent,
 ) -> Result<Fenced, sqlx::Error> {
-    let r = sqlx::query(
+    let r = sqlx::query(concat!(
         "UPDATE report_requests
             SET run_after = CASE WHEN state = 'queued' THEN now() + $7 * interval '1 second' ELSE run_after END,
                 next_poll_at = CASE WHEN state = 'generating' THEN now() + $7 * interval '1 second' ELSE next_poll_at END,
@@ -212,9 +253,10 @@ pub async fn retry_later(
                 last_error_code = CASE WHEN $4 THEN $5 ELSE last_error_code END,
                 last_error = CASE WHEN $4 THEN $6 ELSE last_error END,
                 last_error_at = CASE WHEN $4 THEN now() ELSE last_error_at END,
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-          WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')",
-    )
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), ",
+        intent_sets!("$8", "$9", "$10"),
+        " WHERE id = $1 AND lease_token = $2 AND state IN ('queued', 'generating')"
+    ))
     .bind(id)
     .bind(token)
     .bind(kind == Retry::Transient)
@@ -222,6 +264,9 @@ pub async fn retry_later(
     .bind(code)
     .bind(message)
     .bind(secs(delay))
+    .bind(intent == Intent::Refund)
+    .bind(intent == Intent::Unanswered)
+    .bind(intent == Intent::Keep)
     .execute(pool)
     .await?;
     Ok(Fenced::from_rows(r.rows_affected()))

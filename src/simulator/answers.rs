@@ -51,6 +51,14 @@ pub(super) fn fault_response(fault: &Fault) -> Option<Response> {
             "{\"data\":{\"job_id\":",
         )
             .into_response(),
+        Fault::CreatedThenReset => reset_response(),
+        Fault::CreatedThenHttp { status } => {
+            return fault_response(&Fault::Http { status: *status });
+        }
+        Fault::CreatedThenUnreadable => ok(json!({ "job_id": "pending" })),
+        Fault::CreatedThenStatusFalse => {
+            Json(json!({"data": null, "status": false})).into_response()
+        }
         Fault::Slow { .. } | Fault::Html | Fault::JobFailed => return None,
     })
 }

@@ -146,10 +146,12 @@ pub(super) async fn create(
     body: Bytes,
 ) -> Response {
     let arrived = std::time::SystemTime::now();
-    let (slow, _) = match s.gate("create", &headers, &query) {
+    let (slow, then) = match s.gate("create", &headers, &query) {
         Gate::Answer(r) => return r,
-        Gate::Pass { slow, job_failed } => (slow, job_failed),
+        Gate::Pass { slow, then, .. } => (slow, then),
     };
+    // Like the real provider, the task exists as soon as the request is accepted; the
+    // answer takes its time (and a client that gives up waiting has still paid).
     let latency = {
         let (lo, hi) = s.config.create_latency;
         let mut inner = s.lock();
@@ -158,10 +160,10 @@ pub(super) async fn create(
         } else {
             lo
         }
-    };
-    tokio::time::sleep(latency + slow.unwrap_or_default()).await;
+    } + slow.unwrap_or_default();
     let Ok(request) = serde_json::from_slice::<CreateBody>(&body) else {
         s.count("create:68300007".into());
+        tokio::time::sleep(latency).await;
         return envelope_error(68300007);
     };
     let report_type = request.report_type.as_deref().and_then(|t| match t {
@@ -176,6 +178,7 @@ pub(super) async fn create(
         && !credit_code_checksum_ok(request.credit_code.as_deref().unwrap_or(""));
     let (Some(report_type), false, false) = (report_type, no_identifier, bad_code) else {
         s.count("create:68300004".into());
+        tokio::time::sleep(latency).await;
         return envelope_error(68300004);
     };
     let company = company_for(&request);
@@ -221,9 +224,18 @@ pub(super) async fn create(
         inner.stats.tasks_created += 1;
         inner.first_create.entry(key.clone()).or_insert(arrived);
         *inner.stats.tasks_per_company.entry(key).or_default() += 1;
-        *inner.stats.calls.entry("create:ok".into()).or_default() += 1;
+        let outcome = then.as_ref().map_or("ok".to_string(), Fault::outcome);
+        *inner
+            .stats
+            .calls
+            .entry(format!("create:{outcome}"))
+            .or_default() += 1;
         id
     };
+    tokio::time::sleep(latency).await;
+    if let Some(response) = then.as_ref().and_then(fault_response) {
+        return response;
+    }
     // serde_json writes u64 exactly: a JSON number above 2^53, like the provider's.
     ok(json!({ "job_id": job_id }))
 }
@@ -235,7 +247,9 @@ pub(super) async fn status(
 ) -> Response {
     let (slow, job_failed) = match s.gate("status", &headers, &query) {
         Gate::Answer(r) => return r,
-        Gate::Pass { slow, job_failed } => (slow, job_failed),
+        Gate::Pass {
+            slow, job_failed, ..
+        } => (slow, job_failed),
     };
     if let Some(d) = slow {
         tokio::time::sleep(d).await;

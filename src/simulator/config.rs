@@ -122,6 +122,30 @@ pub enum Fault {
     Html,
     /// For status calls: job_status 3 for this task from now on.
     JobFailed,
+    /// For creates: the task is made (and paid for), then the connection breaks off
+    /// before the answer is complete.
+    CreatedThenReset,
+    /// For creates: the task is made, then this HTTP status comes back (a gateway's
+    /// 5xx page, no provider code).
+    CreatedThenHttp { status: u16 },
+    /// For creates: the task is made, then a success comes back whose job id cannot be
+    /// read.
+    CreatedThenUnreadable,
+    /// For creates: the task is made, then `status:false` comes back without a code.
+    CreatedThenStatusFalse,
+}
+
+impl Fault {
+    /// Faults that strike a create after its task was made: the answer is lost.
+    pub(super) fn after_create(&self) -> bool {
+        matches!(
+            self,
+            Fault::CreatedThenReset
+                | Fault::CreatedThenHttp { .. }
+                | Fault::CreatedThenUnreadable
+                | Fault::CreatedThenStatusFalse
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,6 +202,10 @@ impl Fault {
             Fault::Slow { .. } => "slow".into(),
             Fault::Html => "html".into(),
             Fault::JobFailed => "job_failed".into(),
+            Fault::CreatedThenReset => "created_then_reset".into(),
+            Fault::CreatedThenHttp { status } => format!("created_then_{status}"),
+            Fault::CreatedThenUnreadable => "created_then_unreadable".into(),
+            Fault::CreatedThenStatusFalse => "created_then_status_false".into(),
         }
     }
 }

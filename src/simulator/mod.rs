@@ -141,6 +141,11 @@ impl Simulator {
         self.shared.lock().injections.push(injection);
     }
 
+    /// Forgets every injection still pending.
+    pub fn clear_injections(&self) {
+        self.shared.lock().injections.clear();
+    }
+
     /// When the first create call for `identifier` arrived, if any.
     pub fn first_create(&self, identifier: &str) -> Option<std::time::SystemTime> {
         self.shared.lock().first_create.get(identifier).copied()

@@ -100,6 +100,8 @@ pub(super) enum Gate {
     Pass {
         slow: Option<Duration>,
         job_failed: bool,
+        /// A fault that strikes after the work is done (a create's lost answer).
+        then: Option<Fault>,
     },
     Answer(Response),
 }
@@ -159,12 +161,14 @@ impl Shared {
         }
         let mut slow = None;
         let mut job_failed = false;
+        let mut then = None;
         let injected = inner.take_injection(|i| {
             i.endpoint == Endpoint::Any && endpoint != "download" || i.endpoint_name() == endpoint
         });
         match injected {
             Some(Fault::Slow { millis }) => slow = Some(Duration::from_millis(millis)),
             Some(Fault::JobFailed) => job_failed = true,
+            Some(fault) if fault.after_create() => then = Some(fault),
             Some(fault) => {
                 if let Some(response) = fault_response(&fault) {
                     return answer(&mut inner, fault.outcome(), response);
@@ -232,6 +236,10 @@ impl Shared {
         let in_window = inner.window.len();
         inner.stats.max_calls_in_one_second = inner.stats.max_calls_in_one_second.max(in_window);
         inner.day_calls += 1;
-        Gate::Pass { slow, job_failed }
+        Gate::Pass {
+            slow,
+            job_failed,
+            then,
+        }
     }
 }

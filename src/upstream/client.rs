@@ -16,8 +16,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::document;
-use super::envelope::{interpret, parse_token};
-use super::{Secret, UpstreamError};
+use super::envelope::{interpret, is_explicit_refusal, parse_token};
+use super::{CreateError, Secret, UpstreamError};
 use crate::domain::{Document, JobId, ReportType, clip};
 
 pub const DEFAULT_BASE_URL: &str = "https://connect.patsnap.com";
@@ -145,6 +145,12 @@ impl Client {
         format!("{}{}", self.config.base_url.trim_end_matches('/'), path)
     }
 
+    /// Makes sure a fresh token is at hand, so that the next call does not begin with a
+    /// token fetch (a create's time budget is for the create alone).
+    pub async fn ensure_token(&self) -> Result<(), UpstreamError> {
+        self.token().await.map(|_| ())
+    }
+
     /// The current token, fetching a new one first when it is missing or due.
     async fn token(&self) -> Result<Secret, UpstreamError> {
         let mut slot = self.token.lock().await;
@@ -191,7 +197,20 @@ impl Client {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(u16, Option<Duration>, Vec<u8>), UpstreamError> {
-        let response = request.send().await.map_err(transport_error)?;
+        self.exchange(request).await.map_err(|f| f.error)
+    }
+
+    /// `send`, telling a failure before the request left (no connection could be made)
+    /// from one after (a timeout, a reset, a body that broke off).
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, Option<Duration>, Vec<u8>), SendFailure> {
+        let after_sending = |error| SendFailure { error, sent: true };
+        let response = request.send().await.map_err(|e| SendFailure {
+            sent: !e.is_connect(),
+            error: transport_error(e),
+        })?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -202,9 +221,11 @@ impl Client {
         let mut body = Vec::new();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(transport_error)?;
+            let chunk = chunk.map_err(|e| after_sending(transport_error(e)))?;
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(UpstreamError::transient("answer larger than 1 MiB"));
+                return Err(after_sending(UpstreamError::transient(
+                    "answer larger than 1 MiB",
+                )));
             }
             body.extend_from_slice(&chunk);
         }
@@ -249,8 +270,11 @@ impl Client {
             .query(&[("apikey", self.config.credentials.client_id.as_str())])
     }
 
-    /// R001: creates the upstream task and returns its job id (exact digits).
-    pub async fn create_task(&self, task: &CreateTask) -> Result<JobId, UpstreamError> {
+    /// R001: creates the upstream task and returns its job id (exact digits). One
+    /// request, never repeated here: every create is a paid report, so whether to try
+    /// again is the caller's decision, told by the error's class. A refused token is
+    /// forgotten (the next call fetches a new one).
+    pub async fn create_task(&self, task: &CreateTask) -> Result<JobId, CreateError> {
         let mut body = serde_json::Map::new();
         for (key, value) in [
             ("company_name", &task.company_name),
@@ -265,14 +289,33 @@ impl Client {
             body.insert("report_type".into(), Value::String(t.as_str().into()));
         }
         let body = Value::Object(body);
-        let data = self
-            .call(|token| {
-                self.api_request(reqwest::Method::POST, CREATE_PATH, token)
-                    .json(&body)
-            })
-            .await?;
-        JobId::from_json(data.get("job_id").unwrap_or(&Value::Null))
-            .map_err(|e| UpstreamError::transient(format!("malformed create answer: {e}")))
+        let token = self.token().await.map_err(CreateError::NotCreated)?;
+        let request = self
+            .api_request(reqwest::Method::POST, CREATE_PATH, &token)
+            .json(&body)
+            .timeout(self.config.timeout);
+        let (status, retry_after, answer) = match self.exchange(request).await {
+            Ok(answer) => answer,
+            Err(f) if f.sent => return Err(CreateError::Unknown(f.error)),
+            Err(f) => return Err(CreateError::NotCreated(f.error)),
+        };
+        match interpret(status, retry_after, &answer, Utc::now()) {
+            Ok(data) => JobId::from_json(data.get("job_id").unwrap_or(&Value::Null)).map_err(|e| {
+                CreateError::Unknown(UpstreamError::transient(format!(
+                    "a success without a readable job id: {e}"
+                )))
+            }),
+            Err(e) if is_explicit_refusal(status, &answer) => {
+                if matches!(
+                    e,
+                    UpstreamError::Unauthorized { .. } | UpstreamError::BadCredentials { .. }
+                ) {
+                    self.invalidate(&token).await;
+                }
+                Err(CreateError::NotCreated(e))
+            }
+            Err(e) => Err(CreateError::Unknown(e)),
+        }
     }
 
     /// The status of a task. `data: null` (no such task) comes back as a refusal.
@@ -391,6 +434,12 @@ pub fn parse_status(data: &Value) -> Result<TaskStatus, UpstreamError> {
         }),
         other => Err(malformed(&format!("unknown job_status {other}"))),
     }
+}
+
+/// A request that failed, and whether it may have reached the server.
+struct SendFailure {
+    error: UpstreamError,
+    sent: bool,
 }
 
 /// Transport trouble is transient; the message never carries the URL (it may hold a

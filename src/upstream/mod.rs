@@ -57,6 +57,31 @@ pub enum UpstreamError {
     },
 }
 
+/// Why a create did not return a job id, in the two classes that decide what it costs.
+/// (A third class, *refused*, is `NotCreated(UpstreamError::Rejected { .. })`: the
+/// request itself is wrong.)
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CreateError {
+    /// The provider certainly made no task: the request never left (no connection, no
+    /// token), or the provider answered with an explicit refusal (an error code, or an
+    /// HTTP 4xx). Retry freely: no attempt is spent.
+    #[error("{0}")]
+    NotCreated(UpstreamError),
+    /// The request left and no usable answer came back (a timeout or a reset after
+    /// sending, a 5xx without a code, a success whose job id cannot be read, `status:
+    /// false` without a code): a paid task may exist. This costs an attempt.
+    #[error("no usable answer to the create, a paid task may exist: {0}")]
+    Unknown(UpstreamError),
+}
+
+impl CreateError {
+    pub fn error(&self) -> &UpstreamError {
+        match self {
+            CreateError::NotCreated(e) | CreateError::Unknown(e) => e,
+        }
+    }
+}
+
 fn code_suffix(code: Option<i32>) -> String {
     code.map(|c| format!(" ({c})")).unwrap_or_default()
 }

@@ -296,3 +296,123 @@ pub fn http_client() -> reqwest::Client {
     report_worker::upstream::client::install_crypto_provider();
     reqwest::Client::new()
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can take down and bring back, as a
+/// database restart or failover looks to the processes behind it: while down, every
+/// open connection is cut and new ones are closed at once.
+pub struct DbProxy {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+    /// Connections closed on arrival while down (processes trying to reconnect).
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DbProxy {
+    pub async fn start() -> DbProxy {
+        use std::sync::atomic::AtomicU64;
+        let admin = url::Url::parse(&admin_url()).unwrap();
+        let target = format!(
+            "{}:{}",
+            admin.host_str().unwrap_or("127.0.0.1"),
+            admin.port().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, mut state) = tokio::sync::watch::channel(true);
+        let refused = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = refused.clone();
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((client, _)) = accepted else { continue };
+                        if !*state.borrow() {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            drop(client);
+                            continue;
+                        }
+                        let target = target.clone();
+                        links.spawn(async move {
+                            if let Ok(server) = tokio::net::TcpStream::connect(&target).await {
+                                let (mut c, mut s) = (client, server);
+                                let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                            }
+                        });
+                    }
+                    changed = state.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if !*state.borrow() {
+                            links.abort_all();
+                        }
+                    }
+                    Some(_) = links.join_next(), if !links.is_empty() => {}
+                }
+            }
+        });
+        DbProxy {
+            port,
+            up,
+            refused,
+            task,
+        }
+    }
+
+    /// A connection string for `db` through the proxy.
+    pub fn url_for(&self, db: &TestDb) -> String {
+        let mut u = url::Url::parse(&db.url).unwrap();
+        u.set_host(Some("127.0.0.1")).unwrap();
+        u.set_port(Some(self.port)).unwrap();
+        u.to_string()
+    }
+
+    /// Cuts every connection and closes new ones on arrival.
+    pub fn down(&self) {
+        let _ = self.up.send(false);
+    }
+
+    pub fn up(&self) {
+        let _ = self.up.send(true);
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Paid tasks the simulator made for `company`.
+pub fn tasks_for(sim: &report_worker::simulator::Simulator, company: &str) -> u64 {
+    sim.stats()
+        .tasks_per_company
+        .get(company)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The state, attempts and last error of a row.
+pub async fn row_state(pool: &PgPool, id: i64) -> (String, i32, Option<String>) {
+    sqlx::query_as("SELECT state, attempts, last_error FROM report_requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Inserts a row for `company` with `max_attempts`.
+pub async fn enqueue_with_attempts(pool: &PgPool, company: &str, max_attempts: i32) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, report_type, max_attempts) VALUES ($1, 'pdf', $2) RETURNING id",
+    )
+    .bind(company)
+    .bind(max_attempts)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

@@ -9,5 +9,6 @@ mod ops;
 mod process;
 mod queue;
 mod schema;
+mod spend;
 mod upstream;
 mod worker;

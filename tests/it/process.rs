@@ -54,7 +54,9 @@ async fn workers_killed_with_sigkill_lose_nothing() {
     .await;
     let rows = 200;
     for i in 0..rows {
-        enqueue(
+        // Ambiguous answers to creates (5xx, resets, bad bodies) spend attempts: at this
+        // fault rate, give each row enough that none runs out by chance.
+        let id = enqueue(
             &db.pool,
             Some(&format!("公司{i}")),
             None,
@@ -62,6 +64,11 @@ async fn workers_killed_with_sigkill_lose_nothing() {
             if i % 4 == 0 { "word" } else { "pdf" },
         )
         .await;
+        sqlx::query("UPDATE report_requests SET max_attempts = 10 WHERE id = $1")
+            .bind(id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
     }
     let paced = [("UPSTREAM_QPS", "40")];
     let mut survivor = worker_process(&db.url, &sim, &[("WORKER_ID", "survivor"), paced[0]]);
@@ -110,40 +117,48 @@ async fn workers_killed_with_sigkill_lose_nothing() {
     db.close().await;
 }
 
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+async fn intents(db: &TestDb) -> i64 {
+    count(
+        &db.pool,
+        "SELECT count(*) FROM report_requests WHERE create_started_at IS NOT NULL",
+    )
+    .await
+}
+
 #[tokio::test]
-async fn sigterm_releases_claims_and_exits_zero() {
+async fn sigterm_during_a_slow_create_records_its_task_and_the_next_process_stores_it() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig {
-        create_latency: (Duration::from_secs(5), Duration::from_secs(5)),
+        create_latency: (Duration::from_secs(2), Duration::from_secs(2)),
         ..SimConfig::instant()
     })
     .await;
-    for i in 0..3 {
-        enqueue(&db.pool, Some(&format!("公司{i}")), None, None, "pdf").await;
-    }
+    let id = enqueue_with_attempts(&db.pool, "停机公司", 3).await;
     let child = worker_process(
         &db.url,
         &sim,
         &[
-            ("WORKER_SHUTDOWN_TIMEOUT", "300ms"),
+            ("UPSTREAM_TIMEOUT", "5s"),
+            ("WORKER_SHUTDOWN_TIMEOUT", "6s"),
             ("WORKER_LEASE", "60s"),
+            ("REPORT_FIRST_POLL", "1s"),
         ],
     );
-    wait_for("claims", Duration::from_secs(10), || async {
-        (count(
-            &db.pool,
-            "SELECT count(*) FROM report_requests WHERE lease_owner IS NOT NULL",
-        )
-        .await
-            == 3)
-            .then_some(())
-    })
+    wait_for(
+        "the create on the wire",
+        Duration::from_secs(10),
+        || async { (intents(&db).await == 1).then_some(()) },
+    )
     .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&child, "-TERM");
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -154,14 +169,258 @@ async fn sigterm_releases_claims_and_exits_zero() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    // The create was answered during the grace period and its job id recorded.
+    let (state, attempts, _) = row_state(&db.pool, id).await;
+    assert_eq!((state.as_str(), attempts), ("generating", 1));
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM report_requests WHERE lease_owner IS NULL AND state = 'queued'"
+            "SELECT count(*) FROM report_requests WHERE lease_owner IS NULL"
         )
         .await,
-        3
+        1
     );
+    let mut next = worker_process(&db.url, &sim, &[]);
+    wait_all_finished(&db.pool, Duration::from_secs(20)).await;
+    assert_eq!(row_state(&db.pool, id).await.0, "succeeded");
+    assert_eq!(tasks_for(&sim, "停机公司"), 1, "one paid task");
+    assert_eq!(assert_documents_exact(&db.pool, &sim).await, 1);
+    next.kill().unwrap();
+    next.wait().unwrap();
+    sim.stop().await;
+    db.close().await;
+}
+
+/// A gauge or counter from a process's /metrics page.
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let page = http_client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn a_frozen_worker_makes_no_call_for_rows_another_now_holds() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    for i in 0..6 {
+        enqueue_with_attempts(&db.pool, &format!("冻结{i}"), 3).await;
+    }
+    // The account's next call slot is 3 s away: the first process's rows all wait for
+    // their slot, holding their leases, when it is frozen.
+    sqlx::query("INSERT INTO report_account_pacing (account, next_slot_at) VALUES ($1, now() + interval '3 seconds')")
+        .bind(&sim.config().client_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let addr = free_addr();
+    let frozen = worker_process(
+        &db.url,
+        &sim,
+        &[
+            ("WORKER_ID", "frozen"),
+            ("UPSTREAM_QPS", "1"),
+            ("WORKER_LEASE", "2s"),
+            ("METRICS_ADDR", &addr),
+        ],
+    );
+    wait_for("claims", Duration::from_secs(10), || async {
+        let held = count(
+            &db.pool,
+            "SELECT count(*) FROM report_requests WHERE lease_owner = 'frozen'",
+        )
+        .await;
+        (held == 6).then_some(())
+    })
+    .await;
+    signal(&frozen, "-STOP");
+    // Its leases run out; another process takes the rows and finishes them.
+    let other = worker_process(&db.url, &sim, &[("WORKER_ID", "other")]);
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    signal(&frozen, "-CONT");
+    wait_for(
+        "the thawed process to let go",
+        Duration::from_secs(30),
+        || async {
+            let held = metric(&addr, "report_worker_rows_held").await?;
+            let lost = metric(&addr, "report_worker_leases_lost_total")
+                .await
+                .unwrap_or(0.0);
+            (held == 0.0 && lost >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let stats = sim.stats();
+    for i in 0..6 {
+        assert_eq!(
+            tasks_for(&sim, &format!("冻结{i}")),
+            1,
+            "{:?}",
+            stats.tasks_per_company
+        );
+    }
+    assert_eq!(stats.calls_to("create"), 6, "{:?}", stats.calls);
+    for mut c in [frozen, other] {
+        assert!(c.try_wait().unwrap().is_none(), "the processes live on");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_process_started_while_the_database_is_down_waits_for_it() {
+    let db = TestDb::new().await;
+    let proxy = DbProxy::start().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
+    proxy.down();
+    let url = proxy.url_for(&db);
+    let mut child = worker_process(&url, &sim, &[("RUST_LOG", "warn")]);
+    wait_for("tries to connect", Duration::from_secs(20), || async {
+        (proxy.refused() >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting, not exited"
+    );
+    proxy.up();
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    assert_eq!(assert_documents_exact(&db.pool, &sim).await, 1);
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("the database is not ready"), "{log}");
+    assert!(!log.contains("demo-secret"));
+    // With a start-up timeout, it gives up with one line.
+    proxy.down();
+    let out = worker_process(
+        &url,
+        &sim,
+        &[("WORKER_STARTUP_TIMEOUT", "1s"), ("RUST_LOG", "off")],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot connect to the database"), "{err}");
+    proxy.stop();
+    sim.stop().await;
+    db.close().await;
+}
+
+/// Three processes, one killed with SIGKILL every few rows, one database outage (every
+/// connection cut, new ones refused) during which a process is started, creates that
+/// take their time, transient faults: every row ends, every document is byte-exact,
+/// no row pays for more tasks than `max_attempts`, and no process exits by itself.
+#[tokio::test]
+async fn chaos_kills_and_a_database_outage_lose_nothing_and_overspend_nothing() {
+    let db = TestDb::new().await;
+    let proxy = DbProxy::start().await;
+    let sim = start_sim(SimConfig {
+        create_latency: (Duration::from_millis(100), Duration::from_millis(1200)),
+        generation_time: (Duration::from_millis(300), Duration::from_millis(1500)),
+        fault_rate: 0.05,
+        seed: Some(9),
+        ..SimConfig::instant()
+    })
+    .await;
+    let rows = 60;
+    let max_attempts = 5;
+    for i in 0..rows {
+        enqueue_with_attempts(&db.pool, &format!("混沌{i}"), max_attempts).await;
+    }
+    let url = proxy.url_for(&db);
+    let settings = [
+        ("UPSTREAM_TIMEOUT", "4s"),
+        ("WORKER_SHUTDOWN_TIMEOUT", "5s"),
+    ];
+    let start = |name: String| {
+        let mut env = settings.to_vec();
+        env.push(("WORKER_ID", Box::leak(name.into_boxed_str())));
+        worker_process(&url, &sim, &env)
+    };
+    let mut processes: Vec<Child> = (0..3).map(|i| start(format!("chaos-{i}"))).collect();
+    let mut started = 3;
+    for (round, threshold) in [10i64, 20, 30, 40].into_iter().enumerate() {
+        wait_for("progress", Duration::from_secs(120), || async {
+            (succeeded(&db).await >= threshold).then_some(())
+        })
+        .await;
+        let victim = round % processes.len();
+        processes[victim].kill().unwrap();
+        processes[victim].wait().unwrap();
+        if round == 1 {
+            // The database goes away; a process starts while it is gone.
+            proxy.down();
+            let before = proxy.refused();
+            processes[victim] = start(format!("chaos-{started}"));
+            started += 1;
+            wait_for(
+                "processes trying to reconnect",
+                Duration::from_secs(30),
+                || async { (proxy.refused() >= before + 6).then_some(()) },
+            )
+            .await;
+            proxy.up();
+        } else {
+            processes[victim] = start(format!("chaos-{started}"));
+            started += 1;
+        }
+    }
+    wait_all_finished(&db.pool, Duration::from_secs(180)).await;
+    for p in processes.iter_mut() {
+        assert!(
+            p.try_wait().unwrap().is_none(),
+            "a process exited by itself"
+        );
+    }
+    assert_eq!(succeeded(&db).await, rows);
+    assert_eq!(assert_documents_exact(&db.pool, &sim).await, rows as usize);
+    let stats = sim.stats();
+    for i in 0..rows {
+        let paid = tasks_for(&sim, &format!("混沌{i}"));
+        assert!(
+            (1..=max_attempts as u64).contains(&paid),
+            "row 混沌{i} paid for {paid} tasks"
+        );
+    }
+    let attempts_ok = count(
+        &db.pool,
+        "SELECT count(*) FROM report_requests WHERE attempts BETWEEN 1 AND max_attempts",
+    )
+    .await;
+    assert_eq!(attempts_ok, rows);
+    eprintln!(
+        "chaos: {} tasks for {rows} rows, {} orphans",
+        stats.tasks_created,
+        count(&db.pool, "SELECT count(*) FROM report_orphan_tasks").await
+    );
+    for mut p in processes {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+    proxy.stop();
     sim.stop().await;
     db.close().await;
 }
@@ -222,6 +481,13 @@ async fn bad_configuration_is_one_line() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig::instant()).await;
     for (extra, needle) in [
+        (
+            vec![
+                ("WORKER_SHUTDOWN_TIMEOUT", "5s"),
+                ("UPSTREAM_TIMEOUT", "30s"),
+            ],
+            "WORKER_SHUTDOWN_TIMEOUT",
+        ),
         (vec![("REPORT_POLL_MIN", "2m")], "REPORT_POLL_MIN"),
         (vec![("UPSTREAM_QPS", "-1")], "UPSTREAM_QPS"),
         (vec![("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY"),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use report_worker::domain::{JobId, StopScope};
-use report_worker::queue::{self, ClaimKinds, Fenced};
+use report_worker::queue::{self, ClaimKinds, Fenced, Intent};
 
 #[tokio::test]
 async fn claims_are_exclusive_ordered_and_fenced() {
@@ -52,8 +52,23 @@ async fn claims_are_exclusive_ordered_and_fenced() {
             .unwrap(),
         Fenced::Lost
     );
-    // The holder of `high` commits its task.
+    // The holder of `high` commits its intent (the attempt), then its task.
     let high_row = a.iter().find(|r| r.id == high).unwrap();
+    let intent = queue::begin_create(
+        &db.pool,
+        high,
+        high_row.lease_token,
+        "a",
+        Duration::from_secs(30),
+        Duration::from_secs(600),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(intent, queue::CreateIntent::Go { attempt: 1, .. }),
+        "{intent:?}"
+    );
     assert_eq!(
         queue::mark_generating(&db.pool, high, high_row.lease_token, &job, Duration::ZERO)
             .await
@@ -98,16 +113,30 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_old_one_is_fenced() {
     assert_eq!(b[0].id, id);
     assert!(b[0].lease_token > a[0].lease_token);
     assert_eq!(
-        queue::fail(&db.pool, id, a[0].lease_token, Some(1), "stale")
-            .await
-            .unwrap(),
+        queue::fail(
+            &db.pool,
+            id,
+            a[0].lease_token,
+            Some(1),
+            "stale",
+            Intent::Keep
+        )
+        .await
+        .unwrap(),
         Fenced::Lost,
         "old holder is fenced"
     );
     assert_eq!(
-        queue::fail(&db.pool, id, b[0].lease_token, Some(2), "current")
-            .await
-            .unwrap(),
+        queue::fail(
+            &db.pool,
+            id,
+            b[0].lease_token,
+            Some(2),
+            "current",
+            Intent::Keep
+        )
+        .await
+        .unwrap(),
         Fenced::Written
     );
     // Heartbeats extend only live claims, release gives rows back at once.
@@ -124,7 +153,7 @@ async fn an_expired_lease_goes_to_the_next_worker_and_the_old_one_is_fenced() {
         )
         .await
         .unwrap(),
-        1
+        vec![id2]
     );
     assert_eq!(
         queue::release(&db.pool, &[(id2, c[0].lease_token)])
@@ -255,5 +284,208 @@ async fn call_slots_are_spaced_across_callers() {
         .await
         .unwrap();
     assert!(after > Duration::from_secs(4), "{after:?}");
+    db.close().await;
+}
+
+async fn claim_one(db: &TestDb, owner: &str) -> queue::Claimed {
+    let mut rows = queue::claim(&db.pool, owner, Duration::from_secs(30), 1, ClaimKinds::ALL)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one row to claim");
+    rows.remove(0)
+}
+
+async fn begin(db: &TestDb, row: &queue::Claimed, owner: &str) -> queue::CreateIntent {
+    queue::begin_create(
+        &db.pool,
+        row.id,
+        row.lease_token,
+        owner,
+        Duration::from_secs(30),
+        Duration::from_secs(600),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_create_intent_counts_the_attempt_before_the_call() {
+    use queue::CreateIntent::*;
+    let db = TestDb::new().await;
+    let id = enqueue_with_attempts(&db.pool, "x", 2).await;
+    let row = claim_one(&db, "a").await;
+    // Not ours: no call.
+    assert_eq!(begin(&db, &row, "someone-else").await, Lost);
+    let mut stale = row.clone();
+    stale.lease_token -= 1;
+    assert_eq!(begin(&db, &stale, "a").await, Lost);
+    // Ours: the attempt is committed with the intent, the lease covers the call.
+    let Go {
+        attempt: 1,
+        unanswered: 0,
+        ..
+    } = begin(&db, &row, "a").await
+    else {
+        panic!("expected go")
+    };
+    let (attempts, lease_left): (i32, f64) = sqlx::query_as(
+        "SELECT attempts, extract(epoch FROM lease_expires_at - now())::float8 FROM report_requests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    assert!(lease_left > 29.0, "{lease_left}");
+    // The process dies mid-create; after the deadline the next holder counts that
+    // attempt as unanswered and may spend the last one.
+    sqlx::query("UPDATE report_requests SET create_deadline = now() - interval '1 second', lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let row = claim_one(&db, "b").await;
+    let Go {
+        attempt: 2,
+        unanswered: 1,
+        ..
+    } = begin(&db, &row, "b").await
+    else {
+        panic!("expected go")
+    };
+    // And after that one dies too, attempts are spent: no third call.
+    sqlx::query("UPDATE report_requests SET create_deadline = now() - interval '1 second', lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let row = claim_one(&db, "c").await;
+    assert_eq!(
+        begin(&db, &row, "c").await,
+        Exhausted {
+            attempts: 2,
+            unanswered: 2
+        }
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_retried_row_waits_for_its_create_on_the_wire_then_adopts_it() {
+    use queue::CreateIntent::*;
+    let db = TestDb::new().await;
+    let id = enqueue_with_attempts(&db.pool, "x", 3).await;
+    let row = claim_one(&db, "a").await;
+    let Go { started_at, .. } = begin(&db, &row, "a").await else {
+        panic!("expected go")
+    };
+    for f in ["report_cancel", "report_retry"] {
+        let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {f}($1)")))
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(done);
+    }
+    let (state, attempts, _) = row_state(&db.pool, id).await;
+    assert_eq!(
+        (state.as_str(), attempts),
+        ("queued", 1),
+        "the create on the wire is attempt 1"
+    );
+    // Another process claims the retried row: it must not create while that is on the wire.
+    let b = claim_one(&db, "b").await;
+    assert!(matches!(begin(&db, &b, "b").await, Wait { .. }));
+    assert_eq!(
+        queue::wait_for_create(&db.pool, b.id, b.lease_token)
+            .await
+            .unwrap(),
+        Fenced::Written
+    );
+    // The answer arrives at the first holder, whose write is fenced: the row adopts it.
+    let job = JobId::parse("1579434053399035904").unwrap();
+    let lost = queue::mark_generating(&db.pool, id, row.lease_token, &job, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(lost, Fenced::Lost);
+    let orphan = queue::Orphan {
+        request_id: id,
+        job_id: job.clone(),
+        started_at: Some(started_at),
+        account: "acct".into(),
+        report_type: report_worker::domain::ReportType::Pdf,
+        reason: "cancelled while on the wire".into(),
+    };
+    assert_eq!(
+        queue::adopt_or_record_orphan(&db.pool, &orphan, Duration::ZERO)
+            .await
+            .unwrap(),
+        queue::OrphanFate::Adopted
+    );
+    let (state, job_id, attempts): (String, String, i32) = sqlx::query_as(
+        "SELECT state, upstream_job_id, attempts FROM report_requests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), job_id.as_str(), attempts),
+        ("generating", job.as_str(), 1)
+    );
+    let orphans = queue::orphan_tasks(&db.pool).await.unwrap();
+    assert_eq!(orphans.len(), 1);
+    assert!(orphans[0].adopted_at.is_some());
+    db.close().await;
+}
+
+#[tokio::test]
+async fn an_orphan_recorded_after_a_cancel_is_adopted_by_the_next_create() {
+    use queue::CreateIntent::*;
+    let db = TestDb::new().await;
+    let id = enqueue_with_attempts(&db.pool, "x", 1).await;
+    let row = claim_one(&db, "a").await;
+    let Go { started_at, .. } = begin(&db, &row, "a").await else {
+        panic!("expected go")
+    };
+    let cancelled: bool = sqlx::query_scalar("SELECT report_cancel($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(cancelled);
+    let job = JobId::parse("42").unwrap();
+    let orphan = queue::Orphan {
+        request_id: id,
+        job_id: job.clone(),
+        started_at: Some(started_at),
+        account: "acct".into(),
+        report_type: report_worker::domain::ReportType::Pdf,
+        reason: "cancelled".into(),
+    };
+    assert_eq!(
+        queue::adopt_or_record_orphan(&db.pool, &orphan, Duration::ZERO)
+            .await
+            .unwrap(),
+        queue::OrphanFate::Recorded
+    );
+    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(retried);
+    assert_eq!(
+        row_state(&db.pool, id).await.1,
+        0,
+        "fresh attempts: nothing is on the wire"
+    );
+    let row = claim_one(&db, "b").await;
+    assert_eq!(begin(&db, &row, "b").await, Adopted { job });
+    assert_eq!(
+        row_state(&db.pool, id).await,
+        ("generating".into(), 1, None)
+    );
     db.close().await;
 }

@@ -7,7 +7,7 @@ use crate::common::{client_config, client_for, have_tool, http_client, start_sim
 use report_worker::domain::{JobId, ReportType};
 use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 use report_worker::upstream::client::CreateTask;
-use report_worker::upstream::{Client, Secret, TaskStatus, UpstreamError};
+use report_worker::upstream::{Client, CreateError, Secret, TaskStatus, UpstreamError};
 
 fn task(name: Option<&str>, code: Option<&str>, org: Option<&str>, t: ReportType) -> CreateTask {
     CreateTask {
@@ -208,27 +208,56 @@ async fn short_lived_tokens_are_reused_not_fetched_per_call() {
 async fn refused_tokens_are_replaced_once() {
     let sim = start_sim(SimConfig::instant()).await;
     let client = client_for(&sim);
-    let t = task(Some("x"), None, None, ReportType::Pdf);
-    client.create_task(&t).await.unwrap();
-    // HTTP 401 and 67200009: a new token, the call retried, success.
-    inject(&sim, Endpoint::Create, Fault::Http { status: 401 }, 1);
-    client.create_task(&t).await.unwrap();
-    inject(&sim, Endpoint::Create, Fault::Code { code: 67200009 }, 1);
-    client.create_task(&t).await.unwrap();
-    inject(&sim, Endpoint::Create, Fault::Code { code: 67200003 }, 1);
-    client.create_task(&t).await.unwrap();
+    let job = client
+        .create_task(&task(Some("x"), None, None, ReportType::Pdf))
+        .await
+        .unwrap();
+    // Status calls: HTTP 401, 67200009 and 67200003 get a new token and one retry.
+    for fault in [
+        Fault::Http { status: 401 },
+        Fault::Code { code: 67200009 },
+        Fault::Code { code: 67200003 },
+    ] {
+        inject(&sim, Endpoint::Status, fault, 1);
+        client.task_status(&job).await.unwrap();
+    }
     assert_eq!(client.token_fetches(), 4);
     // 67200003 that persists: account-wide stop.
-    inject(&sim, Endpoint::Create, Fault::Code { code: 67200003 }, 2);
-    let e = client.create_task(&t).await.unwrap_err();
+    inject(&sim, Endpoint::Status, Fault::Code { code: 67200003 }, 2);
+    let e = client.task_status(&job).await.unwrap_err();
     assert!(
         matches!(e, UpstreamError::AccountStop { code: 67200003, .. }),
         "{e:?}"
     );
     // A 401 that persists: a transient token refusal, not a stop.
-    inject(&sim, Endpoint::Create, Fault::Http { status: 401 }, 2);
-    let e = client.create_task(&t).await.unwrap_err();
+    inject(&sim, Endpoint::Status, Fault::Http { status: 401 }, 2);
+    let e = client.task_status(&job).await.unwrap_err();
     assert!(matches!(e, UpstreamError::Unauthorized { .. }), "{e:?}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_token_on_create_is_forgotten_not_resent() {
+    // A create is never sent twice by the client: the engine decides (after giving the
+    // attempt back). The refused token is dropped so the next call fetches a new one.
+    let sim = start_sim(SimConfig::instant()).await;
+    let client = client_for(&sim);
+    let t = task(Some("x"), None, None, ReportType::Pdf);
+    client.create_task(&t).await.unwrap();
+    for fault in [Fault::Http { status: 401 }, Fault::Code { code: 67200009 }] {
+        inject(&sim, Endpoint::Create, fault, 1);
+        let e = client.create_task(&t).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CreateError::NotCreated(UpstreamError::Unauthorized { .. })
+            ),
+            "{e:?}"
+        );
+        client.create_task(&t).await.unwrap();
+    }
+    assert_eq!(client.token_fetches(), 3);
+    assert_eq!(sim.stats().tasks_per_company["x"], 3);
     sim.stop().await;
 }
 
@@ -243,7 +272,10 @@ async fn bad_credentials_stop_the_account_and_never_leak() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, UpstreamError::AccountStop { code: 67200003, .. }),
+        matches!(
+            e,
+            CreateError::NotCreated(UpstreamError::AccountStop { code: 67200003, .. })
+        ),
         "{e:?}"
     );
     for text in [format!("{e}"), format!("{e:?}"), format!("{client:?}")] {
@@ -270,7 +302,10 @@ async fn every_error_code_is_produced_and_classified() {
         .chain([67200002])
     {
         inject(&sim, Endpoint::Create, Fault::Code { code }, 1);
-        let e = client.create_task(&t).await.unwrap_err();
+        let e = match client.create_task(&t).await.unwrap_err() {
+            CreateError::NotCreated(e) => e,
+            unknown => panic!("an explicit code means no task was made: {unknown:?}"),
+        };
         assert_eq!(e.code(), Some(code), "{e:?}");
         let ok = match code {
             _ if rejected.contains(&code) => matches!(e, UpstreamError::Rejected { .. }),
@@ -299,12 +334,14 @@ async fn every_error_code_is_produced_and_classified() {
             "{what}: {e:?}"
         );
     }
-    for (status, want_stop) in [(403u16, true), (404, true)] {
+    for status in [403u16, 404] {
         inject(&sim, Endpoint::Create, Fault::Http { status }, 1);
         let e = client.create_task(&t).await.unwrap_err();
-        assert_eq!(
-            matches!(e, UpstreamError::AccountStop { .. }),
-            want_stop,
+        assert!(
+            matches!(
+                e,
+                CreateError::NotCreated(UpstreamError::AccountStop { .. })
+            ),
             "{status}: {e:?}"
         );
     }
@@ -362,7 +399,7 @@ async fn apikey_problems_come_from_the_simulator() {
 }
 
 #[tokio::test]
-async fn timeouts_are_transient() {
+async fn a_create_timeout_is_an_unknown_outcome_and_the_task_exists() {
     let sim = start_sim(SimConfig::instant()).await;
     let mut config = client_config(&sim);
     config.timeout = Duration::from_millis(300);
@@ -372,9 +409,72 @@ async fn timeouts_are_transient() {
     inject(&sim, Endpoint::Create, Fault::Slow { millis: 1500 }, 1);
     let e = client.create_task(&t).await.unwrap_err();
     assert!(
-        matches!(&e, UpstreamError::Transient { message, .. } if message.contains("timed out")),
+        matches!(&e, CreateError::Unknown(UpstreamError::Transient { message, .. }) if message.contains("timed out")),
         "{e:?}"
     );
+    assert_eq!(
+        sim.stats().tasks_per_company["x"],
+        2,
+        "the provider made the task although the answer never came"
+    );
+    // A status call that times out is plainly transient.
+    inject(&sim, Endpoint::Status, Fault::Slow { millis: 1500 }, 1);
+    let e = client
+        .task_status(&JobId::parse("1").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpstreamError::Transient { .. }), "{e:?}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn create_answers_fall_into_three_classes() {
+    let sim = start_sim(SimConfig::instant()).await;
+    let client = client_for(&sim);
+    let t = task(Some("x"), None, None, ReportType::Pdf);
+    client.create_task(&t).await.unwrap();
+    // The task is made, then the answer is lost: unknown, and the provider counted it.
+    for fault in [
+        Fault::CreatedThenReset,
+        Fault::CreatedThenHttp { status: 502 },
+        Fault::CreatedThenUnreadable,
+        Fault::CreatedThenStatusFalse,
+    ] {
+        let before = sim.stats().tasks_per_company["x"];
+        inject(&sim, Endpoint::Create, fault.clone(), 1);
+        let e = client.create_task(&t).await.unwrap_err();
+        assert!(matches!(e, CreateError::Unknown(_)), "{fault:?}: {e:?}");
+        assert_eq!(sim.stats().tasks_per_company["x"], before + 1, "{fault:?}");
+    }
+    // Answers that say nothing about the task are unknown too, even when (as here) the
+    // simulator made none: the worker cannot tell.
+    for fault in [Fault::Http { status: 500 }, Fault::Reset, Fault::Malformed] {
+        inject(&sim, Endpoint::Create, fault.clone(), 1);
+        let e = client.create_task(&t).await.unwrap_err();
+        assert!(matches!(e, CreateError::Unknown(_)), "{fault:?}: {e:?}");
+    }
+    // Explicit refusals: certainly no task.
+    for fault in [
+        Fault::Code { code: 68300008 },
+        Fault::Code { code: 67200002 },
+        Fault::Http { status: 429 },
+        Fault::Http { status: 400 },
+    ] {
+        inject(&sim, Endpoint::Create, fault.clone(), 1);
+        let e = client.create_task(&t).await.unwrap_err();
+        assert!(matches!(e, CreateError::NotCreated(_)), "{fault:?}: {e:?}");
+    }
+    // Nothing listening: the request never left.
+    let mut config = client_config(&sim);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.base_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let e = Client::new(config)
+        .unwrap()
+        .create_task(&t)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CreateError::NotCreated(_)), "{e:?}");
     sim.stop().await;
 }
 
@@ -420,7 +520,10 @@ async fn metering_qps_daily_limit_and_balance() {
     client.create_task(&t).await.unwrap();
     let e = client.create_task(&t).await.unwrap_err();
     assert!(
-        matches!(e, UpstreamError::AccountStop { code: 67200005, .. }),
+        matches!(
+            e,
+            CreateError::NotCreated(UpstreamError::AccountStop { code: 67200005, .. })
+        ),
         "balance: {e:?}"
     );
     let e = client
@@ -479,10 +582,10 @@ async fn create_validation_and_job_failures() {
         assert!(
             matches!(
                 e,
-                UpstreamError::Rejected {
+                CreateError::NotCreated(UpstreamError::Rejected {
                     code: Some(68300004),
                     ..
-                }
+                })
             ),
             "{bad:?}: {e:?}"
         );
@@ -649,7 +752,10 @@ async fn control_surface_over_http() {
     assert!(r.status().is_success());
     assert!(matches!(
         client.create_task(&t).await,
-        Err(UpstreamError::AccountStop { code: 67200005, .. })
+        Err(CreateError::NotCreated(UpstreamError::AccountStop {
+            code: 67200005,
+            ..
+        }))
     ));
     http.post(format!("{}/_sim/outage", sim.base_url()))
         .json(&serde_json::json!({"code": null}))
@@ -663,10 +769,10 @@ async fn control_surface_over_http() {
         .unwrap();
     assert!(matches!(
         client.create_task(&t).await,
-        Err(UpstreamError::Transient {
+        Err(CreateError::NotCreated(UpstreamError::Transient {
             code: Some(68300008),
             ..
-        })
+        }))
     ));
     client.create_task(&t).await.unwrap();
     let stats: serde_json::Value = http

@@ -1,0 +1,236 @@
+//! The statements that make creates safe to pay for: the intent committed before a
+//! create is sent, what happens to it when the answer comes (or does not), and the
+//! orphaned tasks whose job id could not be written to their row.
+//!
+//! The invariant: `attempts` is incremented, by a holder of an unexpired lease, before
+//! every create that may reach the provider, and only while `attempts < max_attempts`.
+//! An attempt is given back only when the provider certainly made no task.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::{Fenced, secs};
+use crate::domain::{JobId, ReportType};
+
+/// What `begin_create` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateIntent {
+    /// Send the create now: attempt number `attempt` is committed, the intent recorded
+    /// at `started_at` (database time), the lease extended to cover the call.
+    Go {
+        attempt: i32,
+        /// Earlier creates of this life that got no answer (an expired intent included).
+        unanswered: i32,
+        started_at: DateTime<Utc>,
+    },
+    /// A create sent before a cancel and retry is still on the wire: do not create;
+    /// look again at `until`, when it has been answered (and adopted) or given up.
+    Wait { until: DateTime<Utc> },
+    /// An orphaned task of this row became its task: the row is generating.
+    Adopted { job: JobId },
+    /// Attempts are spent; `unanswered` of them got no answer.
+    Exhausted { attempts: i32, unanswered: i32 },
+    /// The row is no longer ours: no call.
+    Lost,
+}
+
+#[derive(sqlx::FromRow)]
+struct BeginRow {
+    outcome: String,
+    attempts: Option<i32>,
+    unanswered: Option<i32>,
+    job_id: Option<JobId>,
+    started_at: Option<DateTime<Utc>>,
+    wait_until: Option<DateTime<Utc>>,
+}
+
+/// The create intent: one guarded statement before any create is sent (the function
+/// `report_begin_create` in the migrations). `budget` is how long the create may take
+/// from now; orphans younger than `adopt_within` are adopted; an adopted task is first
+/// polled `first_poll` after its creation.
+pub async fn begin_create(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    owner: &str,
+    budget: Duration,
+    adopt_within: Duration,
+    first_poll: Duration,
+) -> Result<CreateIntent, sqlx::Error> {
+    let r: BeginRow = sqlx::query_as(
+        "SELECT outcome, attempts, unanswered, job_id, started_at, wait_until
+           FROM report_begin_create($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(owner)
+    .bind(secs(budget))
+    .bind(secs(adopt_within))
+    .bind(secs(first_poll))
+    .fetch_one(pool)
+    .await?;
+    let missing = |what: &str| sqlx::Error::Protocol(format!("report_begin_create: no {what}"));
+    Ok(match r.outcome.as_str() {
+        "go" => CreateIntent::Go {
+            attempt: r.attempts.ok_or_else(|| missing("attempts"))?,
+            unanswered: r.unanswered.unwrap_or(0),
+            started_at: r.started_at.ok_or_else(|| missing("started_at"))?,
+        },
+        "wait" => CreateIntent::Wait {
+            until: r.wait_until.ok_or_else(|| missing("wait_until"))?,
+        },
+        "adopted" => CreateIntent::Adopted {
+            job: r.job_id.ok_or_else(|| missing("job_id"))?,
+        },
+        "exhausted" => CreateIntent::Exhausted {
+            attempts: r.attempts.ok_or_else(|| missing("attempts"))?,
+            unanswered: r.unanswered.unwrap_or(0),
+        },
+        _ => CreateIntent::Lost,
+    })
+}
+
+/// The create was certainly not made (nothing was sent, or the provider refused it
+/// explicitly) and will be tried again at once in this claim: its attempt is given
+/// back and the intent cleared; the row stays held.
+pub async fn refund_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET attempts = attempts - 1, create_started_at = NULL, create_deadline = NULL,
+                updated_at = now()
+          WHERE id = $1 AND lease_token = $2 AND state = 'queued' AND create_started_at IS NOT NULL",
+    )
+    .bind(id)
+    .bind(token)
+    .execute(pool)
+    .await?;
+    Ok(Fenced::from_rows(r.rows_affected()))
+}
+
+/// The row waits for a create another claim sent before a cancel and retry: it is
+/// released until that create's deadline, its intent kept.
+pub async fn wait_for_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET run_after = greatest(run_after, create_deadline),
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+          WHERE id = $1 AND lease_token = $2 AND state = 'queued' AND create_deadline IS NOT NULL",
+    )
+    .bind(id)
+    .bind(token)
+    .execute(pool)
+    .await?;
+    Ok(Fenced::from_rows(r.rows_affected()))
+}
+
+/// After a create whose answer could not be written to its row (the row was cancelled
+/// or taken over meanwhile): clears that create's intent, if it is still the row's,
+/// so a retry of the row does not wait for a create that is over.
+pub async fn forget_create(
+    pool: &PgPool,
+    id: i64,
+    started_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE report_requests SET create_started_at = NULL, create_deadline = NULL
+          WHERE id = $1 AND create_started_at = $2",
+    )
+    .bind(id)
+    .bind(started_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A task whose job id could not be written to its row.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub request_id: i64,
+    pub job_id: JobId,
+    /// The intent the create was sent under, when there was one.
+    pub started_at: Option<DateTime<Utc>>,
+    pub account: String,
+    pub report_type: ReportType,
+    pub reason: String,
+}
+
+/// What became of an orphaned task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrphanFate {
+    /// Its row still waited for exactly this create (a cancel and retry while it was on
+    /// the wire): the row took it over and is generating.
+    Adopted,
+    /// Recorded in `report_orphan_tasks`, for a later retry of its row to adopt and for
+    /// operators to see.
+    Recorded,
+}
+
+/// Records an orphaned task, or hands it straight to its row when the row is queued,
+/// has no task, and still carries the intent this create was sent under. Either way
+/// the create's intent is cleared if it is still the row's. One statement.
+pub async fn adopt_or_record_orphan(
+    pool: &PgPool,
+    orphan: &Orphan,
+    first_poll: Duration,
+) -> Result<OrphanFate, sqlx::Error> {
+    let adopted: Option<bool> = sqlx::query_scalar(
+        "WITH adopted AS (
+             UPDATE report_requests
+                SET state = 'generating', upstream_job_id = $2, upstream_created_at = now(),
+                    next_poll_at = now() + $7 * interval '1 second', polls = 0,
+                    create_started_at = NULL, create_deadline = NULL,
+                    transient_errors = 0, transient_since = NULL,
+                    lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1,
+                    updated_at = now()
+              WHERE id = $1 AND state = 'queued' AND upstream_job_id IS NULL
+                AND create_started_at = $3
+             RETURNING id),
+         cleared AS (
+             UPDATE report_requests SET create_started_at = NULL, create_deadline = NULL
+              WHERE id = $1 AND create_started_at = $3 AND NOT EXISTS (SELECT 1 FROM adopted)
+             RETURNING id)
+         -- (`cleared` runs whether or not it is read: data-modifying WITHs always do.)
+         INSERT INTO report_orphan_tasks (job_id, request_id, account, report_type, reason, adopted_at)
+         VALUES ($2, $1, $4, $5, $6, CASE WHEN EXISTS (SELECT 1 FROM adopted) THEN now() END)
+         ON CONFLICT (job_id) DO NOTHING
+         RETURNING adopted_at IS NOT NULL",
+    )
+    .bind(orphan.request_id)
+    .bind(&orphan.job_id)
+    .bind(orphan.started_at)
+    .bind(&orphan.account)
+    .bind(orphan.report_type)
+    .bind(&orphan.reason)
+    .bind(secs(first_poll))
+    .fetch_optional(pool)
+    .await?;
+    Ok(if adopted == Some(true) {
+        OrphanFate::Adopted
+    } else {
+        OrphanFate::Recorded
+    })
+}
+
+/// One row of `report_orphan_tasks`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OrphanTask {
+    pub job_id: JobId,
+    pub request_id: i64,
+    pub account: String,
+    pub report_type: ReportType,
+    pub created_at: DateTime<Utc>,
+    pub reason: String,
+    pub adopted_at: Option<DateTime<Utc>>,
+}
+
+/// Every orphaned task, oldest first.
+pub async fn orphan_tasks(pool: &PgPool) -> Result<Vec<OrphanTask>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_id, request_id, account, report_type, created_at, reason, adopted_at
+           FROM report_orphan_tasks ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+}
