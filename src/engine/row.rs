@@ -27,8 +27,8 @@ use super::leases::LeaseFlag;
 use super::policy::Progress;
 use crate::domain::{Document, JobId, RequestState};
 use crate::queue::{
-    self, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate, Retry,
-    Snoozed, WriteError,
+    self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
+    Retry, Snoozed, WriteError,
 };
 use crate::upstream::client::CreateTask;
 use crate::upstream::{CreateError, TaskStatus, UpstreamError};
@@ -289,24 +289,19 @@ impl RowTask {
         }
     }
 
-    async fn begin_create(&self) -> Result<CreateIntent, sqlx::Error> {
+    /// The create intent, batched with other rows' (one statement, one commit).
+    async fn begin_create(&self) -> Result<CreateIntent, WriteError> {
         let shared = &self.shared;
-        let budget = shared.client.config().timeout + CREATE_MARGIN;
         let policy = &shared.config.poll;
-        (|| {
-            queue::begin_create(
-                &shared.pool,
-                self.row.id,
-                self.row.lease_token,
-                &shared.config.owner,
-                budget,
-                policy.window,
-                policy.first_poll_delay(),
-            )
-        })
-        .retry(queue::backoff())
-        .when(queue::is_retryable)
-        .await
+        let begin = Begin {
+            id: self.row.id,
+            token: self.row.lease_token,
+            owner: shared.config.owner.clone(),
+            budget: shared.client.config().timeout + CREATE_MARGIN,
+            adopt_within: policy.window,
+            first_poll: policy.first_poll_delay(),
+        };
+        shared.writer.begin(begin).await
     }
 
     /// Asks the provider how the task is doing; downloads it when it is ready.

@@ -1,6 +1,6 @@
-//! Batched writes of row outcomes. Every in-flight row ends its step with one fenced
-//! write (task created, not ready yet, document stored); under load hundreds of those
-//! land per second. Instead of one statement and one commit each, row tasks hand their
+//! Batched writes of row outcomes. Every in-flight row begins a create with one guarded
+//! write (the create intent) and ends its step with one fenced write (task created, not
+//! ready yet, document stored); under load hundreds of those land per second. Instead of one statement and one commit each, row tasks hand their
 //! write to a batcher per kind and wait for its commit: whatever queued up while the
 //! previous batch ran goes out as one statement. Durability is unchanged — a task
 //! continues only after its own row's write committed — and there is no added delay
@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::queue::{self, Completed, Created, Fenced, Snoozed, WriteError};
+use crate::queue::{self, Begin, Completed, CreateIntent, Created, Fenced, Snoozed, WriteError};
 
 /// Rows per statement, and bytes of documents per statement (large reports go alone).
 const MAX_ROWS: usize = 256;
@@ -24,8 +24,14 @@ const MAX_BYTES: usize = 32 * 1024 * 1024;
 /// disk, the next can already be sent.
 const IN_FLIGHT_BATCHES: usize = 4;
 
-/// A write the batcher can carry: which row it is for, and how large it is.
+/// A write the batcher can carry: which row it is for, how large it is, and what the
+/// row gets back.
 pub(crate) trait Item: Send + Sync + 'static {
+    /// What the statement answers for one row.
+    type Answer: Clone + Send + 'static;
+    /// The answer for a row the statement did not return: it is no longer ours.
+    const LOST: Self::Answer;
+
     fn id(&self) -> i64;
     fn bytes(&self) -> usize {
         0
@@ -33,18 +39,24 @@ pub(crate) trait Item: Send + Sync + 'static {
 }
 
 impl Item for Created {
+    type Answer = Fenced;
+    const LOST: Fenced = Fenced::Lost;
     fn id(&self) -> i64 {
         self.id
     }
 }
 
 impl Item for Snoozed {
+    type Answer = Fenced;
+    const LOST: Fenced = Fenced::Lost;
     fn id(&self) -> i64 {
         self.id
     }
 }
 
 impl Item for Completed {
+    type Answer = Fenced;
+    const LOST: Fenced = Fenced::Lost;
     fn id(&self) -> i64 {
         self.id
     }
@@ -53,22 +65,44 @@ impl Item for Completed {
     }
 }
 
-/// Whether the row was still ours, or why the write did not happen.
-pub type Reply = Result<Fenced, WriteError>;
-
-struct Request<T> {
-    item: T,
-    reply: oneshot::Sender<Reply>,
+impl Item for Begin {
+    type Answer = CreateIntent;
+    const LOST: CreateIntent = CreateIntent::Lost;
+    fn id(&self) -> i64 {
+        self.id
+    }
 }
 
-/// One batch statement: writes `items`, returns the ids of the rows it wrote (those
-/// still held with their lease token).
-pub(crate) type Exec<T> =
-    for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<i64>, sqlx::Error>>;
+/// What a row gets back, or why the write did not happen.
+pub type Reply<A = Fenced> = Result<A, WriteError>;
 
-/// The three batchers. Cloning is cheap; the batchers stop when every clone is gone.
+/// Where a row's answer goes.
+type ReplyTo<T> = oneshot::Sender<Reply<<T as Item>::Answer>>;
+
+struct Request<T: Item> {
+    item: T,
+    reply: ReplyTo<T>,
+}
+
+/// One batch statement: writes `items`, returns each row it wrote with its answer.
+pub(crate) type Exec<T> =
+    for<'a> fn(
+        &'a PgPool,
+        &'a [T],
+    ) -> BoxFuture<'a, Result<Vec<(i64, <T as Item>::Answer)>, sqlx::Error>>;
+
+/// The rows a fenced batch statement wrote (those still held with their lease token).
+fn written(
+    ids: BoxFuture<'_, Result<Vec<i64>, sqlx::Error>>,
+) -> BoxFuture<'_, Result<Vec<(i64, Fenced)>, sqlx::Error>> {
+    ids.map(|r| r.map(|ids| ids.into_iter().map(|id| (id, Fenced::Written)).collect()))
+        .boxed()
+}
+
+/// The four batchers. Cloning is cheap; the batchers stop when every clone is gone.
 #[derive(Clone)]
 pub struct Writer {
+    begin: Batcher<Begin>,
     created: Batcher<Created>,
     snoozed: Batcher<Snoozed>,
     completed: Batcher<Completed>,
@@ -77,14 +111,24 @@ pub struct Writer {
 impl Writer {
     pub fn start(pool: PgPool) -> Writer {
         Writer {
+            begin: Batcher::start(pool.clone(), |p, items| {
+                queue::begin_create_batch(p, items).boxed()
+            }),
             created: Batcher::start(pool.clone(), |p, items| {
-                queue::mark_generating_batch(p, items).boxed()
+                written(queue::mark_generating_batch(p, items).boxed())
             }),
             snoozed: Batcher::start(pool.clone(), |p, items| {
-                queue::snooze_batch(p, items).boxed()
+                written(queue::snooze_batch(p, items).boxed())
             }),
-            completed: Batcher::start(pool, |p, items| queue::complete_batch(p, items).boxed()),
+            completed: Batcher::start(pool, |p, items| {
+                written(queue::complete_batch(p, items).boxed())
+            }),
         }
+    }
+
+    /// The create intent (see `queue::begin_create`).
+    pub async fn begin(&self, item: Begin) -> Reply<CreateIntent> {
+        self.begin.submit(item).await
     }
 
     pub async fn created(&self, item: Created) -> Reply {
@@ -101,11 +145,11 @@ impl Writer {
 }
 
 /// Collects writes of one kind and sends them as batches.
-pub(crate) struct Batcher<T> {
+pub(crate) struct Batcher<T: Item> {
     tx: mpsc::UnboundedSender<Request<T>>,
 }
 
-impl<T> Clone for Batcher<T> {
+impl<T: Item> Clone for Batcher<T> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
@@ -120,7 +164,7 @@ impl<T: Item> Batcher<T> {
         Batcher { tx }
     }
 
-    pub(crate) async fn submit(&self, item: T) -> Reply {
+    pub(crate) async fn submit(&self, item: T) -> Reply<T::Answer> {
         let stopped = || WriteError::Unavailable("the writer has stopped".into());
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -157,16 +201,16 @@ async fn run<T: Item>(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Request<T>>,
     }
 }
 
-fn fenced(written: &[i64], id: i64) -> Fenced {
-    if written.contains(&id) {
-        Fenced::Written
-    } else {
-        Fenced::Lost
-    }
+/// The answer the statement gave row `id`, or `LOST` when it returned none.
+fn answer_for<T: Item>(answers: &[(i64, T::Answer)], id: i64) -> T::Answer {
+    answers
+        .iter()
+        .find(|(row, _)| *row == id)
+        .map_or(T::LOST, |(_, a)| a.clone())
 }
 
 async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) {
-    let (items, replies): (Vec<T>, Vec<oneshot::Sender<Reply>>) =
+    let (items, replies): (Vec<T>, Vec<ReplyTo<T>>) =
         batch.into_iter().map(|r| (r.item, r.reply)).unzip();
     // Connection trouble (a restart) is retried for a while; an error about the
     // statement itself is narrowed down to the rows that caused it.
@@ -175,16 +219,16 @@ async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) 
         .when(queue::is_retryable)
         .await;
     match result {
-        Ok(written) => {
+        Ok(answers) => {
             for (item, reply) in items.iter().zip(replies) {
-                let _ = reply.send(Ok(fenced(&written, item.id())));
+                let _ = reply.send(Ok(answer_for::<T>(&answers, item.id())));
             }
         }
         Err(e) if items.len() > 1 && !queue::is_retryable(&e) => {
             for (item, reply) in items.iter().zip(replies) {
                 let one = exec(pool, std::slice::from_ref(item)).await;
                 let _ = reply.send(
-                    one.map(|written| fenced(&written, item.id()))
+                    one.map(|answers| answer_for::<T>(&answers, item.id()))
                         .map_err(WriteError::from),
                 );
             }
@@ -214,6 +258,8 @@ mod tests {
     }
 
     impl Item for Fake {
+        type Answer = Fenced;
+        const LOST: Fenced = Fenced::Lost;
         fn id(&self) -> i64 {
             self.id
         }
@@ -265,13 +311,16 @@ mod tests {
         }
     }
 
-    fn even(items: &[Fake]) -> Vec<i64> {
+    fn even(items: &[Fake]) -> Vec<(i64, Fenced)> {
         items
             .iter()
             .map(|i| i.id)
             .filter(|id| id % 2 == 0)
+            .map(|id| (id, Fenced::Written))
             .collect()
     }
+
+    type Answers = Result<Vec<(i64, Fenced)>, sqlx::Error>;
 
     async fn submit_all(batcher: &Batcher<Fake>, items: Vec<Fake>) -> Vec<(i64, Reply)> {
         let mut tasks = tokio::task::JoinSet::new();
@@ -287,7 +336,7 @@ mod tests {
     static SIZES: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
     /// Records each batch's rows and bytes, taking a while like a commit does.
-    fn sized(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+    fn sized(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
         let bytes = items.iter().map(|i| i.bytes).sum();
         SIZES.lock().unwrap().push((items.len(), bytes));
         let written = even(items);
@@ -331,7 +380,7 @@ mod tests {
     static CALLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
     /// Refuses any statement that holds row 13, the way a constraint refuses a batch.
-    fn refuses_13(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+    fn refuses_13(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
         CALLS.lock().unwrap().push(items.len());
         let result = if items.iter().any(|i| i.id == 13) {
             Err(sqlx::Error::Database(Box::new(Refusal)))
@@ -374,7 +423,7 @@ mod tests {
     static FLAKY: Mutex<u32> = Mutex::new(0);
 
     /// Loses the connection twice, then works: the batch is retried, not failed.
-    fn flaky(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Result<Vec<i64>, sqlx::Error>> {
+    fn flaky(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
         let mut failures = FLAKY.lock().unwrap();
         let result = if *failures < 2 {
             *failures += 1;

@@ -38,6 +38,7 @@ pub enum CreateIntent {
 
 #[derive(sqlx::FromRow)]
 struct BeginRow {
+    id: i64,
     outcome: String,
     attempts: Option<i32>,
     unanswered: Option<i32>,
@@ -46,10 +47,47 @@ struct BeginRow {
     wait_until: Option<DateTime<Utc>>,
 }
 
-/// The create intent: one guarded statement before any create is sent (the function
-/// `report_begin_create` in the migrations). `budget` is how long the create may take
+impl TryFrom<BeginRow> for CreateIntent {
+    type Error = sqlx::Error;
+
+    fn try_from(r: BeginRow) -> Result<CreateIntent, sqlx::Error> {
+        let missing = |what: &str| sqlx::Error::Protocol(format!("report_begin_create: no {what}"));
+        Ok(match r.outcome.as_str() {
+            "go" => CreateIntent::Go {
+                attempt: r.attempts.ok_or_else(|| missing("attempts"))?,
+                unanswered: r.unanswered.unwrap_or(0),
+                started_at: r.started_at.ok_or_else(|| missing("started_at"))?,
+            },
+            "wait" => CreateIntent::Wait {
+                until: r.wait_until.ok_or_else(|| missing("wait_until"))?,
+            },
+            "adopted" => CreateIntent::Adopted {
+                job: r.job_id.ok_or_else(|| missing("job_id"))?,
+            },
+            "exhausted" => CreateIntent::Exhausted {
+                attempts: r.attempts.ok_or_else(|| missing("attempts"))?,
+                unanswered: r.unanswered.unwrap_or(0),
+            },
+            _ => CreateIntent::Lost,
+        })
+    }
+}
+
+/// One row's request for a create intent. `budget` is how long the create may take
 /// from now; orphans younger than `adopt_within` are adopted; an adopted task is first
 /// polled `first_poll` after its creation.
+#[derive(Debug, Clone)]
+pub struct Begin {
+    pub id: i64,
+    pub token: i64,
+    pub owner: String,
+    pub budget: Duration,
+    pub adopt_within: Duration,
+    pub first_poll: Duration,
+}
+
+/// The create intent: one guarded statement before any create is sent (the function
+/// `report_begin_create` in the migrations).
 pub async fn begin_create(
     pool: &PgPool,
     id: i64,
@@ -59,37 +97,44 @@ pub async fn begin_create(
     adopt_within: Duration,
     first_poll: Duration,
 ) -> Result<CreateIntent, sqlx::Error> {
-    let r: BeginRow = sqlx::query_as(
-        "SELECT outcome, attempts, unanswered, job_id, started_at, wait_until
-           FROM report_begin_create($1, $2, $3, $4, $5, $6)",
+    let begin = Begin {
+        id,
+        token,
+        owner: owner.to_string(),
+        budget,
+        adopt_within,
+        first_poll,
+    };
+    let mut decided = begin_create_batch(pool, std::slice::from_ref(&begin)).await?;
+    Ok(decided
+        .pop()
+        .map_or(CreateIntent::Lost, |(_, intent)| intent))
+}
+
+/// `begin_create` for many rows in one statement and one commit, each row decided on
+/// its own. The owner and durations are the first item's (one process sends a batch).
+pub async fn begin_create_batch(
+    pool: &PgPool,
+    items: &[Begin],
+) -> Result<Vec<(i64, CreateIntent)>, sqlx::Error> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<BeginRow> = sqlx::query_as(
+        "SELECT id, outcome, attempts, unanswered, job_id, started_at, wait_until
+           FROM report_begin_create_batch($1, $2, $3, $4, $5, $6)",
     )
-    .bind(id)
-    .bind(token)
-    .bind(owner)
-    .bind(secs(budget))
-    .bind(secs(adopt_within))
-    .bind(secs(first_poll))
-    .fetch_one(pool)
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
+    .bind(&first.owner)
+    .bind(secs(first.budget))
+    .bind(secs(first.adopt_within))
+    .bind(secs(first.first_poll))
+    .fetch_all(pool)
     .await?;
-    let missing = |what: &str| sqlx::Error::Protocol(format!("report_begin_create: no {what}"));
-    Ok(match r.outcome.as_str() {
-        "go" => CreateIntent::Go {
-            attempt: r.attempts.ok_or_else(|| missing("attempts"))?,
-            unanswered: r.unanswered.unwrap_or(0),
-            started_at: r.started_at.ok_or_else(|| missing("started_at"))?,
-        },
-        "wait" => CreateIntent::Wait {
-            until: r.wait_until.ok_or_else(|| missing("wait_until"))?,
-        },
-        "adopted" => CreateIntent::Adopted {
-            job: r.job_id.ok_or_else(|| missing("job_id"))?,
-        },
-        "exhausted" => CreateIntent::Exhausted {
-            attempts: r.attempts.ok_or_else(|| missing("attempts"))?,
-            unanswered: r.unanswered.unwrap_or(0),
-        },
-        _ => CreateIntent::Lost,
-    })
+    rows.into_iter()
+        .map(|r| Ok((r.id, CreateIntent::try_from(r)?)))
+        .collect()
 }
 
 /// The create was certainly not made (nothing was sent, or the provider refused it

@@ -489,3 +489,64 @@ async fn an_orphan_recorded_after_a_cancel_is_adopted_by_the_next_create() {
     );
     db.close().await;
 }
+
+#[tokio::test]
+async fn one_batch_of_intents_decides_each_row_on_its_own() {
+    use queue::CreateIntent::*;
+    let db = TestDb::new().await;
+    let go = enqueue_with_attempts(&db.pool, "go", 3).await;
+    let spent = enqueue_with_attempts(&db.pool, "spent", 1).await;
+    let orphaned = enqueue_with_attempts(&db.pool, "orphaned", 3).await;
+    let stale = enqueue_with_attempts(&db.pool, "stale", 3).await;
+    sqlx::query("UPDATE report_requests SET attempts = 1 WHERE id = $1")
+        .bind(spent)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO report_orphan_tasks (job_id, request_id, account, report_type, reason) VALUES ('77', $1, 'acct', 'pdf', 'test')")
+        .bind(orphaned)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let rows = queue::claim(&db.pool, "a", Duration::from_secs(30), 10, ClaimKinds::ALL)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    let items: Vec<queue::Begin> = rows
+        .iter()
+        .map(|r| queue::Begin {
+            id: r.id,
+            token: if r.id == stale {
+                r.lease_token + 1
+            } else {
+                r.lease_token
+            },
+            owner: "a".into(),
+            budget: Duration::from_secs(30),
+            adopt_within: Duration::from_secs(600),
+            first_poll: Duration::ZERO,
+        })
+        .collect();
+    let decided: std::collections::HashMap<i64, queue::CreateIntent> =
+        queue::begin_create_batch(&db.pool, &items)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(matches!(decided[&go], Go { attempt: 1, .. }), "{decided:?}");
+    assert_eq!(
+        decided[&spent],
+        Exhausted {
+            attempts: 1,
+            unanswered: 0
+        }
+    );
+    assert_eq!(
+        decided[&orphaned],
+        Adopted {
+            job: JobId::parse("77").unwrap()
+        }
+    );
+    assert_eq!(decided[&stale], Lost);
+    db.close().await;
+}
