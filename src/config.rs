@@ -22,12 +22,34 @@ pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
     Ok((lo, hi))
 }
 
-/// A connection string fit for messages: the password, if any, replaced by `***`.
+/// A connection string fit for messages: the password, if any, replaced by `***` —
+/// in the userinfo and in query parameters (`?password=`, `sslpassword`, anything
+/// named like a secret or token).
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            let secret = |k: &str| {
+                let k = k.to_ascii_lowercase();
+                ["password", "passwd", "secret", "token", "sslkey"]
+                    .iter()
+                    .any(|s| k.contains(s))
+            };
+            if u.query_pairs().any(|(k, _)| secret(&k)) {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret(&k) {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
             }
             u.to_string()
         }
@@ -56,5 +78,15 @@ mod tests {
         let r = redact_url("postgres://u:hunter2@db:5432/x");
         assert!(!r.contains("hunter2"));
         assert!(r.contains("***"));
+        for url in [
+            "postgres://u@db/x?password=hunter2",
+            "postgres://u@db/x?sslmode=require&sslpassword=hunter2",
+            "postgres://u@db/x?options=-c&PASSWORD=hunter2",
+        ] {
+            let r = redact_url(url);
+            assert!(!r.contains("hunter2"), "{r}");
+            assert!(r.contains("***"), "{r}");
+        }
+        assert!(redact_url("postgres://u@db/x?sslmode=require").contains("sslmode=require"));
     }
 }

@@ -290,6 +290,24 @@ impl fmt::Debug for Document {
     }
 }
 
+/// "Now", as one side of a conversation sees it: the real clock shifted by a fixed
+/// offset. Zero in production; tests and the simulator shift it to stand just before
+/// or after the provider's midnight, or to give the provider a clock that lags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub offset: chrono::Duration,
+}
+
+impl Clock {
+    pub fn shifted(offset: chrono::Duration) -> Clock {
+        Clock { offset }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.offset
+    }
+}
+
 /// Shortens a hostile value before it is quoted in an error message.
 pub fn clip(s: &str) -> String {
     const MAX: usize = 60;

@@ -49,7 +49,7 @@ pub enum Command {
 pub struct BenchArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps, inflight.
+    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps, inflight, idle.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Reports in the burn-down.
@@ -141,6 +141,16 @@ pub struct RunArgs {
     /// Largest document accepted, in bytes.
     #[arg(long, env = "UPSTREAM_MAX_DOWNLOAD_BYTES", default_value_t = 200 * 1024 * 1024)]
     pub upstream_max_download_bytes: u64,
+    /// One download, start to finish (a link that trickles bytes is given up).
+    #[arg(long, env = "UPSTREAM_DOWNLOAD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub upstream_download_timeout: Duration,
+    /// Hosts download links and their redirects may point at, comma-separated
+    /// (`*.myqcloud.com` for a domain and its subdomains); default: the link's own host.
+    #[arg(long, env = "UPSTREAM_DOWNLOAD_HOSTS", value_delimiter = ',')]
+    pub upstream_download_hosts: Vec<String>,
+    /// Bytes of documents all downloads of this process may hold in memory at once.
+    #[arg(long, env = "UPSTREAM_DOWNLOAD_MEMORY", default_value_t = 512 * 1024 * 1024)]
+    pub upstream_download_memory: u64,
     /// How long one upstream task may take before it is given up.
     #[arg(long, env = "REPORT_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub report_window: Duration,
@@ -153,6 +163,10 @@ pub struct RunArgs {
     /// Interval between polls while the task waits in the provider's queue.
     #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
     pub report_poll_max: Duration,
+    /// Unusable downloads of one task (not the report, a link against the rules, never
+    /// finished) before the task is given up; a new task is an attempt.
+    #[arg(long, env = "REPORT_DOWNLOAD_TRIES", default_value_t = 3)]
+    pub report_download_tries: u32,
     /// How long a row keeps retrying transient errors before it fails.
     #[arg(long, env = "REPORT_RETRY_BUDGET", default_value = "24h", value_parser = parse_duration)]
     pub report_retry_budget: Duration,
@@ -223,9 +237,27 @@ impl RunArgs {
             client_id: self.upstream_client_id.trim().to_string(),
             client_secret: self.upstream_client_secret.clone(),
         };
+        if self.upstream_download_memory < self.upstream_max_download_bytes {
+            anyhow::bail!(
+                "UPSTREAM_DOWNLOAD_MEMORY ({}) is below UPSTREAM_MAX_DOWNLOAD_BYTES ({}): the largest document could never be held",
+                self.upstream_download_memory,
+                self.upstream_max_download_bytes
+            );
+        }
+        if self.report_download_tries == 0 {
+            anyhow::bail!("REPORT_DOWNLOAD_TRIES must be at least 1");
+        }
         let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
         client.timeout = self.upstream_timeout;
         client.max_download_bytes = self.upstream_max_download_bytes;
+        client.download_timeout = self.upstream_download_timeout;
+        client.download_hosts = self
+            .upstream_download_hosts
+            .iter()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect();
+        client.download_memory = self.upstream_download_memory;
         let mut worker = WorkerConfig::new(self.upstream_client_id.trim());
         if let Some(id) = &self.worker_id {
             worker.owner = id.clone();
@@ -235,6 +267,7 @@ impl RunArgs {
         worker.lease = self.worker_lease;
         worker.idle_poll = self.worker_idle_poll;
         worker.shutdown_timeout = shutdown_timeout;
+        worker.download_tries = self.report_download_tries;
         worker.poll = PollPolicy {
             first_poll: self.report_first_poll,
             poll_min: self.report_poll_min,

@@ -206,8 +206,18 @@ async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Resu
     })
 }
 
+/// The provider's documented longest answer to a create.
+const PROVIDER_MAX_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let (client_config, worker_config) = args.configs()?;
+    if client_config.timeout < PROVIDER_MAX_ANSWER {
+        tracing::warn!(
+            "UPSTREAM_TIMEOUT ({}) is below the provider's {} maximum answer time: slow creates will go unanswered, each spending an attempt (and a paid task)",
+            humantime::format_duration(client_config.timeout),
+            humantime::format_duration(PROVIDER_MAX_ANSWER)
+        );
+    }
     let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));

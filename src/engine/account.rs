@@ -14,7 +14,9 @@ use super::metrics::Metrics;
 use super::policy::stop_probe_delay;
 use crate::domain::StopScope;
 use crate::queue::{self, AccountStop, ClaimKinds};
-use crate::upstream::UpstreamError;
+use crate::upstream::{Pacer, UpstreamError};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 /// Calls are spaced slightly wider than 1/QPS so that network jitter between processes
 /// does not push two calls into the same provider window.
@@ -38,8 +40,8 @@ pub(super) struct Account {
     pool: PgPool,
     /// The client id: the key of the account's pacing and stop rows.
     name: String,
-    /// Calls per second for the whole account; 0 turns pacing off.
-    qps: f64,
+    /// The account's shared call schedule.
+    pacing: Pacing,
     /// Pause before the first probe of a stopped account (then doubling, capped).
     probe_base: Duration,
     /// The stop as last read, and when: a busy claim loop reads it at most every
@@ -51,12 +53,21 @@ pub(super) struct Account {
 impl Account {
     pub(super) fn new(pool: PgPool, name: String, qps: f64, probe_base: Duration) -> Account {
         Account {
+            pacing: Pacing {
+                pool: pool.clone(),
+                name: name.clone(),
+                qps,
+            },
             pool,
             name,
-            qps,
             probe_base,
             stop_seen: Mutex::new(None),
         }
+    }
+
+    /// The schedule, for the client's own calls (token fetches, retries).
+    pub(super) fn pacing(&self) -> Pacing {
+        self.pacing.clone()
     }
 
     pub(super) fn name(&self) -> &str {
@@ -110,9 +121,15 @@ impl Account {
         *self.seen() = None;
     }
 
-    /// Records a stop for every process. `on_create` says whether a create met it: a
-    /// stop met on any other call stops every call.
-    pub(super) async fn record_stop(&self, stop: &UpstreamError, on_create: bool) {
+    /// Records a stop for every process, with the row and answer that caused it.
+    /// `on_create` says whether a create met it: a stop met on any other call stops every
+    /// call.
+    pub(super) async fn record_stop(
+        &self,
+        stop: &UpstreamError,
+        on_create: bool,
+        cause: queue::StopCause<'_>,
+    ) {
         let UpstreamError::AccountStop {
             code,
             reason,
@@ -133,6 +150,7 @@ impl Account {
                 reason,
                 *until,
                 self.probe_base,
+                Some(cause.clone()),
             )
         })
         .retry(queue::backoff())
@@ -142,6 +160,14 @@ impl Account {
             tracing::error!(error = %e, "could not record the account stop");
         }
         self.forget_stop();
+    }
+
+    /// How many other rows lost their task to an answer with `code` in the last ten
+    /// minutes (`None` when the database cannot tell now).
+    pub(super) async fn others_lost_to(&self, code: i32) -> Option<i64> {
+        queue::rows_lost_to(&self.pool, code, Duration::from_secs(600))
+            .await
+            .ok()
     }
 
     /// A probe was answered normally: the stop is over, for every process.
@@ -158,7 +184,8 @@ impl Account {
 
     /// Waits for the account's next call slot (shared by every process through the
     /// database), then calls. "Too fast" answers slow everyone down and are retried
-    /// here a few times: a rate limit is never the row's fault.
+    /// here a few times: a rate limit is never the row's fault. An HTTP 429 or a
+    /// `Retry-After` moves every process's schedule back by what it asks.
     pub(super) async fn paced<T, F, Fut>(
         &self,
         metrics: &Metrics,
@@ -177,20 +204,59 @@ impl Account {
             match r {
                 Err(UpstreamError::RateLimited { .. }) if limited < 3 => {
                     limited += 1;
-                    self.slow_down().await;
+                    self.slow_down(None).await;
                 }
-                other => return other,
+                Err(ref e) => {
+                    if let Some(pause) = asks_to_slow_down(e) {
+                        self.slow_down(Some(pause)).await;
+                    }
+                    return r;
+                }
+                ok => return ok,
             }
         }
     }
 
-    /// The provider said "too fast" (67200002): every process's next slot moves back.
-    pub(super) async fn slow_down(&self) {
-        let _ = queue::slow_down(&self.pool, &self.name, Duration::from_secs(1)).await;
+    /// The provider said "too fast" (67200002, HTTP 429, `Retry-After`): every
+    /// process's next slot moves back (1 s unless the answer named a pause).
+    pub(super) async fn slow_down(&self, pause: Option<Duration>) {
+        let pause = pause.unwrap_or(Duration::from_secs(1));
+        let _ = queue::slow_down(&self.pool, &self.name, pause).await;
     }
 
     /// Waits for the account's next call slot (shared by every process).
     pub(super) async fn wait_for_slot(&self) -> Result<(), UpstreamError> {
+        self.pacing.wait_for_slot().await
+    }
+}
+
+/// The pause an answer asks for: its `Retry-After`, or 1 s for an HTTP 429 without one.
+/// Capped at a minute: one odd header must not stall the account for long.
+pub(super) fn asks_to_slow_down(e: &UpstreamError) -> Option<Duration> {
+    match e {
+        UpstreamError::Transient {
+            retry_after: Some(d),
+            ..
+        } => Some((*d).min(Duration::from_secs(60))),
+        UpstreamError::Transient {
+            code: Some(429), ..
+        } => Some(Duration::from_secs(1)),
+        _ => None,
+    }
+}
+
+/// The account's shared call schedule: each call reserves the next slot in
+/// `report_account_pacing`, spaced 1/QPS (+2 %) apart across every process.
+#[derive(Clone)]
+pub(super) struct Pacing {
+    pool: PgPool,
+    name: String,
+    /// Calls per second for the whole account; 0 turns pacing off.
+    qps: f64,
+}
+
+impl Pacing {
+    async fn wait_for_slot(&self) -> Result<(), UpstreamError> {
         if self.qps <= 0.0 {
             return Ok(());
         }
@@ -205,6 +271,18 @@ impl Account {
     }
 }
 
+/// The client's own calls (token fetches, retries after a refused token) take their
+/// slot like every other call; if the schedule cannot be read, they go unpaced rather
+/// than not at all.
+impl Pacer for Pacing {
+    fn wait(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let _ = self.wait_for_slot().await;
+        }
+        .boxed()
+    }
+}
+
 /// How metrics name a call's result.
 pub(super) fn outcome<T>(r: &Result<T, UpstreamError>) -> &'static str {
     match r {
@@ -215,5 +293,6 @@ pub(super) fn outcome<T>(r: &Result<T, UpstreamError>) -> &'static str {
         Err(UpstreamError::Unauthorized { .. }) => "unauthorized",
         Err(UpstreamError::BadCredentials { .. }) => "bad_credentials",
         Err(UpstreamError::AccountStop { .. }) => "account_stop",
+        Err(UpstreamError::BadDownload { .. }) => "bad_download",
     }
 }

@@ -61,6 +61,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Pause before the first probe of a stopped account (then doubling, capped).
     pub stop_probe_base: Duration,
+    /// Unusable downloads of one task before it is given up (a new task is an attempt).
+    pub download_tries: u32,
     pub poll: PollPolicy,
     pub retry: RetryPolicy,
 }
@@ -77,11 +79,16 @@ impl WorkerConfig {
             idle_poll: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(45),
             stop_probe_base: Duration::from_secs(30),
+            download_tries: 3,
             poll: PollPolicy::default(),
             retry: RetryPolicy::default(),
         }
     }
 }
+
+/// The shortest idle nap: an idle process asks the database at most ten times a second
+/// for the next due poll, whatever the queue looks like.
+const IDLE_NAP_FLOOR: Duration = Duration::from_millis(100);
 
 /// Connections a worker process needs: its claim loop, LISTEN, heartbeat and the
 /// batched writers, plus room for the per-call statements (pacing, rare writes). Writes
@@ -122,6 +129,8 @@ impl Worker {
             config.qps,
             config.stop_probe_base,
         );
+        // The client's own calls (token fetches, retries) take their slot too.
+        client.set_pacer(Arc::new(account.pacing()));
         Worker {
             shared: Arc::new(Shared {
                 writer: Writer::start(pool.clone()),
@@ -161,10 +170,12 @@ impl Worker {
                     _ = tasks.join_next() => continue,
                 }
             }
-            let rows = match shared.claim_round(free).await {
-                Ok(rows) => {
+            // Whether this claim could take polls (an account stop of scope `all` forbids
+            // them): an idle nap does not wake for polls it may not make.
+            let (rows, polls_allowed) = match shared.claim_round(free).await {
+                Ok(claimed) => {
                     db_failures = 0;
-                    rows
+                    claimed
                 }
                 Err(e) => {
                     db_failures += 1;
@@ -202,7 +213,7 @@ impl Worker {
                 );
             }
             if got < free {
-                let nap = shared.idle_nap().await;
+                let nap = shared.idle_nap(polls_allowed).await;
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = shared.wake.notified() => {}
@@ -252,8 +263,11 @@ impl Worker {
 impl Shared {
     /// One claim: what the account's stop allows, plus one probe row when a probe of a
     /// stopped account is due and this process wins it. Each row comes with whether it
-    /// is the probe.
-    async fn claim_round(&self, free: usize) -> Result<Vec<(queue::Claimed, bool)>, sqlx::Error> {
+    /// is the probe; also says whether polls may be claimed at all.
+    async fn claim_round(
+        &self,
+        free: usize,
+    ) -> Result<(Vec<(queue::Claimed, bool)>, bool), sqlx::Error> {
         let plan = self.account.plan_claim().await?;
         let (owner, lease) = (&self.config.owner, self.config.lease);
         let mut rows = Vec::new();
@@ -268,7 +282,7 @@ impl Shared {
         }
         let claimed = queue::claim(&self.pool, owner, lease, free, plan.kinds).await?;
         rows.extend(claimed.into_iter().map(|r| (r, false)));
-        Ok(rows)
+        Ok((rows, plan.kinds.polls))
     }
 
     /// Hands back at once the rows of tasks that ended without finishing (a panic):
@@ -286,12 +300,16 @@ impl Shared {
         }
     }
 
-    /// How long an idle claim loop may sleep: until the next poll falls due, at most
-    /// the fallback interval (a NOTIFY cuts it short).
-    async fn idle_nap(&self) -> Duration {
+    /// How long an idle claim loop may sleep: until the next poll this process could
+    /// claim falls due (not one another process holds, not one a stop forbids), at most
+    /// the fallback interval (a NOTIFY cuts it short), at least `IDLE_NAP_FLOOR`.
+    async fn idle_nap(&self, polls_allowed: bool) -> Duration {
         let fallback = self.config.idle_poll;
+        if !polls_allowed {
+            return fallback;
+        }
         match queue::next_poll_due_in(&self.pool).await {
-            Ok(Some(d)) => d.min(fallback).max(Duration::from_millis(5)),
+            Ok(Some(d)) => d.min(fallback).max(IDLE_NAP_FLOOR),
             _ => fallback,
         }
     }

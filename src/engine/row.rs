@@ -25,13 +25,13 @@ use super::Shared;
 use super::account::outcome;
 use super::leases::LeaseFlag;
 use super::policy::Progress;
-use crate::domain::{Document, JobId, RequestState};
+use crate::domain::{JobId, RequestState};
 use crate::queue::{
     self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
     Retry, Snoozed, WriteError,
 };
 use crate::upstream::client::CreateTask;
-use crate::upstream::{CreateError, TaskStatus, UpstreamError};
+use crate::upstream::{CreateError, Downloaded, TaskStatus, UpstreamError};
 
 /// Time a create may take beyond the HTTP timeout before a claimer that meets its
 /// intent (after a cancel and retry) stops waiting for its answer.
@@ -55,8 +55,12 @@ enum Outcome {
     },
     /// The task is not ready yet: poll again at this time (a snooze, not an attempt).
     NotReady { next_poll_at: DateTime<Utc> },
-    /// The report is downloaded and verified: store it and finish the row.
-    Downloaded(Document),
+    /// The report is downloaded and verified: store it and finish the row. (Its
+    /// memory stays reserved until it is stored.)
+    Downloaded(Downloaded),
+    /// The task's download was unusable (not the report, a link against the rules, a
+    /// download that never finished): a few tries, then the task is given up.
+    BadDownload { message: String },
     /// The current task is lost (job_status 3, the window ran out, the provider
     /// refuses to talk about it): a new task while attempts remain, else failed.
     TaskLost { code: Option<i32>, why: String },
@@ -260,7 +264,7 @@ impl RowTask {
                     if rate_limited < 3 =>
                 {
                     rate_limited += 1;
-                    shared.account.slow_down().await;
+                    shared.account.slow_down(None).await;
                 }
                 Err(CreateError::NotCreated(UpstreamError::Rejected { code, message })) => {
                     return Outcome::Refused {
@@ -380,7 +384,8 @@ impl RowTask {
             return Outcome::Interrupted;
         };
         match result {
-            Ok(document) => Outcome::Downloaded(document),
+            Ok(downloaded) => Outcome::Downloaded(downloaded),
+            Err(UpstreamError::BadDownload { message }) => Outcome::BadDownload { message },
             Err(UpstreamError::Rejected { code, message }) => Outcome::Refused {
                 code,
                 message,
@@ -432,7 +437,57 @@ impl RowTask {
                 let reply = self.shared.writer.snoozed(snoozed).await;
                 self.fenced("snooze", reply);
             }
-            Outcome::Downloaded(document) => self.store(document).await,
+            Outcome::Downloaded(downloaded) => self.store(downloaded).await,
+            Outcome::BadDownload { message } => {
+                let tries = self.row.bad_downloads + 1;
+                if tries >= self.shared.config.download_tries.max(1) as i32 {
+                    let why = format!("{message} ({tries} downloads of this task, none usable)");
+                    self.new_task_later(None, &why).await;
+                } else {
+                    let error = UpstreamError::BadDownload { message };
+                    let delay = self
+                        .shared
+                        .config
+                        .retry
+                        .transient_delay(tries as u32, unit());
+                    tracing::info!(%error, tries, ?delay, "unusable download; trying again later");
+                    self.retry_write(
+                        Retry::BadDownload,
+                        None,
+                        &error.to_string(),
+                        delay,
+                        Intent::Keep,
+                    )
+                    .await;
+                }
+            }
+            Outcome::TaskLost {
+                code: Some(404),
+                why,
+            } => {
+                // One task the provider does not know costs that task; several within
+                // minutes mean the account is misconfigured: stop it instead.
+                match self.shared.account.others_lost_to(404).await {
+                    Some(others) if others >= 2 => {
+                        let error = UpstreamError::stop_all(
+                            404,
+                            format!(
+                                "status calls answer HTTP 404 for several tasks ({others} others in the last 10 minutes): check UPSTREAM_BASE_URL"
+                            ),
+                        );
+                        self.stop_account(&error, "status", &why).await;
+                        self.retry_write(
+                            Retry::Noted,
+                            Some(404),
+                            &why,
+                            Duration::ZERO,
+                            Intent::Keep,
+                        )
+                        .await;
+                    }
+                    _ => self.new_task_later(Some(404), &why).await,
+                }
+            }
             Outcome::TaskLost { code, why } => self.new_task_later(code, &why).await,
             Outcome::Refused {
                 code,
@@ -515,8 +570,13 @@ impl RowTask {
         }
     }
 
-    /// The document and `succeeded`, in one transaction.
-    async fn store(&self, document: Document) {
+    /// The document and `succeeded`, in one transaction. A document the database
+    /// refuses (a constraint) fails the row with the reason instead of being redone.
+    async fn store(&self, downloaded: Downloaded) {
+        let Downloaded {
+            document,
+            reservation,
+        } = downloaded;
         let (bytes, file) = (document.content.len(), document.file_name.clone());
         let completed = Completed {
             id: self.row.id,
@@ -524,6 +584,12 @@ impl RowTask {
             document,
         };
         let reply = self.shared.writer.completed(completed).await;
+        drop(reservation);
+        if let Err(refused @ WriteError::Refused { .. }) = &reply {
+            let message = format!("the document could not be stored: {refused}");
+            self.fail(None, &message, Intent::Keep).await;
+            return;
+        }
         if self.fenced("complete", reply) == Some(Fenced::Written) {
             self.shared.metrics.finished("succeeded");
             if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
@@ -582,8 +648,11 @@ impl RowTask {
         let message = e.to_string();
         let (kind, delay) = match &e {
             UpstreamError::AccountStop { .. } => {
-                let on_create = self.row.state == RequestState::Queued;
-                self.shared.account.record_stop(&e, on_create).await;
+                let endpoint = match self.row.state {
+                    RequestState::Queued => "create",
+                    _ => "status",
+                };
+                self.stop_account(&e, endpoint, &message).await;
                 (Retry::Noted, Duration::ZERO)
             }
             UpstreamError::RateLimited { .. } => (
@@ -635,6 +704,20 @@ impl RowTask {
             )
         })
         .await
+    }
+
+    /// Records an account stop caused by this row's call to `endpoint`.
+    async fn stop_account(&self, stop: &UpstreamError, endpoint: &str, answer: &str) {
+        let cause = queue::StopCause {
+            request_id: self.row.id,
+            endpoint,
+            answer,
+        };
+        let on_create = endpoint == "create";
+        self.shared
+            .account
+            .record_stop(stop, on_create, cause)
+            .await;
     }
 
     /// The create's answer could not be written to the row (cancelled or taken over):

@@ -44,6 +44,17 @@ pub struct BenchResults {
     pub economy: Option<Vec<Economy>>,
     pub qps_use: Option<QpsUse>,
     pub inflight: Option<InFlight>,
+    pub idle: Option<Idle>,
+}
+
+/// What an idle worker process costs the database.
+#[derive(Debug, Serialize)]
+pub struct Idle {
+    pub seconds: f64,
+    /// Transactions per second while 1,000 polls are due but held by another process.
+    pub polls_held_elsewhere_tx_per_s: f64,
+    /// Transactions per second while the account is stopped and 1,000 polls are due.
+    pub account_stopped_tx_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +146,10 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     if wants(o, "inflight") {
         r.inflight = Some(inflight(o).await.context("in-flight scale")?);
         eprintln!("{:?}", r.inflight);
+    }
+    if wants(o, "idle") {
+        r.idle = Some(idle(o).await.context("idle")?);
+        eprintln!("{:?}", r.idle);
     }
     Ok(r)
 }
@@ -607,6 +622,40 @@ async fn inflight(o: &BenchOptions) -> anyhow::Result<InFlight> {
     })
 }
 
+/// An idle `run` process, measured by the transactions its database sees: first while
+/// every due poll is held by another process, then while the account is stopped.
+async fn idle(o: &BenchOptions) -> anyhow::Result<Idle> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_idle").await?;
+    let sim = Simulator::start(SimConfig::instant(), "127.0.0.1:0".parse()?).await?;
+    let jobs: Vec<String> = (1..=1000).map(|i| i.to_string()).collect();
+    fixtures::insert_generating(&pool, &jobs, ReportType::Pdf, 0.0).await?;
+    fixtures::hold_all(&pool, "another-process", Duration::from_secs(3600)).await?;
+    let mut child = worker_process(&url, &sim, &[])?;
+    let window = Duration::from_secs(10);
+    // Let it start (connections, LISTEN), then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let measure = |pool: PgPool| async move {
+        let before = transactions(&pool).await?;
+        let start = Instant::now();
+        tokio::time::sleep(window).await;
+        let seconds = start.elapsed().as_secs_f64() + 1.2;
+        let after = transactions(&pool).await?;
+        anyhow::Ok((after - before) as f64 / seconds)
+    };
+    let held = measure(pool.clone()).await?;
+    fixtures::hold_all(&pool, "", Duration::ZERO).await?;
+    fixtures::stop_account(&pool, &sim.config().client_id, Duration::from_secs(3600)).await?;
+    let stopped = measure(pool.clone()).await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    sim.stop().await;
+    Ok(Idle {
+        seconds: window.as_secs_f64(),
+        polls_held_elsewhere_tx_per_s: held,
+        account_stopped_tx_per_s: stopped,
+    })
+}
+
 /// The human-readable table.
 pub fn table(r: &BenchResults) -> String {
     let mut s = format!("report-worker bench — {} — {}\n\n", r.date, r.machine);
@@ -661,6 +710,12 @@ pub fn table(r: &BenchResults) -> String {
             i.transactions_per_s,
             i.polls_per_s,
             i.polls_due_per_s
+        );
+    }
+    if let Some(i) = &r.idle {
+        s += &format!(
+            "7. idle process: {:.1} transactions/s while 1,000 due polls are held by another process, {:.1}/s while the account is stopped (over {:.0} s each)\n",
+            i.polls_held_elsewhere_tx_per_s, i.account_stopped_tx_per_s, i.seconds
         );
     }
     s

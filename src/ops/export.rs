@@ -47,23 +47,70 @@ pub struct ExportSummary {
     pub files: Vec<(i64, PathBuf)>,
 }
 
-fn file_sha(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+/// What is at a path: nothing, a regular file with these contents' sha256, or something
+/// else (a symlink, a directory, a device — never followed or read).
+enum AtPath {
+    Free,
+    File(String),
+    Other,
+}
+
+fn at_path(path: &Path) -> AtPath {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => AtPath::Free,
+        Ok(m) if m.file_type().is_file() => match std::fs::read(path) {
+            Ok(bytes) => AtPath::File(sha256_hex(&bytes)),
+            Err(_) => AtPath::Other,
+        },
+        Ok(_) => AtPath::Other,
+    }
 }
 
 /// Where request `id`'s document goes: `name`, or `stem (id).ext` when `name` holds a
-/// different file. Returns the path and whether an identical file is already there.
+/// different file (or anything that is not a regular file). Returns the path and
+/// whether an identical file is already there.
 fn target(dir: &Path, name: &str, id: i64, sha: &str) -> (PathBuf, bool) {
     let first = dir.join(name);
-    match file_sha(&first) {
-        None => return (first, false),
-        Some(s) if s == sha => return (first, true),
-        Some(_) => {}
+    match at_path(&first) {
+        AtPath::Free => return (first, false),
+        AtPath::File(s) if s == sha => return (first, true),
+        _ => {}
     }
     let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
     let second = dir.join(format!("{stem} ({id}).{ext}"));
-    let same = file_sha(&second).is_some_and(|s| s == sha);
+    let same = matches!(at_path(&second), AtPath::File(s) if s == sha);
     (second, same)
+}
+
+/// Writes `content` to `path` through a new temporary file in `dir`, created with
+/// O_EXCL under a random name (so nothing planted in DIR — a symlink, a file — is
+/// followed or overwritten), then renamed over `path` (a rename replaces a symlink
+/// itself, never its target).
+fn write_new(dir: &Path, path: &Path, id: i64, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    for _ in 0..16 {
+        let tmp = dir.join(format!(".{id}.{:016x}.part", rand::random::<u64>()));
+        let mut file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        let written = file.write_all(content).and_then(|_| file.sync_all());
+        drop(file);
+        if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "no free temporary file name",
+    ))
 }
 
 pub async fn export(
@@ -104,9 +151,7 @@ pub async fn export(
             summary.skipped += 1;
         } else {
             let content = queue::document_content(&mut content_conn, row.request_id).await?;
-            let tmp = dir.join(format!(".{}.part", row.request_id));
-            std::fs::write(&tmp, &content).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            write_new(&dir, &path, row.request_id, &content).map_err(io(&path))?;
             summary.written += 1;
             summary.bytes += content.len() as u64;
         }

@@ -40,15 +40,24 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
             .unwrap_or_default();
         writeln!(
             out,
-            "account stop for {}: {}{} since {}{}, next probe {}, probes so far {}",
+            "account stop for {}: {}{} since {}{}, next probe {}, probes so far {}, stopping {} calls",
             stop.account,
             stop.reason,
             code,
             stop.since.to_rfc3339(),
             until,
             stop.probe_at.to_rfc3339(),
-            stop.probes
+            stop.probes,
+            stop.scope
         )?;
+        if let Some(id) = stop.request_id {
+            writeln!(
+                out,
+                "  caused by row {id}'s {} call: {}",
+                stop.endpoint.as_deref().unwrap_or("provider"),
+                stop.answer.as_deref().unwrap_or("-")
+            )?;
+        }
     }
     Ok(out)
 }

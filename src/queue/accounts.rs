@@ -21,10 +21,25 @@ pub struct AccountStop {
     pub probes: i32,
     /// Whether `probe_at` has come, by the database's clock.
     pub probe_due: bool,
+    /// The row whose call met the answer that (last) caused the stop, the endpoint and
+    /// the answer itself.
+    pub request_id: Option<i64>,
+    pub endpoint: Option<String>,
+    pub answer: Option<String>,
+}
+
+/// What caused a stop: an answer to one row's call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopCause<'a> {
+    pub request_id: i64,
+    pub endpoint: &'a str,
+    pub answer: &'a str,
 }
 
 /// The columns an `AccountStop` is read from.
-pub(super) const STOP_COLUMNS: &str = "account, scope, reason, error_code, since, until, probe_at, probes, probe_at <= now() AS probe_due";
+pub(super) const STOP_COLUMNS: &str =
+    "account, scope, reason, error_code, since, until, probe_at, probes,
+     probe_at <= now() AS probe_due, request_id, endpoint, answer";
 
 /// The account's stop, if any.
 pub async fn read_stop(pool: &PgPool, account: &str) -> Result<Option<AccountStop>, sqlx::Error> {
@@ -39,6 +54,7 @@ pub async fn read_stop(pool: &PgPool, account: &str) -> Result<Option<AccountSto
 /// Records (or updates) the account's stop. A stop whose end is known (67200007) is
 /// next probed at that end; otherwise the first probe comes `first_probe_in` after it
 /// began.
+#[allow(clippy::too_many_arguments)]
 pub async fn record_stop(
     pool: &PgPool,
     account: &str,
@@ -47,15 +63,18 @@ pub async fn record_stop(
     reason: &str,
     until: Option<DateTime<Utc>>,
     first_probe_in: Duration,
+    cause: Option<StopCause<'_>>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO report_account_stops AS s (account, scope, reason, error_code, until, probe_at)
-         VALUES ($1, $2, $3, $4, $5, coalesce($5, now() + $6 * interval '1 second'))
+        "INSERT INTO report_account_stops AS s
+                (account, scope, reason, error_code, until, probe_at, request_id, endpoint, answer)
+         VALUES ($1, $2, $3, $4, $5, coalesce($5, now() + $6 * interval '1 second'), $7, $8, $9)
          ON CONFLICT (account) DO UPDATE
             SET scope = CASE WHEN s.scope = 'all' OR excluded.scope = 'all' THEN 'all' ELSE 'create' END,
                 reason = excluded.reason, error_code = excluded.error_code, until = excluded.until,
                 probe_at = CASE WHEN excluded.until IS NOT NULL THEN greatest(s.probe_at, excluded.until)
                                 ELSE s.probe_at END,
+                request_id = excluded.request_id, endpoint = excluded.endpoint, answer = excluded.answer,
                 updated_at = now()",
     )
     .bind(account)
@@ -64,6 +83,9 @@ pub async fn record_stop(
     .bind(code)
     .bind(until)
     .bind(secs(first_probe_in))
+    .bind(cause.as_ref().map(|c| c.request_id))
+    .bind(cause.as_ref().map(|c| c.endpoint))
+    .bind(cause.as_ref().map(|c| c.answer))
     .execute(pool)
     .await?;
     Ok(())
@@ -91,12 +113,24 @@ pub async fn claim_probe(
 }
 
 /// The provider answered normally: the stop is over.
+/// The provider answered normally: the stop is over. Time spent in the stop does not
+/// count against any row's retry budget: open rows' streaks of transient errors that
+/// began before the stop are moved forward by its length (a stop pauses the streak).
 pub async fn clear_stop(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("DELETE FROM report_account_stops WHERE account = $1")
-        .bind(account)
-        .execute(pool)
-        .await?;
-    Ok(r.rows_affected() == 1)
+    let cleared: Option<i64> = sqlx::query_scalar(
+        "WITH stop AS (DELETE FROM report_account_stops WHERE account = $1 RETURNING since),
+              paused AS (
+                  UPDATE report_requests r
+                     SET transient_since = r.transient_since + (now() - stop.since)
+                    FROM stop
+                   WHERE r.state IN ('queued', 'generating') AND r.transient_since < stop.since
+                  RETURNING r.id)
+         SELECT count(*) FROM stop",
+    )
+    .bind(account)
+    .fetch_optional(pool)
+    .await?;
+    Ok(cleared == Some(1))
 }
 
 /// Reserves the account's next call slot, spaced `spacing` after the previous one

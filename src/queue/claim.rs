@@ -26,6 +26,8 @@ pub struct Claimed {
     pub polls: i32,
     pub transient_errors: i32,
     pub transient_since: Option<DateTime<Utc>>,
+    /// Downloads of the current task that were not a valid report.
+    pub bad_downloads: i32,
     pub created_at: DateTime<Utc>,
     pub db_now: DateTime<Utc>,
 }
@@ -93,7 +95,7 @@ pub async fn claim(
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
                    r.upstream_created_at, r.polls, r.transient_errors, r.transient_since,
-                   r.created_at, now() AS db_now",
+                   r.bad_downloads, r.created_at, now() AS db_now",
     )
     .bind(owner)
     .bind(secs(lease))
@@ -104,13 +106,18 @@ pub async fn claim(
     .await
 }
 
-/// When the next generating row's poll falls due, for an idle worker's nap.
+/// When the next poll this worker could claim falls due, for an idle worker's nap:
+/// generating rows whose poll is not held by another process (their lease has expired
+/// or there is none). `None` when there is no such row. Reads the first entries of the
+/// generating index in order, stopping at the first unleased one.
 pub async fn next_poll_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
     let secs: Option<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM (min(next_poll_at) - now()))::float8
-           FROM report_requests WHERE state = 'generating'",
+        "SELECT extract(epoch FROM (next_poll_at - now()))::float8
+           FROM report_requests
+          WHERE state = 'generating' AND (lease_expires_at IS NULL OR lease_expires_at < now())
+          ORDER BY next_poll_at LIMIT 1",
     )
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
     Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }

@@ -80,3 +80,39 @@ pub async fn count_documents_stored(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .fetch_one(pool)
         .await
 }
+
+/// Puts every generating row under `owner`'s lease for `lease` (an empty owner releases
+/// them): polls another process holds.
+pub async fn hold_all(
+    pool: &PgPool,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_requests
+            SET lease_owner = nullif($1, ''), lease_expires_at = CASE WHEN $1 = '' THEN NULL ELSE now() + $2 * interval '1 second' END
+          WHERE state = 'generating'",
+    )
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Stops the account (scope `all`) with its next probe `probe_in` away.
+pub async fn stop_account(
+    pool: &PgPool,
+    account: &str,
+    probe_in: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO report_account_stops (account, scope, reason, error_code, probe_at)
+         VALUES ($1, 'all', 'benchmark', 67200004, now() + $2 * interval '1 second')",
+    )
+    .bind(account)
+    .bind(probe_in.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -85,7 +85,7 @@ pub async fn mark_generating_batch(
     sqlx::query_scalar(
         "UPDATE report_requests r
             SET state = 'generating', upstream_job_id = b.job, upstream_created_at = now(),
-                create_started_at = NULL, create_deadline = NULL, polls = 0,
+                create_started_at = NULL, create_deadline = NULL, polls = 0, bad_downloads = 0,
                 next_poll_at = now() + b.delay * interval '1 second',
                 transient_errors = 0, transient_since = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -205,7 +205,7 @@ pub async fn requeue_for_new_task(
         "UPDATE report_requests
             SET state = 'queued', run_after = now() + $5 * interval '1 second',
                 upstream_job_id = NULL, upstream_created_at = NULL, next_poll_at = NULL, polls = 0,
-                transient_errors = 0, transient_since = NULL,
+                transient_errors = 0, transient_since = NULL, bad_downloads = 0,
                 last_error_code = $3, last_error = $4, last_error_at = now(),
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
           WHERE id = $1 AND lease_token = $2 AND state = 'generating'",
@@ -230,6 +230,9 @@ pub enum Retry {
     Noted,
     /// Rate limited: nothing recorded, nothing spent.
     Quiet,
+    /// The task's download was unusable: recorded, counts toward the retry budget and
+    /// toward the task's bad downloads.
+    BadDownload,
 }
 
 /// Puts a row back for a later try of the same step (create or poll) after `delay`.
@@ -249,6 +252,7 @@ pub async fn retry_later(
             SET run_after = CASE WHEN state = 'queued' THEN now() + $7 * interval '1 second' ELSE run_after END,
                 next_poll_at = CASE WHEN state = 'generating' THEN now() + $7 * interval '1 second' ELSE next_poll_at END,
                 transient_errors = transient_errors + CASE WHEN $3 THEN 1 ELSE 0 END,
+                bad_downloads = bad_downloads + CASE WHEN $11 THEN 1 ELSE 0 END,
                 transient_since = CASE WHEN $3 THEN coalesce(transient_since, now()) ELSE transient_since END,
                 last_error_code = CASE WHEN $4 THEN $5 ELSE last_error_code END,
                 last_error = CASE WHEN $4 THEN $6 ELSE last_error END,
@@ -259,7 +263,7 @@ pub async fn retry_later(
     ))
     .bind(id)
     .bind(token)
-    .bind(kind == Retry::Transient)
+    .bind(matches!(kind, Retry::Transient | Retry::BadDownload))
     .bind(kind != Retry::Quiet)
     .bind(code)
     .bind(message)
@@ -267,6 +271,7 @@ pub async fn retry_later(
     .bind(intent == Intent::Refund)
     .bind(intent == Intent::Unanswered)
     .bind(intent == Intent::Keep)
+    .bind(kind == Retry::BadDownload)
     .execute(pool)
     .await?;
     Ok(Fenced::from_rows(r.rows_affected()))

@@ -75,3 +75,21 @@ pub async fn request_summaries(
     .fetch_all(pool)
     .await
 }
+
+/// Rows whose last error, written within `within`, carried `code`: how many rows met the
+/// same undocumented answer lately (several rows mean the account, not the rows).
+pub async fn rows_lost_to(
+    pool: &PgPool,
+    code: i32,
+    within: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM report_requests
+          WHERE last_error_code = $1 AND last_error_at > now() - $2 * interval '1 second'
+            AND state IN ('queued', 'generating', 'failed')",
+    )
+    .bind(code)
+    .bind(within.as_secs_f64())
+    .fetch_one(pool)
+    .await
+}

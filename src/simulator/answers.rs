@@ -59,7 +59,12 @@ pub(super) fn fault_response(fault: &Fault) -> Option<Response> {
         Fault::CreatedThenStatusFalse => {
             Json(json!({"data": null, "status": false})).into_response()
         }
-        Fault::Slow { .. } | Fault::Html | Fault::JobFailed => return None,
+        Fault::Slow { .. }
+        | Fault::Html
+        | Fault::JobFailed
+        | Fault::Drip { .. }
+        | Fault::RedirectToHost { .. }
+        | Fault::BadDocx => return None,
     })
 }
 

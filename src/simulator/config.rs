@@ -56,6 +56,10 @@ pub struct SimConfig {
     /// Approximate document size in bytes.
     #[arg(long, default_value_t = 300_000)]
     pub doc_size: usize,
+    /// The provider's clock against the real one, in seconds (negative: it lags). Moves
+    /// its day (Asia/Shanghai), which the daily limit counts.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub clock_offset_secs: i64,
 }
 
 impl Default for SimConfig {
@@ -74,6 +78,7 @@ impl Default for SimConfig {
             fault_rate: 0.0,
             seed: None,
             doc_size: 300_000,
+            clock_offset_secs: 0,
         }
     }
 }
@@ -122,6 +127,12 @@ pub enum Fault {
     Html,
     /// For status calls: job_status 3 for this task from now on.
     JobFailed,
+    /// For downloads: the document, served at this many bytes per second.
+    Drip { bytes_per_sec: u64 },
+    /// For downloads: a redirect to the same link on another host name (same port).
+    RedirectToHost { host: String },
+    /// For Word downloads: a body that starts like a ZIP and is not one.
+    BadDocx,
     /// For creates: the task is made (and paid for), then the connection breaks off
     /// before the answer is complete.
     CreatedThenReset,
@@ -202,6 +213,9 @@ impl Fault {
             Fault::Slow { .. } => "slow".into(),
             Fault::Html => "html".into(),
             Fault::JobFailed => "job_failed".into(),
+            Fault::Drip { .. } => "drip".into(),
+            Fault::RedirectToHost { .. } => "redirect".into(),
+            Fault::BadDocx => "bad_docx".into(),
             Fault::CreatedThenReset => "created_then_reset".into(),
             Fault::CreatedThenHttp { status } => format!("created_then_{status}"),
             Fault::CreatedThenUnreadable => "created_then_unreadable".into(),

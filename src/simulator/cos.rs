@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use futures_util::StreamExt;
 use rand::RngExt;
 use sha2::{Digest, Sha256};
 
@@ -27,8 +28,9 @@ pub(super) fn link_signature(key: &str, job_id: u64, sign_time: &str) -> String 
 
 pub(super) async fn download(
     State(s): State<AppState>,
-    Path((job_id, _file)): Path<(u64, String)>,
+    Path((job_id, file)): Path<(u64, String)>,
     Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let sign_time = query.get("q-sign-time").cloned().unwrap_or_default();
     let signature_ok = query.get("q-signature").map(String::as_str)
@@ -78,7 +80,31 @@ pub(super) async fn download(
             "The specified key does not exist.",
         );
     };
+    let mut drip = None;
     match injected {
+        Some(Fault::Drip { bytes_per_sec }) => drip = Some(bytes_per_sec.max(1)),
+        Some(Fault::RedirectToHost { host }) => {
+            s.count("download:redirect".into());
+            let port = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.rsplit_once(':'))
+                .map(|(_, p)| format!(":{p}"))
+                .unwrap_or_default();
+            let query: String = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(query.iter())
+                .finish();
+            let to = format!("http://{host}{port}/cos/company-report/{job_id}/{file}?{query}");
+            return (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
+        }
+        Some(Fault::BadDocx) => {
+            s.count("download:bad_docx".into());
+            return (
+                [(header::CONTENT_TYPE, ReportType::Word.content_type())],
+                b"PK\x03\x04 this is not a zip archive at all".to_vec(),
+            )
+                .into_response();
+        }
         Some(Fault::Html) => {
             s.count("download:html".into());
             return (
@@ -121,7 +147,19 @@ pub(super) async fn download(
         );
         *inner.stats.calls.entry("download:ok".into()).or_default() += 1;
     }
-    let mut response = Response::new(Body::from(bytes));
+    let mut response = match drip {
+        None => Response::new(Body::from(bytes)),
+        Some(rate) => {
+            // A tenth of a second's worth at a time: a server that trickles bytes.
+            let step = (rate / 10).max(1) as usize;
+            let chunks: Vec<Bytes> = bytes.chunks(step).map(Bytes::copy_from_slice).collect();
+            let stream = futures_util::stream::iter(chunks).then(|chunk| async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<Bytes, std::io::Error>(chunk)
+            });
+            Response::new(Body::from_stream(stream))
+        }
+    };
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -70,6 +70,7 @@ impl Simulator {
             .map(|_| format!("{:x}", rng.random_range(0..16u8)))
             .collect();
         let balance_left = config.balance;
+        let today = shanghai_today(config.clock_offset_secs);
         let shared = Arc::new(Shared {
             config,
             signing_key,
@@ -80,7 +81,7 @@ impl Simulator {
                 // Like the provider's: 64-bit ids far above 2^53.
                 next_job_id: 1_579_434_053_399_035_904,
                 window: VecDeque::new(),
-                day: shanghai_today(),
+                day: today,
                 day_calls: 0,
                 balance_left,
                 outage: None,

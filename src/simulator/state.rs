@@ -78,8 +78,9 @@ pub(super) struct Shared {
 
 pub(super) type AppState = Arc<Shared>;
 
-pub(super) fn shanghai_today() -> NaiveDate {
-    Utc::now()
+/// The provider's calendar day (Asia/Shanghai) by its own clock.
+pub(super) fn shanghai_today(clock_offset_secs: i64) -> NaiveDate {
+    (Utc::now() + chrono::Duration::seconds(clock_offset_secs))
         .with_timezone(&FixedOffset::east_opt(8 * 3600).expect("offset"))
         .date_naive()
 }
@@ -191,7 +192,7 @@ impl Shared {
         {
             return answer(&mut inner, "67200002".into(), envelope_error(67200002));
         }
-        let today = shanghai_today();
+        let today = shanghai_today(self.config.clock_offset_secs);
         if inner.day != today {
             inner.day = today;
             inner.day_calls = 0;

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
 use futures_util::StreamExt;
-use reqwest::header::{CONTENT_DISPOSITION, CONTENT_TYPE, RETRY_AFTER};
+use futures_util::future::BoxFuture;
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::document;
 use super::envelope::{interpret, is_explicit_refusal, parse_token};
+use super::links::{LinkRules, MemoryBudget, redirect_policy};
 use super::{CreateError, Secret, UpstreamError};
-use crate::domain::{Document, JobId, ReportType, clip};
+use crate::domain::{Clock, JobId, ReportType, clip};
 
 pub const DEFAULT_BASE_URL: &str = "https://connect.patsnap.com";
 pub const CREATE_PATH: &str = "/innovation/company-report/task/create";
@@ -45,6 +45,16 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Downloads above this are refused without being held in memory.
     pub max_download_bytes: u64,
+    /// One download, start to finish (a server that trickles bytes must not hold a slot
+    /// and a lease forever).
+    pub download_timeout: Duration,
+    /// Hosts download links and their redirects may point at (`*.suffix` allowed);
+    /// empty: the link's own host, redirects staying on it.
+    pub download_hosts: Vec<String>,
+    /// Bytes of documents all downloads of this process may hold in memory at once.
+    pub download_memory: u64,
+    /// The client's clock: "now" for answers that depend on the time (67200007).
+    pub clock: Clock,
 }
 
 impl ClientConfig {
@@ -55,8 +65,32 @@ impl ClientConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_download_bytes: 200 * 1024 * 1024,
+            download_timeout: Duration::from_secs(300),
+            download_hosts: Vec::new(),
+            download_memory: 512 * 1024 * 1024,
+            clock: Clock::default(),
         }
     }
+
+    /// Which download links are acceptable: https only when the provider is reached
+    /// over https (plain http is for a local simulator), on the allowed hosts.
+    pub fn link_rules(&self) -> LinkRules {
+        LinkRules {
+            https_only: !self
+                .base_url
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("http://"),
+            hosts: self.download_hosts.clone(),
+        }
+    }
+}
+
+/// Spaces the client's own extra calls — token fetches, the retry after a refused
+/// token — on the account's shared call schedule, like every other call. The engine
+/// sets it; without one, those calls are not paced.
+pub trait Pacer: Send + Sync + 'static {
+    fn wait(&self) -> BoxFuture<'_, ()>;
 }
 
 /// What one report request asks the provider for.
@@ -89,8 +123,15 @@ struct CachedToken {
 
 #[derive(Clone)]
 pub struct Client {
+    /// API calls: no redirects (an API answer that redirects is not an answer).
     http: reqwest::Client,
+    /// Downloads: redirects only where the link rules allow.
+    downloads: reqwest::Client,
     config: Arc<ClientConfig>,
+    /// Shared by every download of the process (all clones of this client).
+    memory: MemoryBudget,
+    /// Set once by the engine; shared by all clones.
+    pacer: Arc<std::sync::OnceLock<Arc<dyn Pacer>>>,
     /// The process's one bearer token. A tokio mutex on purpose: the task that finds it
     /// stale fetches the new one while holding the lock, so every other task waits for
     /// that single fetch instead of starting its own (no stampede). Reading a fresh
@@ -116,17 +157,33 @@ pub fn install_crypto_provider() {
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, UpstreamError> {
         install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            // Downloads have no total timeout (hundreds of MB may take a while), but a
-            // stalled read fails after the call timeout.
-            .read_timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("report-worker/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| UpstreamError::transient(format!("cannot build the HTTP client: {e}")))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(config.connect_timeout)
+                // A stalled read fails after the call timeout; downloads also have an
+                // overall deadline (download_timeout).
+                .read_timeout(config.timeout)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("report-worker/", env!("CARGO_PKG_VERSION")))
+        };
+        let built = |r: reqwest::Result<reqwest::Client>| {
+            r.map_err(|e| UpstreamError::transient(format!("cannot build the HTTP client: {e}")))
+        };
+        let http = built(
+            builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build(),
+        )?;
+        let downloads = built(
+            builder()
+                .redirect(redirect_policy(config.link_rules()))
+                .build(),
+        )?;
         Ok(Client {
             http,
+            downloads,
+            memory: MemoryBudget::new(config.download_memory),
+            pacer: Arc::new(std::sync::OnceLock::new()),
             config: Arc::new(config),
             token: Arc::new(Mutex::new(None)),
             token_fetches: Arc::new(AtomicU64::new(0)),
@@ -135,6 +192,26 @@ impl Client {
 
     pub fn config(&self) -> &ClientConfig {
         &self.config
+    }
+
+    /// Paces the client's own extra calls from now on (see `Pacer`); once.
+    pub fn set_pacer(&self, pacer: Arc<dyn Pacer>) {
+        let _ = self.pacer.set(pacer);
+    }
+
+    async fn pace(&self) {
+        if let Some(pacer) = self.pacer.get() {
+            pacer.wait().await;
+        }
+    }
+
+    pub(super) fn downloads(&self) -> &reqwest::Client {
+        &self.downloads
+    }
+
+    /// The process's memory budget for documents.
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.memory
     }
 
     pub fn token_fetches(&self) -> u64 {
@@ -157,6 +234,7 @@ impl Client {
         if let Some(cached) = slot.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(cached.token.clone());
         }
+        self.pace().await;
         let answer = self.fetch_token().await?;
         // Refresh ahead of expiry: 60 s early for the documented 30-minute tokens, a
         // quarter of the lifetime for short-lived ones, so a 5 s token is still reused
@@ -189,7 +267,7 @@ impl Client {
             .body("grant_type=client_credentials")
             .timeout(self.config.timeout);
         let (status, _, body) = self.send(request).await?;
-        parse_token(status, &body, Utc::now())
+        parse_token(status, &body, self.config.clock.now())
     }
 
     /// Sends one request and reads its (small) answer. Transport failures are transient.
@@ -243,13 +321,16 @@ impl Client {
             let token = self.token().await?;
             let request = build(&token).timeout(self.config.timeout);
             let (status, retry_after, body) = self.send(request).await?;
-            match interpret(status, retry_after, &body, Utc::now()) {
+            match interpret(status, retry_after, &body, self.config.clock.now()) {
                 Err(UpstreamError::Unauthorized { .. } | UpstreamError::BadCredentials { .. })
                     if !retried =>
                 {
                     self.invalidate(&token).await;
                     retried = true;
+                    // The retry is a call like any other: it waits for its slot.
+                    self.pace().await;
                 }
+
                 Err(UpstreamError::BadCredentials { message }) => {
                     return Err(UpstreamError::stop_all(67200003, message));
                 }
@@ -299,7 +380,7 @@ impl Client {
             Err(f) if f.sent => return Err(CreateError::Unknown(f.error)),
             Err(f) => return Err(CreateError::NotCreated(f.error)),
         };
-        match interpret(status, retry_after, &answer, Utc::now()) {
+        match interpret(status, retry_after, &answer, self.config.clock.now()) {
             Ok(data) => JobId::from_json(data.get("job_id").unwrap_or(&Value::Null)).map_err(|e| {
                 CreateError::Unknown(UpstreamError::transient(format!(
                     "a success without a readable job id: {e}"
@@ -318,71 +399,28 @@ impl Client {
         }
     }
 
-    /// The status of a task. `data: null` (no such task) comes back as a refusal.
+    /// The status of a task. `data: null` (no such task) comes back as a refusal, and
+    /// so does an HTTP 404 without a provider code: an undocumented answer about this
+    /// one task (expired, unknown, a gateway's page) costs the task, not the account.
+    /// (Whether several tasks answering so means the account is misconfigured is the
+    /// engine's call: it sees every row.)
     pub async fn task_status(&self, job: &JobId) -> Result<TaskStatus, UpstreamError> {
         let data = self
             .call(|token| {
                 self.api_request(reqwest::Method::GET, STATUS_PATH, token)
                     .query(&[("job_id", job.as_str())])
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                UpstreamError::AccountStop { code: 404, .. } => UpstreamError::Rejected {
+                    code: Some(404),
+                    message: format!(
+                        "the status of job {job} answered HTTP 404 without a provider code: the provider does not know this task"
+                    ),
+                },
+                other => other,
+            })?;
         parse_status(&data)
-    }
-
-    /// Downloads a report link (no auth header: the link is pre-signed), streaming it
-    /// under the size cap, and verifies it is the report that was asked for.
-    pub async fn download(
-        &self,
-        link: &str,
-        expected: ReportType,
-        job: Option<&JobId>,
-    ) -> Result<Document, UpstreamError> {
-        let cap = self.config.max_download_bytes;
-        let too_large = || UpstreamError::Rejected {
-            code: None,
-            message: format!("the report is larger than the download cap of {cap} bytes"),
-        };
-        let response = self.http.get(link).send().await.map_err(transport_error)?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(UpstreamError::Transient {
-                code: Some(i32::from(status)),
-                message: format!("download answered HTTP {status}"),
-                retry_after: None,
-            });
-        }
-        if response.content_length().is_some_and(|n| n > cap) {
-            return Err(too_large());
-        }
-        let disposition = response.headers().get(CONTENT_DISPOSITION).and_then(|v| {
-            v.to_str()
-                .ok()
-                .map(str::to_owned)
-                .or_else(|| Some(String::from_utf8_lossy(v.as_bytes()).into_owned()))
-        });
-        let mut content =
-            Vec::with_capacity(response.content_length().unwrap_or(0).min(cap) as usize);
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(transport_error)?;
-            if content.len() as u64 + chunk.len() as u64 > cap {
-                return Err(too_large());
-            }
-            content.extend_from_slice(&chunk);
-        }
-        document::check_report(&content, expected)
-            .map_err(|why| UpstreamError::transient(format!("download is not a report: {why}")))?;
-        let raw_name = disposition
-            .as_deref()
-            .and_then(document::filename_from_disposition)
-            .or_else(|| document::filename_from_url(link))
-            .unwrap_or_default();
-        Ok(Document {
-            sha256: document::sha256_hex(&content),
-            file_name: document::sanitize_file_name(&raw_name, expected, job),
-            content_type: expected.content_type(),
-            content,
-        })
     }
 }
 
@@ -444,7 +482,7 @@ struct SendFailure {
 
 /// Transport trouble is transient; the message never carries the URL (it may hold a
 /// pre-signed signature) nor any header.
-fn transport_error(e: reqwest::Error) -> UpstreamError {
+pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -473,5 +511,86 @@ fn clip_long(s: &str) -> String {
         format!("{}…", &s[..end])
     } else {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A JSON value of any shape, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,20}".prop_map(Value::String),
+            prop_oneof![
+                Just("0"),
+                Just("1"),
+                Just("2"),
+                Just("3"),
+                Just("http://x/y"),
+                Just("")
+            ]
+            .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("job_status".to_string()),
+                        Just("download_url".to_string()),
+                        Just("queue_num".to_string()),
+                        Just("abnormal_cause".to_string()),
+                        Just("job_id".to_string()),
+                        "[a-z_]{1,8}",
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever a status answer's `data` holds: a status or a classified error.
+        #[test]
+        fn status_answers_of_any_shape_are_classified(data in any_json()) {
+            match parse_status(&data) {
+                Ok(TaskStatus::Ready { download_url }) => {
+                    prop_assert!(download_url.starts_with("http://") || download_url.starts_with("https://"));
+                }
+                Ok(_) => {}
+                Err(UpstreamError::Rejected { .. } | UpstreamError::Transient { .. }) => {}
+                Err(other) => prop_assert!(false, "unexpected class {other:?}"),
+            }
+        }
+
+        /// Whatever a create's answer is, it is a job id, an explicit refusal (no task),
+        /// or an unknown outcome (a task may exist): never a panic.
+        #[test]
+        fn create_answers_of_any_shape_are_classified(
+            status in 100u16..600,
+            body in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..200),
+                any_json().prop_map(|v| serde_json::to_vec(&serde_json::json!({"data": v, "status": true, "error_code": 0})).unwrap()),
+                any_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+            ]
+        ) {
+            let explicit = is_explicit_refusal(status, &body);
+            match interpret(status, None, &body, chrono::Utc::now()) {
+                Ok(data) => {
+                    let _ = JobId::from_json(data.get("job_id").unwrap_or(&Value::Null));
+                }
+                Err(_) => { let _ = explicit; }
+            }
+        }
     }
 }

@@ -148,16 +148,56 @@ pub fn filename_from_url(link: &str) -> Option<String> {
         .and_then(|(_, v)| filename_from_disposition(&v))
 }
 
+/// Code points never kept in a file name: Unicode's control (Cc), format (Cf, e.g. bidi
+/// marks, zero-width joiners, the soft hyphen), line and paragraph separator (Zl, Zp)
+/// characters, as of Unicode 15 — everything PostgreSQL's `[[:cntrl:]]` matches under
+/// any locale (C.UTF-8: Cc only; ICU and glibc locales: more). The constraint
+/// `report_documents_file_name_unsafe` refuses exactly this table; a test checks that
+/// the two agree on every code point.
+pub const UNSAFE_IN_FILE_NAMES: &[(u32, u32)] = &[
+    (0x0000, 0x001f),
+    (0x007f, 0x009f),
+    (0x00ad, 0x00ad),
+    (0x0600, 0x0605),
+    (0x061c, 0x061c),
+    (0x06dd, 0x06dd),
+    (0x070f, 0x070f),
+    (0x0890, 0x0891),
+    (0x08e2, 0x08e2),
+    (0x180e, 0x180e),
+    (0x200b, 0x200f),
+    (0x2028, 0x202e),
+    (0x2060, 0x2064),
+    (0x2066, 0x206f),
+    (0xfeff, 0xfeff),
+    (0xfff9, 0xfffb),
+    (0x110bd, 0x110bd),
+    (0x110cd, 0x110cd),
+    (0x13430, 0x1343f),
+    (0x1bca0, 0x1bca3),
+    (0x1d173, 0x1d17a),
+    (0xe0001, 0xe0001),
+    (0xe0020, 0xe007f),
+];
+
+/// Whether `c` may not appear in a stored file name (see `UNSAFE_IN_FILE_NAMES`).
+pub fn is_unsafe_in_file_name(c: char) -> bool {
+    let c = c as u32;
+    UNSAFE_IN_FILE_NAMES
+        .iter()
+        .any(|&(lo, hi)| (lo..=hi).contains(&c))
+}
+
 /// A file name that is safe on any file system and never leaves its directory: no path
-/// components, no control or reserved characters, no Windows device names, at most 180
-/// bytes, with the report's extension.
+/// components, no control, format or reserved characters, no Windows device names, at
+/// most 180 bytes, with the report's extension.
 pub fn sanitize_file_name(raw: &str, report_type: ReportType, job: Option<&JobId>) -> String {
     // Keep only the last path component, whichever separator was used.
     let base = raw.rsplit(['/', '\\']).next().unwrap_or("");
     let mut name: String = base
         .chars()
         .map(|c| match c {
-            c if c.is_control() => '_',
+            c if is_unsafe_in_file_name(c) => '_',
             '<' | '>' | ':' | '"' | '|' | '?' | '*' => '_',
             c => c,
         })
@@ -243,6 +283,7 @@ mod tests {
             ("CON.pdf", "_CON.pdf"),
             ("nul", "_nul.pdf"),
             ("a\u{0}b\nc.pdf", "a_b_c.pdf"),
+            ("a\u{2028}b\u{202e}c\u{200d}d.pdf", "a_b_c_d.pdf"),
             ("..", "report-42.pdf"),
             ("", "report-42.pdf"),
             ("what?.PDF", "what_.pdf"),
@@ -298,7 +339,7 @@ mod tests {
         #[test]
         fn sanitized_names_stay_inside(raw in "\\PC{0,300}") {
             let n = sanitize_file_name(&raw, ReportType::Pdf, None);
-            prop_assert!(!n.contains('/') && !n.contains('\\') && !n.chars().any(char::is_control));
+            prop_assert!(!n.contains('/') && !n.contains('\\') && !n.chars().any(is_unsafe_in_file_name));
             prop_assert!(n != "." && n != ".." && !n.starts_with('.') && n.ends_with(".pdf"));
             prop_assert!(n.len() <= 190);
         }
@@ -306,6 +347,22 @@ mod tests {
         #[test]
         fn disposition_never_panics(raw in "\\PC{0,200}") {
             let _ = filename_from_disposition(&raw);
+        }
+
+        /// Arbitrary bytes served as a report: verified or refused with a reason.
+        #[test]
+        fn any_body_is_verified_or_refused(
+            body in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..400),
+                proptest::collection::vec(any::<u8>(), 0..400).prop_map(|mut b| { let mut z = b"PK\x03\x04".to_vec(); z.append(&mut b); z }),
+                proptest::collection::vec(any::<u8>(), 0..400).prop_map(|mut b| { let mut z = b"%PDF-1.4\n".to_vec(); z.append(&mut b); z }),
+            ]
+        ) {
+            for kind in [ReportType::Pdf, ReportType::Word] {
+                if let Err(why) = check_report(&body, kind) {
+                    prop_assert!(!why.0.is_empty());
+                }
+            }
         }
     }
 }

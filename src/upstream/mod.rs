@@ -6,7 +6,9 @@
 
 pub mod client;
 pub mod document;
+pub mod download;
 pub mod envelope;
+pub mod links;
 
 use std::fmt;
 use std::time::Duration;
@@ -15,7 +17,9 @@ use chrono::{DateTime, Days, FixedOffset, NaiveTime, TimeZone, Utc};
 
 use crate::domain::StopScope;
 
-pub use client::{Client, ClientConfig, Credentials, TaskStatus};
+pub use client::{Client, ClientConfig, Credentials, Pacer, TaskStatus};
+pub use download::Downloaded;
+pub use links::{LinkRules, MemoryBudget, Reservation};
 
 /// What the worker should do after an upstream call failed. The variants say what a
 /// caller can do about it, not where the failure came from.
@@ -33,6 +37,12 @@ pub enum UpstreamError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// The task's download link (or what it served) is unusable: not the report (an
+    /// HTML page, a ZIP that is not a DOCX), an insecure link or a redirect to a host
+    /// that is not allowed, a download that did not finish in time. Worth a few tries;
+    /// then the task is given up (a new task is an attempt).
+    #[error("bad download: {message}")]
+    BadDownload { message: String },
     /// 67200002: the account's QPS was exceeded. Slow down and retry; not the row's fault.
     #[error("rate limited (67200002): {message}")]
     RateLimited { message: String },
@@ -94,6 +104,7 @@ impl UpstreamError {
             | UpstreamError::Transient { code, .. }
             | UpstreamError::Unauthorized { code, .. } => *code,
             UpstreamError::RateLimited { .. } => Some(67200002),
+            UpstreamError::BadDownload { .. } => None,
             UpstreamError::BadCredentials { .. } => Some(67200003),
             UpstreamError::AccountStop { code, .. } => Some(*code),
         }
@@ -134,6 +145,26 @@ pub fn next_shanghai_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
+/// How long after the provider's midnight a 67200007 is taken for a clock that lags
+/// (the provider's day has not turned yet) rather than for today's limit.
+pub const MIDNIGHT_SKEW: Duration = Duration::from_secs(10 * 60);
+
+/// After the daily limit is met (67200007), when to try again: a few minutes after the
+/// provider's next midnight (Asia/Shanghai), so that a provider whose clock lags a
+/// little has turned its day too. Met within `MIDNIGHT_SKEW` after midnight, it is the
+/// provider's clock lagging behind ours, not today's limit: no end is implied, and the
+/// account stop's usual short probe schedule applies (`None`).
+pub fn daily_limit_until(now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let next = next_shanghai_midnight(now);
+    let last = next - chrono::Duration::days(1);
+    let skew = chrono::Duration::from_std(MIDNIGHT_SKEW).expect("small");
+    if now - last < skew {
+        None
+    } else {
+        Some(next + chrono::Duration::minutes(3))
+    }
+}
+
 /// What a provider error code means, per `docs/provider-api.md`. `now` fixes "the provider's
 /// next day" for 67200007. Codes the table does not list are transient (and logged).
 pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamError {
@@ -164,7 +195,7 @@ pub fn classify_code(code: i32, message: &str, now: DateTime<Utc>) -> UpstreamEr
             code: Some(code),
             message,
         },
-        67200007 => stop(Some(next_shanghai_midnight(now)), StopScope::Create),
+        67200007 => stop(daily_limit_until(now), StopScope::Create),
         // Quota, balance, validity, permission for the create API: new tasks only.
         67200000 | 67200001 | 67200004 | 67200005 | 67200006 => stop(None, StopScope::Create),
         // Configuration: no call can succeed.
@@ -338,13 +369,25 @@ mod tests {
 
     #[test]
     fn daily_limit_waits_for_shanghai_midnight() {
-        // 17:30 UTC is 01:30 next day in Shanghai: the stop lasts until 16:00 UTC that day.
+        // 17:30 UTC is 01:30 next day in Shanghai: the stop lasts until a few minutes
+        // after 16:00 UTC that day (the provider's next midnight).
         match classify_code(67200007, "", now()) {
             UpstreamError::AccountStop { until: Some(u), .. } => {
-                assert_eq!(u, "2026-11-29T16:00:00Z".parse::<DateTime<Utc>>().unwrap())
+                assert_eq!(u, "2026-11-29T16:03:00Z".parse::<DateTime<Utc>>().unwrap())
             }
             other => panic!("{other:?}"),
         }
+        // Just after midnight in Shanghai, a 67200007 is a provider clock that lags:
+        // a short backoff, not a whole day.
+        for after in ["2026-11-28T16:00:05Z", "2026-11-28T16:09:00Z"] {
+            let t: DateTime<Utc> = after.parse().unwrap();
+            assert_eq!(daily_limit_until(t), None, "{after}");
+        }
+        let later: DateTime<Utc> = "2026-11-28T16:11:00Z".parse().unwrap();
+        assert_eq!(
+            daily_limit_until(later),
+            Some("2026-11-29T16:03:00Z".parse().unwrap())
+        );
         let before: DateTime<Utc> = "2026-11-28T15:59:59Z".parse().unwrap();
         assert_eq!(
             next_shanghai_midnight(before),

@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod edges;
 mod layout;
 mod ops;
 mod process;

@@ -323,10 +323,17 @@ async fn csv_of_100k_rows() {
 async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
     let db = TestDb::new().await;
     // Names a hand-edited database could hold (the table's own check is dropped here).
-    sqlx::query("ALTER TABLE report_documents DROP CONSTRAINT report_documents_file_name_invalid")
+    for constraint in [
+        "report_documents_file_name_invalid",
+        "report_documents_file_name_unsafe",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE report_documents DROP CONSTRAINT {constraint}"
+        )))
         .execute(&db.pool)
         .await
         .unwrap();
+    }
     let hostile = [
         "../../escape.pdf",
         "/etc/passwd",
@@ -389,6 +396,26 @@ async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
     assert!(
         names.contains(&"same.pdf".to_string()) && names.iter().any(|n| n.starts_with("same (")),
         "{names:?}"
+    );
+    // Something planted in DIR under a document's name (a symlink to a file outside)
+    // is neither followed nor written through: the document goes beside it.
+    let victim = parent.path().join("victim.txt");
+    std::fs::write(&victim, "do not touch").unwrap();
+    std::fs::remove_file(out.join("same.pdf")).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("same.pdf")).unwrap();
+    let planted = export(&db.pool, &out, &ExportFilter::default(), false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "do not touch");
+    assert!(
+        std::fs::symlink_metadata(out.join("same.pdf"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        planted.written, 1,
+        "the displaced document went beside the link"
     );
     // Again: everything is already there with the same sha256.
     let again = export(&db.pool, &out, &ExportFilter::default(), false)

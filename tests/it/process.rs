@@ -163,11 +163,11 @@ async fn sigterm_during_a_slow_create_records_its_task_and_the_next_process_stor
         .await
         .unwrap()
         .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit status {:?}: {log}", out.status);
     assert!(
-        out.status.success(),
-        "exit status {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        log.contains("below the provider's 10s maximum"),
+        "a short UPSTREAM_TIMEOUT is named at start-up: {log}"
     );
     // The create was answered during the grace period and its job id recorded.
     let (state, attempts, _) = row_state(&db.pool, id).await;

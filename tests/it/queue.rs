@@ -216,6 +216,11 @@ async fn account_stop_lifecycle() {
         "Insufficient balance",
         None,
         Duration::ZERO,
+        Some(queue::StopCause {
+            request_id: 7,
+            endpoint: "create",
+            answer: "account-wide stop (67200005): Insufficient balance",
+        }),
     )
     .await
     .unwrap();
@@ -223,6 +228,11 @@ async fn account_stop_lifecycle() {
     assert_eq!(
         (stop.scope.as_str(), stop.error_code, stop.probe_due),
         ("create", Some(67200005), true)
+    );
+    assert_eq!(
+        (stop.request_id, stop.endpoint.as_deref()),
+        (Some(7), Some("create")),
+        "the stop says which row and which call caused it"
     );
     // Only one process wins a probe.
     assert!(
@@ -245,6 +255,7 @@ async fn account_stop_lifecycle() {
         "daily limit",
         Some(midnight),
         Duration::ZERO,
+        None,
     )
     .await
     .unwrap();
@@ -548,5 +559,65 @@ async fn one_batch_of_intents_decides_each_row_on_its_own() {
         }
     );
     assert_eq!(decided[&stale], Lost);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn an_idle_worker_waits_only_for_polls_it_could_claim() {
+    let db = TestDb::new().await;
+    assert_eq!(queue::next_poll_due_in(&db.pool).await.unwrap(), None);
+    // Polls due now but held by another process: nothing for this one to wake for.
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id, upstream_created_at, next_poll_at, lease_owner, lease_expires_at)
+         SELECT '在途' || i, 'pdf', 'generating', 1, i::text, now(), now() - interval '1 second', 'other', now() + interval '1 minute'
+           FROM generate_series(1, 50) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(queue::next_poll_due_in(&db.pool).await.unwrap(), None);
+    // One not held, due in 30 s: that is the next thing to wake for.
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id, upstream_created_at, next_poll_at)
+         VALUES ('空闲', 'pdf', 'generating', 1, '99', now(), now() + interval '30 seconds')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let due = queue::next_poll_due_in(&db.pool).await.unwrap().unwrap();
+    assert!(
+        due > Duration::from_secs(28) && due <= Duration::from_secs(30),
+        "{due:?}"
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn time_in_an_account_stop_does_not_count_against_the_retry_budget() {
+    let db = TestDb::new().await;
+    let id = enqueue(&db.pool, Some("周末"), None, None, "pdf").await;
+    // Transient trouble began 23 h ago; then a 20 h balance stop began 20 h ago.
+    sqlx::query("UPDATE report_requests SET transient_since = now() - interval '23 hours', transient_errors = 3 WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO report_account_stops (account, scope, reason, error_code, since, probe_at) VALUES ('acct', 'create', 'balance', 67200005, now() - interval '20 hours', now())")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(queue::clear_stop(&db.pool, "acct").await.unwrap());
+    let streak: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - transient_since)::float8 FROM report_requests WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        (3.0 * 3600.0 - 5.0..=3.0 * 3600.0 + 5.0).contains(&streak),
+        "the streak is 3 h of trouble, not 23 h: {streak}"
+    );
+    assert!(!queue::clear_stop(&db.pool, "acct").await.unwrap());
     db.close().await;
 }

@@ -641,3 +641,61 @@ fn applied_migrations_are_never_edited() {
         "a new migration: pin it with UPDATE_SCHEMA_SNAPSHOT=1 cargo test applied_migrations"
     );
 }
+
+/// The sanitiser and the table agree on every code point: whatever the sanitiser keeps,
+/// both file-name constraints accept (under this database's locale), and the
+/// locale-independent constraint refuses exactly the code points the sanitiser replaces.
+#[tokio::test]
+async fn file_name_sanitiser_and_constraints_agree_on_every_code_point() {
+    use report_worker::domain::ReportType;
+    use report_worker::upstream::document::{is_unsafe_in_file_name, sanitize_file_name};
+    let db = TestDb::new().await;
+    let defs: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+          WHERE conname IN ('report_documents_file_name_invalid', 'report_documents_file_name_unsafe')
+          ORDER BY conname",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(defs.len(), 2, "{defs:?}");
+    let chars: Vec<char> = (1u32..=0x10FFFF).filter_map(char::from_u32).collect();
+    let names: Vec<String> = chars
+        .iter()
+        .map(|c| sanitize_file_name(&format!("a{c}b"), ReportType::Pdf, None))
+        .collect();
+    // Every sanitised name passes both constraints as written in the database.
+    let refused: Vec<String> = sqlx::query_scalar(
+        "SELECT n FROM unnest($1::text[]) AS n
+          WHERE NOT (n <> '' AND n !~ '[[:cntrl:]/\\\\]')
+             OR n ~ (SELECT substring(pg_get_constraintdef(oid) FROM '''(\\[.*\\])''')
+                       FROM pg_constraint WHERE conname = 'report_documents_file_name_unsafe')",
+    )
+    .bind(&names)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        refused.is_empty(),
+        "kept by the sanitiser, refused by the table: {:?}",
+        &refused[..refused.len().min(5)]
+    );
+    // The locale-independent class is exactly the sanitiser's table.
+    let in_class: Vec<i32> = sqlx::query_scalar(
+        "SELECT cp FROM generate_series(1, 1114111) cp
+          WHERE (cp < 55296 OR cp > 57343)
+            AND chr(cp) ~ (SELECT substring(pg_get_constraintdef(oid) FROM '''(\\[.*\\])''')
+                             FROM pg_constraint WHERE conname = 'report_documents_file_name_unsafe')
+          ORDER BY cp",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let table: Vec<i32> = chars
+        .iter()
+        .filter(|c| **c != '\0' && is_unsafe_in_file_name(**c))
+        .map(|c| *c as i32)
+        .collect();
+    assert_eq!(in_class, table);
+    db.close().await;
+}

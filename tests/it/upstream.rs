@@ -81,7 +81,7 @@ async fn round_trip_pdf_and_docx_with_exact_job_ids_and_real_documents() {
                 .any(|s| matches!(s, TaskStatus::Waiting { .. } | TaskStatus::Exporting)),
             "{seen:?}"
         );
-        let doc = client.download(&url, t, Some(&job)).await.unwrap();
+        let doc = client.download(&url, t, Some(&job)).await.unwrap().document;
         assert_eq!(doc.content_type, t.content_type());
         assert_eq!(
             doc.file_name,
@@ -620,7 +620,7 @@ async fn downloads_are_verified_and_capped() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, UpstreamError::Transient { message, .. } if message.contains("not a report")),
+        matches!(&e, UpstreamError::BadDownload { message } if message.contains("not a report")),
         "{e:?}"
     );
     let e = client
@@ -628,7 +628,7 @@ async fn downloads_are_verified_and_capped() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, UpstreamError::Transient { message, .. } if message.contains("not a PDF")),
+        matches!(&e, UpstreamError::BadDownload { message } if message.contains("not a PDF")),
         "{e:?}"
     );
     inject(&sim, Endpoint::Download, Fault::Reset, 1);
@@ -666,7 +666,8 @@ async fn downloads_are_verified_and_capped() {
     let doc = client
         .download(&url, ReportType::Word, Some(&job))
         .await
-        .unwrap();
+        .unwrap()
+        .document;
     assert_eq!(sim.stats().documents.get(job.as_str()), Some(&doc.sha256));
     sim.stop().await;
 }
@@ -786,5 +787,39 @@ async fn control_surface_over_http() {
     assert_eq!(stats["calls"]["create:ok"], 2);
     assert_eq!(stats["calls"]["create:67200005"], 1);
     assert_eq!(stats["tasks_per_company"]["小米科技有限责任公司"], 2);
+    sim.stop().await;
+}
+
+/// Counts the slots the client takes for its own calls.
+struct CountingPacer(std::sync::atomic::AtomicU32);
+
+impl report_worker::upstream::Pacer for CountingPacer {
+    fn wait(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test]
+async fn token_fetches_and_retries_after_a_refused_token_take_call_slots() {
+    let sim = start_sim(SimConfig::instant()).await;
+    let client = client_for(&sim);
+    let pacer = std::sync::Arc::new(CountingPacer(Default::default()));
+    client.set_pacer(pacer.clone());
+    let slots = || pacer.0.load(std::sync::atomic::Ordering::SeqCst);
+    client.ensure_token().await.unwrap();
+    assert_eq!(slots(), 1, "the token fetch");
+    let job = client
+        .create_task(&task(Some("x"), None, None, ReportType::Pdf))
+        .await
+        .unwrap();
+    assert_eq!(
+        slots(),
+        1,
+        "the create itself is paced by the engine, not here"
+    );
+    inject(&sim, Endpoint::Status, Fault::Http { status: 401 }, 1);
+    client.task_status(&job).await.unwrap();
+    assert_eq!(slots(), 3, "a new token and the retried call");
     sim.stop().await;
 }

@@ -1,0 +1,130 @@
+//! Downloading a report from its pre-signed link, defensively: the link and every
+//! redirect keep to the link rules (`links`), the whole download has a deadline, and
+//! the bytes held in memory by all downloads of the process stay within a budget. What
+//! comes back is verified as the report that was asked for.
+
+use futures_util::StreamExt;
+use reqwest::header::CONTENT_DISPOSITION;
+
+use super::client::{Client, transport_error};
+use super::links::{FIRST_RESERVATION, Reservation};
+use super::{UpstreamError, document};
+use crate::domain::{Document, JobId, ReportType};
+
+/// A verified report and the memory it holds until stored.
+#[derive(Debug)]
+pub struct Downloaded {
+    pub document: Document,
+    pub reservation: Reservation,
+}
+
+impl Client {
+    /// Downloads a report link (no auth header: the link is pre-signed) under the
+    /// link rules, the size cap, the deadline and the memory budget, and verifies it is
+    /// the report that was asked for. A link that breaks the rules, a body that is not
+    /// the report, or a download that does not finish in time is `BadDownload`.
+    pub async fn download(
+        &self,
+        link: &str,
+        expected: ReportType,
+        job: Option<&JobId>,
+    ) -> Result<Downloaded, UpstreamError> {
+        let deadline = self.config().download_timeout;
+        match tokio::time::timeout(deadline, self.fetch(link, expected, job)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::BadDownload {
+                message: format!(
+                    "the download did not finish within {}",
+                    humantime::format_duration(deadline)
+                ),
+            }),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        link: &str,
+        expected: ReportType,
+        job: Option<&JobId>,
+    ) -> Result<Downloaded, UpstreamError> {
+        let config = self.config();
+        let bad = |message: String| UpstreamError::BadDownload { message };
+        let url =
+            url::Url::parse(link).map_err(|e| bad(format!("an unusable download link: {e}")))?;
+        config.link_rules().check(&url, None).map_err(bad)?;
+        let cap = config.max_download_bytes;
+        let too_large = || UpstreamError::Rejected {
+            code: None,
+            message: format!("the report is larger than the download cap of {cap} bytes"),
+        };
+        let response = self.downloads().get(url).send().await.map_err(|e| {
+            if e.is_redirect() {
+                bad(format!(
+                    "a download redirect that is not allowed: {}",
+                    e.without_url()
+                ))
+            } else {
+                transport_error(e)
+            }
+        })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(UpstreamError::Transient {
+                code: Some(i32::from(status)),
+                message: format!("download answered HTTP {status}"),
+                retry_after: None,
+            });
+        }
+        if response.content_length().is_some_and(|n| n > cap) {
+            return Err(too_large());
+        }
+        let disposition = response.headers().get(CONTENT_DISPOSITION).and_then(|v| {
+            v.to_str()
+                .ok()
+                .map(str::to_owned)
+                .or_else(|| Some(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        });
+        let budget = self.memory();
+        let mut reservation = budget
+            .reserve(response.content_length().unwrap_or(FIRST_RESERVATION))
+            .await;
+        let mut content =
+            Vec::with_capacity(response.content_length().unwrap_or(0).min(cap) as usize);
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(transport_error)?;
+            let needed = content.len() as u64 + chunk.len() as u64;
+            if needed > cap {
+                return Err(too_large());
+            }
+            // Grow in doubling steps, never past the cap or the whole budget (but always
+            // to what is needed: more than the whole budget fails below).
+            let target = (reservation.bytes * 2)
+                .min(cap)
+                .min(budget.total)
+                .max(needed);
+            if needed > reservation.bytes && !budget.grow(&mut reservation, target) {
+                return Err(UpstreamError::transient(
+                    "the process's memory budget for documents (UPSTREAM_DOWNLOAD_MEMORY) is full; retrying later",
+                ));
+            }
+            content.extend_from_slice(&chunk);
+        }
+        document::check_report(&content, expected)
+            .map_err(|why| bad(format!("download is not a report: {why}")))?;
+        let raw_name = disposition
+            .as_deref()
+            .and_then(document::filename_from_disposition)
+            .or_else(|| document::filename_from_url(link))
+            .unwrap_or_default();
+        Ok(Downloaded {
+            document: Document {
+                sha256: document::sha256_hex(&content),
+                file_name: document::sanitize_file_name(&raw_name, expected, job),
+                content_type: expected.content_type(),
+                content,
+            },
+            reservation,
+        })
+    }
+}
