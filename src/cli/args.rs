@@ -43,6 +43,28 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure the worker (fresh databases named rw_bench_* on DATABASE_URL's server).
     Bench(BenchArgs),
+    /// Remove finished history (requests with their documents and events, or only the
+    /// documents) older than a cutoff, in small batches beside live work.
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Finished requests (succeeded, failed, cancelled) that finished longer ago than
+    /// this, e.g. 90d, go (with their documents and events).
+    #[arg(long, value_parser = parse_duration)]
+    pub finished_before: Option<Duration>,
+    /// Only the documents of those requests go; the requests and their events stay.
+    #[arg(long, requires = "finished_before")]
+    pub documents_only: bool,
+    /// Events older than this, e.g. 30d, go too (whatever their request's state).
+    #[arg(long, value_parser = parse_duration)]
+    pub events_before: Option<Duration>,
+    /// Count what would go, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +215,19 @@ pub struct RunArgs {
     /// Serve /metrics and /healthz here, e.g. 0.0.0.0:9187.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Purge finished requests older than this (e.g. 90d) on a schedule, one process at
+    /// a time (default: never).
+    #[arg(long, env = "RETENTION_FINISHED", value_parser = parse_duration)]
+    pub retention_finished: Option<Duration>,
+    /// Purge only the documents of those requests, keeping the requests and events.
+    #[arg(long, env = "RETENTION_DOCUMENTS_ONLY")]
+    pub retention_documents_only: bool,
+    /// Purge events older than this (e.g. 30d) on the same schedule (default: never).
+    #[arg(long, env = "RETENTION_EVENTS", value_parser = parse_duration)]
+    pub retention_events: Option<Duration>,
+    /// How often scheduled retention runs.
+    #[arg(long, env = "RETENTION_EVERY", default_value = "1h", value_parser = parse_duration)]
+    pub retention_every: Duration,
 }
 
 impl RunArgs {
@@ -268,6 +303,15 @@ impl RunArgs {
         worker.idle_poll = self.worker_idle_poll;
         worker.shutdown_timeout = shutdown_timeout;
         worker.download_tries = self.report_download_tries;
+        if self.retention_every.is_zero() {
+            anyhow::bail!("RETENTION_EVERY must be above zero");
+        }
+        worker.retention = crate::engine::retention::Retention {
+            finished: self.retention_finished,
+            documents_only: self.retention_documents_only,
+            events: self.retention_events,
+            every: self.retention_every,
+        };
         worker.poll = PollPolicy {
             first_poll: self.report_first_poll,
             poll_min: self.report_poll_min,

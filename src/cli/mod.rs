@@ -60,7 +60,9 @@ fn one_line(s: &str) -> String {
 
 fn init_tracing(command: &Command) {
     let default = match command {
-        Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) => "warn",
+        Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) | Command::Purge(_) => {
+            "warn"
+        }
         Command::Simulate(_) | Command::Run(_) => "info",
         Command::Export(_) => "warn",
         Command::Demo(_) | Command::Bench(_) => "error",
@@ -129,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.out.display()
             );
         }
+        Command::Purge(args) => return purge(args).await,
         Command::Simulate(args) => {
             let sim = crate::simulator::Simulator::start(args.sim, args.listen)
                 .await
@@ -204,6 +207,70 @@ async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Resu
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if args.finished_before.is_none() && args.events_before.is_none() {
+        anyhow::bail!("nothing to purge: give --finished-before and/or --events-before");
+    }
+    let pool = queue::connect(&args.db.database_url, 2).await?;
+    let now = chrono::Utc::now();
+    let ago = |d: std::time::Duration| -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+        Ok(now - chrono::Duration::from_std(d).context("duration too long")?)
+    };
+    let scope = match args.finished_before {
+        Some(d) => Some(queue::PurgeScope {
+            finished_before: ago(d)?,
+            documents_only: args.documents_only,
+        }),
+        None => None,
+    };
+    let events_before = args.events_before.map(ago).transpose()?;
+    if args.dry_run {
+        let would = match &scope {
+            Some(scope) => crate::engine::retention::purge_dry_run(&pool, scope).await?,
+            None => Default::default(),
+        };
+        println!(
+            "would remove {} requests and {} documents (dry run: nothing removed)",
+            would.requests, would.documents
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let report =
+        crate::engine::retention::purge(&pool, scope.as_ref(), events_before, &cancel, |r| {
+            bar.set_message(format!(
+                "removed {} requests, {} documents, {} events",
+                r.requests, r.documents, r.events
+            ));
+            bar.tick();
+        })
+        .await
+        .context("purging")?;
+    bar.finish_and_clear();
+    println!(
+        "removed {} requests, {} documents, {} events in {:.1} s ({} batches){}",
+        report.requests,
+        report.documents,
+        report.events,
+        started.elapsed().as_secs_f64(),
+        report.batches,
+        if cancel.is_cancelled() {
+            "; interrupted"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The provider's documented longest answer to a create.

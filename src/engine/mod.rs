@@ -8,6 +8,7 @@
 //! - `account`: the account shared with every process (call pacing, stops, probes);
 //! - `leases`: the rows this process holds; `background`: heartbeat and LISTEN;
 //! - `writer`: the batched outcome writes; `policy`: the pure schedules;
+//! - `retention`: removing old history (the `purge` command, and a schedule in `run`);
 //! - `metrics`: Prometheus counters and the `/metrics` + `/healthz` endpoints.
 //!
 //! SQL lives in `queue`, HTTP and the meaning of the provider's answers in `upstream`.
@@ -19,6 +20,7 @@ mod background;
 mod leases;
 pub mod metrics;
 pub mod policy;
+pub mod retention;
 mod row;
 pub mod writer;
 
@@ -65,6 +67,8 @@ pub struct WorkerConfig {
     pub download_tries: u32,
     pub poll: PollPolicy,
     pub retry: RetryPolicy,
+    /// Scheduled retention (off unless `RETENTION_FINISHED` or `RETENTION_EVENTS`).
+    pub retention: retention::Retention,
 }
 
 impl WorkerConfig {
@@ -82,6 +86,7 @@ impl WorkerConfig {
             download_tries: 3,
             poll: PollPolicy::default(),
             retry: RetryPolicy::default(),
+            retention: retention::Retention::default(),
         }
     }
 }
@@ -153,6 +158,7 @@ impl Worker {
         let helpers = [
             tokio::spawn(background::listen(shared.clone(), background.clone())),
             tokio::spawn(background::heartbeat(shared.clone(), background.clone())),
+            tokio::spawn(retention::scheduled(shared.clone(), background.clone())),
         ];
         let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use futures_util::TryStreamExt;
 use sqlx::PgPool;
 
 use crate::domain::{ReportType, RequestState};
@@ -132,33 +131,38 @@ pub async fn export(
         indicatif::ProgressBar::hidden()
     };
     let mut summary = ExportSummary::default();
-    let mut rows = queue::list_documents(pool, filter);
+    let mut after = 0;
     // A second connection fetches contents while the listing streams on the first.
     let mut content_conn = pool.acquire().await?;
-    while let Some(row) = rows.try_next().await? {
-        let kind = if row.content_type == ReportType::Pdf.content_type() {
-            ReportType::Pdf
-        } else {
-            ReportType::Word
-        };
-        let name = sanitize_file_name(&row.file_name, kind, None);
-        let (path, present) = target(&dir, &name, row.request_id, &row.sha256);
-        // Belt and braces: whatever the name, the file's folder is DIR itself.
-        if path.parent() != Some(dir.as_path()) {
-            continue;
+    loop {
+        let page = queue::list_documents_page(pool, filter, after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.request_id;
+        for row in page {
+            let kind = if row.content_type == ReportType::Pdf.content_type() {
+                ReportType::Pdf
+            } else {
+                ReportType::Word
+            };
+            let name = sanitize_file_name(&row.file_name, kind, None);
+            let (path, present) = target(&dir, &name, row.request_id, &row.sha256);
+            // Belt and braces: whatever the name, the file's folder is DIR itself.
+            if path.parent() != Some(dir.as_path()) {
+                continue;
+            }
+            if present {
+                summary.skipped += 1;
+            } else {
+                let content = queue::document_content(&mut content_conn, row.request_id).await?;
+                write_new(&dir, &path, row.request_id, &content).map_err(io(&path))?;
+                summary.written += 1;
+                summary.bytes += content.len() as u64;
+            }
+            if filter.ids.is_some() {
+                summary.files.push((row.request_id, path));
+            }
+            bar.inc(1);
         }
-        if present {
-            summary.skipped += 1;
-        } else {
-            let content = queue::document_content(&mut content_conn, row.request_id).await?;
-            write_new(&dir, &path, row.request_id, &content).map_err(io(&path))?;
-            summary.written += 1;
-            summary.bytes += content.len() as u64;
-        }
-        if filter.ids.is_some() {
-            summary.files.push((row.request_id, path));
-        }
-        bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(summary)

@@ -26,6 +26,23 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
             .unwrap_or_else(|| "-".into());
         writeln!(out, "{:<12} {:>10}  {}", s.state, s.count, age)?;
     }
+    let finished = queue::throughput(pool)
+        .await
+        .context("reading report_throughput")?;
+    let line: Vec<String> = finished
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {}/{}/{}",
+                t.state, t.last_minute, t.last_hour, t.last_day
+            )
+        })
+        .collect();
+    writeln!(
+        out,
+        "finished in the last minute/hour/day: {}",
+        line.join(", ")
+    )?;
     if stops.is_empty() {
         writeln!(out, "account stop: none")?;
     }

@@ -1,7 +1,6 @@
 //! Reading stored documents back: the listing `export` walks and each file's bytes.
 
 use chrono::{DateTime, Utc};
-use futures_util::stream::BoxStream;
 use sqlx::{PgConnection, PgPool};
 
 use crate::domain::RequestState;
@@ -23,6 +22,8 @@ pub struct ListedDocument {
     pub file_name: String,
     pub content_type: String,
     pub sha256: String,
+    /// Where the bytes are when they are in the object store (else in `content`).
+    pub object_key: Option<String>,
 }
 
 const MATCHING: &str = "FROM report_documents d JOIN report_requests r ON r.id = d.request_id
@@ -38,18 +39,26 @@ pub async fn count_documents(pool: &PgPool, filter: &DocumentFilter) -> Result<i
         .await
 }
 
-/// The matching documents in request id order, streamed (names and hashes only).
-pub fn list_documents<'a>(
-    pool: &'a PgPool,
-    filter: &'a DocumentFilter,
-) -> BoxStream<'a, Result<ListedDocument, sqlx::Error>> {
+/// The next page of matching documents after request id `after`, in id order (names and
+/// hashes only). Each page is its own short statement: a long export holds no snapshot
+/// open (which would keep vacuum from the hot rows for its whole run).
+pub async fn list_documents_page(
+    pool: &PgPool,
+    filter: &DocumentFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ListedDocument>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT d.request_id, d.file_name, d.content_type, d.sha256 {MATCHING} ORDER BY d.request_id"
+        "SELECT d.request_id, d.file_name, d.content_type, d.sha256, d.object_key {MATCHING}
+            AND d.request_id > $4 ORDER BY d.request_id LIMIT $5"
     )))
     .bind(filter.state.as_str())
     .bind(filter.since)
     .bind(&filter.ids)
-    .fetch(pool)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 /// One document's bytes.

@@ -6,7 +6,8 @@
 //! - `creates`: the create intent, committed before a paid create is sent, and orphans;
 //! - `outcomes`: a claimed row's fenced writes (task created, snoozed, stored, failed…);
 //! - `accounts`: the account-wide stop and the shared call pacing;
-//! - `stats`: what operators read (per-state statistics, stops);
+//! - `retention`: removing finished history in small batches;
+//! - `stats`: what operators read (per-state statistics, throughput, stops);
 //! - `documents`: reading stored documents back (export);
 //! - `fixtures`: synthetic rows for the demo and the benchmarks.
 //!
@@ -21,6 +22,7 @@ mod documents;
 mod enqueue;
 pub mod fixtures;
 mod outcomes;
+mod retention;
 mod stats;
 
 use std::time::Duration;
@@ -36,6 +38,7 @@ pub use creates::*;
 pub use documents::*;
 pub use enqueue::*;
 pub use outcomes::*;
+pub use retention::*;
 pub use stats::*;
 
 fn secs(d: Duration) -> f64 {

@@ -93,3 +93,18 @@ pub async fn rows_lost_to(
     .fetch_one(pool)
     .await
 }
+
+/// Rows that reached a final state in the last complete minute, hour and day.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Throughput {
+    pub state: RequestState,
+    pub last_minute: i64,
+    pub last_hour: i64,
+    pub last_day: i64,
+}
+
+pub async fn throughput(pool: &PgPool) -> Result<Vec<Throughput>, sqlx::Error> {
+    sqlx::query_as("SELECT state, last_minute, last_hour, last_day FROM report_throughput")
+        .fetch_all(pool)
+        .await
+}

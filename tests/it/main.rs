@@ -9,6 +9,7 @@ mod layout;
 mod ops;
 mod process;
 mod queue;
+mod scale;
 mod schema;
 mod spend;
 mod upstream;

@@ -1,0 +1,165 @@
+//! Retention: finished requests (with their documents and events), or only their
+//! documents, removed once older than a cutoff; old events likewise. Run by
+//! `report-worker purge`, or on a schedule inside `run` by one process at a time (an
+//! advisory lock). Small batches, each its own short transaction, never waiting on a
+//! row another transaction holds: live work does not notice.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::queue::{self, PurgeScope};
+
+/// Rows per batch: small enough that a batch is a few milliseconds.
+pub const PURGE_BATCH: i64 = 500;
+
+/// What a purge removed (or, dry, would remove).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub requests: u64,
+    pub documents: u64,
+    pub events: u64,
+    pub batches: u64,
+}
+
+/// Removes what `scope` (and `events_before`, when set) covers, reporting progress
+/// after each batch; stops early, with what was done, when `cancel` fires.
+pub async fn purge(
+    pool: &PgPool,
+    scope: Option<&PurgeScope>,
+    events_before: Option<DateTime<Utc>>,
+    cancel: &CancellationToken,
+    mut progress: impl FnMut(&PurgeReport),
+) -> Result<PurgeReport, sqlx::Error> {
+    let mut report = PurgeReport::default();
+    if let Some(scope) = scope
+        && let Some(mut cursor) = queue::purge_start(pool, scope).await?
+    {
+        while !cancel.is_cancelled() {
+            let Some(batch) = queue::purge_batch(pool, scope, &mut cursor, PURGE_BATCH).await?
+            else {
+                break;
+            };
+            report.requests += batch.requests;
+            report.documents += batch.documents;
+            report.batches += 1;
+            progress(&report);
+        }
+    }
+    if let Some(before) = events_before
+        && let Some(mut cursor) = queue::events_purge_start(pool, before).await?
+    {
+        while !cancel.is_cancelled() {
+            let Some(n) = queue::purge_events_batch(pool, &mut cursor, before, PURGE_BATCH).await?
+            else {
+                break;
+            };
+            report.events += n;
+            report.batches += 1;
+            progress(&report);
+        }
+    }
+    Ok(report)
+}
+
+/// What a purge would remove, without removing it.
+pub async fn purge_dry_run(pool: &PgPool, scope: &PurgeScope) -> Result<PurgeReport, sqlx::Error> {
+    let (requests, documents) = queue::purge_count(pool, scope).await?;
+    Ok(PurgeReport {
+        requests,
+        documents,
+        ..Default::default()
+    })
+}
+
+/// Retention inside `run`: every `RETENTION_EVERY`, the process that takes the advisory
+/// lock purges what `RETENTION_FINISHED` / `RETENTION_EVENTS` say, and prunes old
+/// throughput buckets (which every process may do).
+pub(super) async fn scheduled(shared: std::sync::Arc<Shared>, cancel: CancellationToken) {
+    let every = shared.config.retention.every;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = queue::prune_throughput(&shared.pool).await {
+            tracing::warn!(error = %e, "could not prune throughput buckets");
+        }
+        let retention = &shared.config.retention;
+        if retention.finished.is_none() && retention.events.is_none() {
+            continue;
+        }
+        match run_once(&shared, &cancel).await {
+            Ok(Some(report)) => tracing::info!(
+                requests = report.requests,
+                documents = report.documents,
+                events = report.events,
+                "retention: purged"
+            ),
+            Ok(None) => tracing::debug!("retention: another process holds the lock"),
+            Err(e) => tracing::warn!(error = %e, "retention failed; trying again next time"),
+        }
+    }
+}
+
+/// One scheduled purge, under the advisory lock (`None`: another process has it).
+async fn run_once(
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Result<Option<PurgeReport>, sqlx::Error> {
+    let mut lock = shared.pool.acquire().await?;
+    let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(queue::RETENTION_LOCK)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !won {
+        return Ok(None);
+    }
+    let retention = &shared.config.retention;
+    let now = Utc::now();
+    let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    let scope = retention.finished.map(|d| PurgeScope {
+        finished_before: ago(d),
+        documents_only: retention.documents_only,
+    });
+    let result = purge(
+        &shared.pool,
+        scope.as_ref(),
+        retention.events.map(ago),
+        cancel,
+        |_| {},
+    )
+    .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(queue::RETENTION_LOCK)
+        .execute(&mut *lock)
+        .await;
+    result.map(Some)
+}
+
+/// Retention settings of `run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// Finished requests older than this are removed (none when unset).
+    pub finished: Option<Duration>,
+    /// Only their documents are removed, the requests and events kept.
+    pub documents_only: bool,
+    /// Events older than this are removed (none when unset).
+    pub events: Option<Duration>,
+    /// How often the schedule runs.
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            finished: None,
+            documents_only: false,
+            events: None,
+            every: Duration::from_secs(3600),
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! Operating at scale: statistics that stay exact without scanning history, and
+//! retention that removes exactly what it should.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::common::*;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use report_worker::engine::retention::{purge, purge_dry_run};
+use report_worker::queue::{self, ClaimKinds, PurgeScope};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// count(*) by state, the slow truth.
+async fn truth(pool: &PgPool) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM report_requests GROUP BY state")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter().filter(|(_, n)| *n > 0).collect()
+}
+
+/// What report_queue_stats says.
+async fn stats(pool: &PgPool) -> BTreeMap<String, i64> {
+    queue::queue_stats(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.count != 0)
+        .map(|s| (s.state.as_str().to_string(), s.count))
+        .collect()
+}
+
+async fn ids(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM report_requests ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// One random operation of the kinds that move rows between states or remove them.
+async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
+    let all = ids(pool).await;
+    let pick = |rng: &mut StdRng| (!all.is_empty()).then(|| all[rng.random_range(0..all.len())]);
+    match rng.random_range(0..9) {
+        0 | 1 => {
+            let n = rng.random_range(1..20);
+            sqlx::query(
+                "INSERT INTO report_requests (company_name, report_type) SELECT 'p' || g, 'pdf' FROM generate_series(1, $1) g",
+            )
+            .bind(n)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        2 => {
+            let rows = queue::claim(
+                pool,
+                owner,
+                Duration::from_secs(30),
+                rng.random_range(1..5),
+                ClaimKinds::ALL,
+            )
+            .await
+            .unwrap();
+            for row in rows {
+                if let Ok(queue::CreateIntent::Go { .. }) = queue::begin_create(
+                    pool,
+                    row.id,
+                    row.lease_token,
+                    owner,
+                    Duration::from_secs(30),
+                    Duration::from_secs(600),
+                    Duration::ZERO,
+                )
+                .await
+                {
+                    let job = report_worker::domain::JobId::parse(&row.id.to_string()).unwrap();
+                    queue::mark_generating(pool, row.id, row.lease_token, &job, Duration::ZERO)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        3 => {
+            if let Some(id) = pick(rng) {
+                let state = ["succeeded", "failed"][rng.random_range(0..2)];
+                sqlx::query("UPDATE report_requests SET state = $2, finished_at = now() WHERE id = $1 AND state = 'generating'")
+                    .bind(id)
+                    .bind(state)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        4 => {
+            if let Some(id) = pick(rng) {
+                sqlx::query("SELECT report_cancel($1)")
+                    .bind(id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        5 => {
+            if let Some(id) = pick(rng) {
+                sqlx::query("SELECT report_retry($1)")
+                    .bind(id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        6 => {
+            if let Some(id) = pick(rng) {
+                sqlx::query("DELETE FROM report_requests WHERE id = $1")
+                    .bind(id)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        7 => {
+            let scope = PurgeScope {
+                finished_before: chrono::Utc::now() + chrono::Duration::seconds(1),
+                documents_only: false,
+            };
+            purge(pool, Some(&scope), None, &CancellationToken::new(), |_| {})
+                .await
+                .unwrap();
+        }
+        _ => {
+            // A statement moving many rows at once, in both directions.
+            sqlx::query("UPDATE report_requests SET state = CASE state WHEN 'failed' THEN 'cancelled' WHEN 'cancelled' THEN 'failed' ELSE state END, finished_at = coalesce(finished_at, now())")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn stats_equal_count_by_state_after_random_operations() {
+    let db = TestDb::new().await;
+    for seed in 0..6u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for step in 0..40 {
+            random_operation(&db.pool, &mut rng, "prop").await;
+            assert_eq!(
+                stats(&db.pool).await,
+                truth(&db.pool).await,
+                "seed {seed}, step {step}"
+            );
+        }
+    }
+    db.close().await;
+}
+
+#[tokio::test]
+async fn stats_equal_count_by_state_after_concurrent_writers() {
+    let db = TestDb::new().await;
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8u64 {
+        let pool = report_worker::queue::connect(&db.url, 2).await.unwrap();
+        writers.spawn(async move {
+            let mut rng = StdRng::seed_from_u64(100 + w);
+            for _ in 0..40 {
+                random_operation(&pool, &mut rng, &format!("w{w}")).await;
+            }
+            pool.close().await;
+        });
+    }
+    writers.join_all().await;
+    assert_eq!(stats(&db.pool).await, truth(&db.pool).await);
+    // And the oldest ages come from the rows themselves.
+    for s in queue::queue_stats(&db.pool).await.unwrap() {
+        assert_eq!(s.count == 0, s.oldest_age_secs.is_none(), "{s:?}");
+    }
+    db.close().await;
+}
+
+/// Rows finished 100 days ago, a day ago, and one still queued from 100 days ago.
+async fn history(db: &TestDb) -> (Vec<i64>, Vec<i64>, i64) {
+    let mut old = Vec::new();
+    for i in 0..30 {
+        old.push(enqueue(&db.pool, Some(&format!("旧{i}")), None, None, "pdf").await);
+    }
+    let ancient = enqueue(&db.pool, Some("还在排队"), None, None, "pdf").await;
+    let mut recent = Vec::new();
+    for i in 0..5 {
+        recent.push(enqueue(&db.pool, Some(&format!("新{i}")), None, None, "pdf").await);
+    }
+    sqlx::query(
+        "UPDATE report_requests SET created_at = now() - interval '101 days' WHERE id <= $1",
+    )
+    .bind(ancient)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for (ids, ago) in [(&old, "100 days"), (&recent, "1 day")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE report_requests SET state = 'succeeded', finished_at = now() - interval '{ago}' WHERE id = ANY($1)"
+        )))
+        .bind(ids)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        for id in ids.iter() {
+            sqlx::query("INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256) VALUES ($1, '%PDF-1 %%EOF', 'application/pdf', 'r.pdf', 12, repeat('a', 64))")
+                .bind(id)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    }
+    (old, recent, ancient)
+}
+
+#[tokio::test]
+async fn purge_removes_exactly_the_finished_history_before_the_cutoff() {
+    let db = TestDb::new().await;
+    let (old, recent, ancient) = history(&db).await;
+    let scope = PurgeScope {
+        finished_before: chrono::Utc::now() - chrono::Duration::days(90),
+        documents_only: false,
+    };
+    let dry = purge_dry_run(&db.pool, &scope).await.unwrap();
+    assert_eq!((dry.requests, dry.documents), (30, 30));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_requests").await,
+        36,
+        "a dry run removes nothing"
+    );
+    // A row another transaction holds is skipped, not waited for.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM report_requests WHERE id = $1 FOR UPDATE")
+        .bind(old[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let report = purge(
+        &db.pool,
+        Some(&scope),
+        None,
+        &CancellationToken::new(),
+        |r| seen.push(r.requests),
+    )
+    .await
+    .unwrap();
+    holder.rollback().await.unwrap();
+    assert_eq!((report.requests, report.documents), (29, 29));
+    assert!(!seen.is_empty(), "progress was reported");
+    let left: Vec<i64> = ids(&db.pool).await;
+    let mut want = vec![old[0], ancient];
+    want.extend(&recent);
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_events WHERE request_id <> ALL(SELECT id FROM report_requests)").await,
+        0,
+        "their history went with them"
+    );
+    assert_eq!(stats(&db.pool).await, truth(&db.pool).await);
+    // The held row goes on the next run.
+    let again = purge(
+        &db.pool,
+        Some(&scope),
+        None,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.requests, 1);
+    db.close().await;
+}
+
+#[tokio::test]
+async fn purge_of_documents_only_and_of_events() {
+    let db = TestDb::new().await;
+    let (old, _, _) = history(&db).await;
+    let scope = PurgeScope {
+        finished_before: chrono::Utc::now() - chrono::Duration::days(90),
+        documents_only: true,
+    };
+    let report = purge(
+        &db.pool,
+        Some(&scope),
+        None,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.requests, report.documents), (0, 30));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_requests").await,
+        36
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_documents").await,
+        5
+    );
+    // The oldest events (the old rows' inserts, the first ids: an event's time grows
+    // with its id), moved back in time.
+    sqlx::query("UPDATE report_events SET at = now() - interval '40 days' WHERE id <= (SELECT min(id) + 29 FROM report_events) AND request_id = ANY($1)")
+        .bind(&old)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before = count(&db.pool, "SELECT count(*) FROM report_events").await;
+    let report = purge(
+        &db.pool,
+        None,
+        Some(chrono::Utc::now() - chrono::Duration::days(30)),
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let after = count(&db.pool, "SELECT count(*) FROM report_events").await;
+    assert_eq!(report.events as i64, before - after);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM report_events WHERE at < now() - interval '30 days'"
+        )
+        .await,
+        0
+    );
+    assert!(after > 0, "recent events stay");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn purge_from_the_command_line() {
+    let db = TestDb::new().await;
+    history(&db).await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_report-worker"))
+            .arg("purge")
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .unwrap()
+    };
+    let dry = run(&["--finished-before", "90d", "--dry-run"]);
+    assert!(dry.status.success());
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("would remove 30 requests and 30 documents")
+    );
+    let done = run(&["--finished-before", "90d"]);
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{out}");
+    assert!(out.contains("removed 30 requests, 30 documents"), "{out}");
+    let nothing = run(&[]);
+    assert!(!nothing.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&nothing.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn run_purges_on_its_schedule() {
+    let db = TestDb::new().await;
+    history(&db).await;
+    let sim = start_sim(report_worker::simulator::SimConfig::instant()).await;
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.retention = report_worker::engine::retention::Retention {
+        finished: Some(Duration::from_secs(90 * 86400)),
+        documents_only: false,
+        events: None,
+        every: Duration::from_millis(200),
+    };
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    wait_for("the scheduled purge", Duration::from_secs(20), || async {
+        (count(
+            &db.pool,
+            "SELECT count(*) FROM report_requests WHERE finished_at < now() - interval '90 days'",
+        )
+        .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    w.stop().await;
+    sim.stop().await;
+    db.close().await;
+}
