@@ -22,6 +22,12 @@ pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
     Ok((lo, hi))
 }
 
+/// rustls needs one process-wide crypto provider (ring, which sqlx brings too); every
+/// HTTP client of the process — the provider's, object storage's — needs it installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A connection string fit for messages: the password, if any, replaced by `***` —
 /// in the userinfo and in query parameters (`?password=`, `sslpassword`, anything
 /// named like a secret or token).

@@ -270,22 +270,51 @@ impl TryFrom<String> for JobId {
     }
 }
 
-/// A verified report, exactly as the provider served it: what the queue stores.
+/// A verified report, exactly as the provider served it, as its row describes it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Document {
-    pub content: Vec<u8>,
     pub content_type: &'static str,
     pub file_name: String,
     pub sha256: String,
+    pub byte_size: u64,
+    pub body: DocumentBody,
+}
+
+/// Where a document's bytes are.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DocumentBody {
+    /// In the row itself (`report_documents.content`).
+    Inline(Vec<u8>),
+    /// In object storage under this key (already written and checked).
+    Stored { key: String },
+}
+
+impl Document {
+    /// The bytes, when they travel with the row.
+    pub fn content(&self) -> Option<&[u8]> {
+        match &self.body {
+            DocumentBody::Inline(bytes) => Some(bytes),
+            DocumentBody::Stored { .. } => None,
+        }
+    }
+
+    /// The object key, when the bytes are in object storage.
+    pub fn object_key(&self) -> Option<&str> {
+        match &self.body {
+            DocumentBody::Inline(_) => None,
+            DocumentBody::Stored { key } => Some(key),
+        }
+    }
 }
 
 impl fmt::Debug for Document {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Document")
-            .field("bytes", &self.content.len())
+            .field("bytes", &self.byte_size)
             .field("content_type", &self.content_type)
             .field("file_name", &self.file_name)
             .field("sha256", &self.sha256)
+            .field("object_key", &self.object_key())
             .finish()
     }
 }

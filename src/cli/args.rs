@@ -46,12 +46,17 @@ pub enum Command {
     /// Remove finished history (requests with their documents and events, or only the
     /// documents) older than a cutoff, in small batches beside live work.
     Purge(PurgeArgs),
+    /// Move documents stored in PostgreSQL into object storage (DOCUMENT_STORE),
+    /// one at a time, each checked before its bytes leave PostgreSQL; resumable.
+    MoveDocuments(MoveDocumentsArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Finished requests (succeeded, failed, cancelled) that finished longer ago than
     /// this, e.g. 90d, go (with their documents and events).
     #[arg(long, value_parser = parse_duration)]
@@ -99,6 +104,8 @@ pub struct BenchArgs {
 pub struct ExportArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Folder to write into (created if missing); nothing is ever written outside it.
     #[arg(long)]
     pub out: std::path::PathBuf,
@@ -145,6 +152,8 @@ pub struct DemoArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// The provider's base URL.
     #[arg(long, env = "UPSTREAM_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub upstream_base_url: String,
@@ -330,6 +339,44 @@ pub struct SimulateArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub sim: crate::simulator::SimConfig,
+}
+
+/// Where documents' bytes live. S3 credentials come from the usual variables
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), never from the command line.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Where documents go: postgres (the default), or s3://bucket/prefix for
+    /// S3-compatible object storage (the metadata stays in PostgreSQL).
+    #[arg(long, env = "DOCUMENT_STORE", default_value = "postgres")]
+    pub document_store: String,
+    /// The S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region (default: us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+}
+
+impl StoreArgs {
+    pub async fn open(&self) -> anyhow::Result<crate::store::DocumentStore> {
+        let settings = crate::store::S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            ..Default::default()
+        };
+        crate::store::DocumentStore::open(&self.document_store, &settings)
+            .await
+            .map_err(|e| anyhow::anyhow!("DOCUMENT_STORE {}: {e}", self.document_store))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MoveDocumentsArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Where to move them: DOCUMENT_STORE (s3://bucket/prefix).
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Args)]

@@ -60,9 +60,11 @@ fn one_line(s: &str) -> String {
 
 fn init_tracing(command: &Command) {
     let default = match command {
-        Command::Migrate(_) | Command::Enqueue(_) | Command::Status(_) | Command::Purge(_) => {
-            "warn"
-        }
+        Command::Migrate(_)
+        | Command::Enqueue(_)
+        | Command::Status(_)
+        | Command::Purge(_)
+        | Command::MoveDocuments(_) => "warn",
         Command::Simulate(_) | Command::Run(_) => "info",
         Command::Export(_) => "warn",
         Command::Demo(_) | Command::Bench(_) => "error",
@@ -116,8 +118,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since: args.since,
                 ids: args.ids,
             };
+            let store = args.store.open().await?;
             let s = crate::ops::export::export(
                 &pool,
+                &store,
                 &args.out,
                 &filter,
                 std::io::stderr().is_terminal(),
@@ -132,6 +136,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Purge(args) => return purge(args).await,
+        Command::MoveDocuments(args) => {
+            use std::io::IsTerminal;
+            let pool = queue::connect(&args.db.database_url, 2).await?;
+            let store = args.store.open().await?;
+            if matches!(store, crate::store::DocumentStore::Postgres) {
+                anyhow::bail!("move-documents needs DOCUMENT_STORE=s3://bucket/prefix to move to");
+            }
+            let cancel = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
+            let moved = crate::ops::move_documents::move_documents(
+                &pool,
+                &store,
+                &cancel,
+                std::io::stderr().is_terminal(),
+            )
+            .await?;
+            println!(
+                "moved {} documents ({} bytes) to {}{}",
+                moved.documents,
+                moved.bytes,
+                store.describe(),
+                if cancel.is_cancelled() {
+                    "; interrupted: run again to go on"
+                } else {
+                    ""
+                }
+            );
+        }
         Command::Simulate(args) => {
             let sim = crate::simulator::Simulator::start(args.sim, args.listen)
                 .await
@@ -215,6 +247,7 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("nothing to purge: give --finished-before and/or --events-before");
     }
     let pool = queue::connect(&args.db.database_url, 2).await?;
+    let store = args.store.open().await?;
     let now = chrono::Utc::now();
     let ago = |d: std::time::Duration| -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
         Ok(now - chrono::Duration::from_std(d).context("duration too long")?)
@@ -246,16 +279,22 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         indicatif::ProgressBar::hidden()
     };
     let started = std::time::Instant::now();
-    let report =
-        crate::engine::retention::purge(&pool, scope.as_ref(), events_before, &cancel, |r| {
+    let report = crate::engine::retention::purge(
+        &pool,
+        &store,
+        scope.as_ref(),
+        events_before,
+        &cancel,
+        |r| {
             bar.set_message(format!(
                 "removed {} requests, {} documents, {} events",
                 r.requests, r.documents, r.events
             ));
             bar.tick();
-        })
-        .await
-        .context("purging")?;
+        },
+    )
+    .await
+    .context("purging")?;
     bar.finish_and_clear();
     println!(
         "removed {} requests, {} documents, {} events in {:.1} s ({} batches){}",
@@ -277,7 +316,8 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
 const PROVIDER_MAX_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
-    let (client_config, worker_config) = args.configs()?;
+    let (client_config, mut worker_config) = args.configs()?;
+    worker_config.documents = args.store.open().await?;
     if client_config.timeout < PROVIDER_MAX_ANSWER {
         tracing::warn!(
             "UPSTREAM_TIMEOUT ({}) is below the provider's {} maximum answer time: slow creates will go unanswered, each spending an attempt (and a paid task)",

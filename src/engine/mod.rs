@@ -40,6 +40,7 @@ use self::policy::{PollPolicy, RetryPolicy};
 use self::row::RowTask;
 use self::writer::Writer;
 use crate::queue;
+use crate::store::DocumentStore;
 use crate::upstream::Client;
 
 #[derive(Debug, Clone)]
@@ -69,6 +70,8 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// Scheduled retention (off unless `RETENTION_FINISHED` or `RETENTION_EVENTS`).
     pub retention: retention::Retention,
+    /// Where documents' bytes go (PostgreSQL unless `DOCUMENT_STORE` says otherwise).
+    pub documents: DocumentStore,
 }
 
 impl WorkerConfig {
@@ -87,6 +90,7 @@ impl WorkerConfig {
             poll: PollPolicy::default(),
             retry: RetryPolicy::default(),
             retention: retention::Retention::default(),
+            documents: DocumentStore::Postgres,
         }
     }
 }

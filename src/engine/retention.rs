@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::queue::{self, PurgeScope};
+use crate::store::DocumentStore;
 
 /// Rows per batch: small enough that a batch is a few milliseconds.
 pub const PURGE_BATCH: i64 = 500;
@@ -29,6 +30,7 @@ pub struct PurgeReport {
 /// after each batch; stops early, with what was done, when `cancel` fires.
 pub async fn purge(
     pool: &PgPool,
+    store: &DocumentStore,
     scope: Option<&PurgeScope>,
     events_before: Option<DateTime<Utc>>,
     cancel: &CancellationToken,
@@ -45,6 +47,11 @@ pub async fn purge(
             };
             report.requests += batch.requests;
             report.documents += batch.documents;
+            // The rows are gone; their objects go after (at worst an object stays behind,
+            // never a row without its object).
+            if let Err(e) = store.delete(&batch.object_keys).await {
+                tracing::warn!(error = %e, objects = batch.object_keys.len(), "could not delete purged documents' objects");
+            }
             report.batches += 1;
             progress(&report);
         }
@@ -127,6 +134,7 @@ async fn run_once(
     });
     let result = purge(
         &shared.pool,
+        &shared.config.documents,
         scope.as_ref(),
         retention.events.map(ago),
         cancel,

@@ -30,6 +30,7 @@ use crate::queue::{
     self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
     Retry, Snoozed, WriteError,
 };
+use crate::store::DocumentStore;
 use crate::upstream::client::CreateTask;
 use crate::upstream::{CreateError, Downloaded, TaskStatus, UpstreamError};
 
@@ -570,14 +571,46 @@ impl RowTask {
         }
     }
 
-    /// The document and `succeeded`, in one transaction. A document the database
-    /// refuses (a constraint) fails the row with the reason instead of being redone.
+    /// The document into its store, then the document's row and `succeeded` in one
+    /// transaction (for object storage: the object written and read back first). A
+    /// document the database refuses (a constraint) fails the row with the reason
+    /// instead of being redone; a store that cannot take it now is tried again later.
     async fn store(&self, downloaded: Downloaded) {
         let Downloaded {
-            document,
+            spool,
+            content_type,
+            file_name,
+            report_type,
             reservation,
         } = downloaded;
-        let (bytes, file) = (document.content.len(), document.file_name.clone());
+        let store = &self.shared.config.documents;
+        // The PostgreSQL store takes the bytes whole: a document that went to disk takes
+        // its full size from the memory budget first (the small reservation is given
+        // back before waiting, so no download ever waits while holding memory).
+        let reservation = if matches!(store, DocumentStore::Postgres) && spool.on_disk() {
+            drop(reservation);
+            self.shared.client.memory().reserve(spool.len()).await
+        } else {
+            reservation
+        };
+        let document = match store
+            .keep(
+                self.row.id,
+                spool,
+                content_type,
+                file_name,
+                report_type.extension(),
+            )
+            .await
+        {
+            Ok(document) => document,
+            Err(e) => {
+                let error = UpstreamError::transient(format!("could not store the document: {e}"));
+                self.retry_later(error, Intent::Keep).await;
+                return;
+            }
+        };
+        let (bytes, file) = (document.byte_size, document.file_name.clone());
         let completed = Completed {
             id: self.row.id,
             token: self.row.lease_token,

@@ -61,7 +61,7 @@ impl Item for Completed {
         self.id
     }
     fn bytes(&self) -> usize {
-        self.document.content.len()
+        self.document.content().map_or(0, <[u8]>::len)
     }
 }
 

@@ -180,7 +180,8 @@ async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
         ids: Some(ids.clone()),
         ..Default::default()
     };
-    let exported = export::export(&pool, out, &filter, false).await?;
+    let store = crate::store::DocumentStore::Postgres;
+    let exported = export::export(&pool, &store, out, &filter, false).await?;
     print_summary(&pool, &ids, &exported).await?;
     println!(
         "\n{} documents in {}. Look further with SQL (psql \"$DATABASE_URL\"):\n  SELECT * FROM report_queue_stats;\n  SELECT request_id, at, state, error_code, error FROM report_events ORDER BY id;\n  SELECT request_id, file_name, byte_size, sha256 FROM report_documents;\n  SELECT * FROM report_account_stops;",

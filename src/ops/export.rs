@@ -1,5 +1,6 @@
-//! `export --out DIR`: finished documents as files. Rows are streamed from the database
-//! one at a time (names and hashes first, content only for files that need writing);
+//! `export --out DIR`: finished documents as files, from whichever store holds each
+//! (PostgreSQL or object storage). Rows are read in short pages (names and hashes first,
+//! content only for files that need writing);
 //! names are sanitised and always land inside DIR; a file already there with the same
 //! sha256 is skipped, a different file of the same name gets the request id appended.
 
@@ -9,6 +10,7 @@ use sqlx::PgPool;
 
 use crate::domain::{ReportType, RequestState};
 use crate::queue::{self, DocumentFilter};
+use crate::store::{DocumentStore, StoreError};
 use crate::upstream::document::{sanitize_file_name, sha256_hex};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,8 @@ pub enum ExportError {
     },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("document store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Which documents to export: rows in `state` (default succeeded), finished since a
@@ -81,39 +85,61 @@ fn target(dir: &Path, name: &str, id: i64, sha: &str) -> (PathBuf, bool) {
     (second, same)
 }
 
-/// Writes `content` to `path` through a new temporary file in `dir`, created with
-/// O_EXCL under a random name (so nothing planted in DIR — a symlink, a file — is
-/// followed or overwritten), then renamed over `path` (a rename replaces a symlink
-/// itself, never its target).
-fn write_new(dir: &Path, path: &Path, id: i64, content: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    for _ in 0..16 {
-        let tmp = dir.join(format!(".{id}.{:016x}.part", rand::random::<u64>()));
-        let mut file = match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        };
-        let written = file.write_all(content).and_then(|_| file.sync_all());
-        drop(file);
-        if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+/// A new temporary file in DIR, created with O_EXCL under a random name (so nothing
+/// planted in DIR — a symlink, a file — is followed or overwritten); renamed over its
+/// target once written (a rename replaces a symlink itself, never its target).
+struct Part {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Set once renamed onto its target: nothing left to clean up.
+    committed: bool,
+}
+
+impl Part {
+    fn create(dir: &Path, id: i64) -> std::io::Result<Part> {
+        for _ in 0..16 {
+            let path = dir.join(format!(".{id}.{:016x}.part", rand::random::<u64>()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    return Ok(Part {
+                        path,
+                        file,
+                        committed: false,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
         }
-        return Ok(());
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "no free temporary file name",
+        ))
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AlreadyExists,
-        "no free temporary file name",
-    ))
+
+    fn commit(mut self, target: &Path) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.path, target)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 pub async fn export(
     pool: &PgPool,
+    store: &DocumentStore,
     dir: &Path,
     filter: &ExportFilter,
     progress: bool,
@@ -153,10 +179,21 @@ pub async fn export(
             if present {
                 summary.skipped += 1;
             } else {
-                let content = queue::document_content(&mut content_conn, row.request_id).await?;
-                write_new(&dir, &path, row.request_id, &content).map_err(io(&path))?;
+                let mut part = Part::create(&dir, row.request_id).map_err(io(&dir))?;
+                let bytes = match &row.object_key {
+                    Some(key) => store.copy_to(key, &mut part.file).await?,
+                    None => {
+                        use std::io::Write;
+                        let content = queue::document_content(&mut content_conn, row.request_id)
+                            .await?
+                            .unwrap_or_default();
+                        part.file.write_all(&content).map_err(io(&path))?;
+                        content.len() as u64
+                    }
+                };
+                part.commit(&path).map_err(io(&path))?;
                 summary.written += 1;
-                summary.bytes += content.len() as u64;
+                summary.bytes += bytes;
             }
             if filter.ids.is_some() {
                 summary.files.push((row.request_id, path));

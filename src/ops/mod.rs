@@ -6,5 +6,6 @@ pub mod csv_import;
 pub mod demo;
 pub mod embedded_pg;
 pub mod export;
+pub mod move_documents;
 pub mod signals;
 pub mod status;

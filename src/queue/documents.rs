@@ -61,13 +61,50 @@ pub async fn list_documents_page(
     .await
 }
 
-/// One document's bytes.
+/// One document's bytes, when they are in PostgreSQL (`None`: in object storage).
 pub async fn document_content(
     conn: &mut PgConnection,
     request_id: i64,
-) -> Result<Vec<u8>, sqlx::Error> {
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
     sqlx::query_scalar("SELECT content FROM report_documents WHERE request_id = $1")
         .bind(request_id)
         .fetch_one(conn)
         .await
+}
+
+/// Documents whose bytes are still in PostgreSQL, after request id `after`, in id order:
+/// (request id, sha256, content type).
+pub async fn inline_documents_page(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT request_id, sha256, content_type FROM report_documents
+          WHERE request_id > $1 AND content IS NOT NULL ORDER BY request_id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The document's bytes now live under `key` in object storage: drop them here. Only
+/// if they are still here and still those bytes (`sha256`); false otherwise.
+pub async fn mark_document_moved(
+    pool: &PgPool,
+    request_id: i64,
+    key: &str,
+    sha256: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE report_documents SET content = NULL, object_key = $2
+          WHERE request_id = $1 AND content IS NOT NULL AND sha256 = $3",
+    )
+    .bind(request_id)
+    .bind(key)
+    .bind(sha256)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }

@@ -135,7 +135,9 @@ pub struct Completed {
 }
 
 /// `complete` for many rows in one statement (so one transaction): a row whose claim
-/// was lost is neither marked nor given a document. Returns the ids stored.
+/// was lost is neither marked nor given a document. The document's bytes go in
+/// `content`, or its object key in `object_key` (the object already written). Returns
+/// the ids stored.
 pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "WITH done AS (
@@ -146,18 +148,20 @@ pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i6
                FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
              RETURNING r.id)
-         INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256)
-         SELECT d.id, d.content, d.content_type, d.file_name, octet_length(d.content), d.sha256
-           FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[])
-                AS d (id, content, content_type, file_name, sha256)
+         INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256)
+         SELECT d.id, d.content, d.object_key, d.content_type, d.file_name, d.byte_size, d.sha256
+           FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
+                AS d (id, content, object_key, content_type, file_name, byte_size, sha256)
            JOIN done ON done.id = d.id
          RETURNING request_id",
     )
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.document.content.as_slice()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.content()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.object_key()).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.document.content_type).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.document.file_name.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.document.byte_size as i64).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.document.sha256.as_str()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await

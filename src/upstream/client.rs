@@ -149,10 +149,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// rustls needs one process-wide crypto provider; sqlx already brings ring.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::config::install_crypto_provider;
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, UpstreamError> {

@@ -1,12 +1,13 @@
 //! A downloaded report: its bytes checked against the expected type, its file name
 //! taken from the content disposition and made safe, its sha256.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read, Seek};
 
 use percent_encoding::percent_decode_str;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{JobId, ReportType, clip};
+use crate::spool::Spool;
 
 /// Why a downloaded body is not the report that was asked for (an HTML error page, a
 /// truncated PDF, a ZIP that is not a DOCX…).
@@ -20,33 +21,48 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Why a body is not the report that was asked for.
 pub fn check_report(bytes: &[u8], expected: ReportType) -> Result<(), NotAReport> {
-    check(bytes, expected).map_err(NotAReport)
+    let tail = &bytes[bytes.len().saturating_sub(1024)..];
+    check(bytes, tail, || Ok(Cursor::new(bytes)), expected).map_err(NotAReport)
 }
 
-fn check(bytes: &[u8], expected: ReportType) -> Result<(), String> {
+/// `check_report` for a spooled download: the start and end are at hand, and a DOCX's
+/// ZIP directory is read from the spool (memory or temporary file) without loading it.
+pub fn check_spool(spool: &mut Spool, expected: ReportType) -> Result<(), NotAReport> {
+    let (head, tail) = (spool.head().to_vec(), spool.tail().to_vec());
+    check(&head, &tail, || spool.reader(), expected).map_err(NotAReport)
+}
+
+/// Why a body that starts with `head` and ends with `tail` is not the report asked for;
+/// `body` opens the whole of it (only a DOCX needs it).
+fn check<R: Read + Seek>(
+    head: &[u8],
+    tail: &[u8],
+    body: impl FnOnce() -> std::io::Result<R>,
+    expected: ReportType,
+) -> Result<(), String> {
     match expected {
         ReportType::Pdf => {
-            if !bytes.starts_with(b"%PDF-") {
+            if !head.starts_with(b"%PDF-") {
                 return Err(format!(
                     "not a PDF: the body starts with {}",
-                    describe_start(bytes)
+                    describe_start(head)
                 ));
             }
             // A truncated PDF has no end-of-file marker near its end.
-            let tail = &bytes[bytes.len().saturating_sub(1024)..];
             if !tail.windows(5).any(|w| w == b"%%EOF") {
                 return Err("truncated PDF: no %%EOF marker at the end".into());
             }
             Ok(())
         }
         ReportType::Word => {
-            if !bytes.starts_with(b"PK\x03\x04") {
+            if !head.starts_with(b"PK\x03\x04") {
                 return Err(format!(
                     "not a DOCX: the body starts with {}",
-                    describe_start(bytes)
+                    describe_start(head)
                 ));
             }
-            let archive = zip::ZipArchive::new(Cursor::new(bytes))
+            let reader = body().map_err(|e| format!("cannot read the download back: {e}"))?;
+            let archive = zip::ZipArchive::new(reader)
                 .map_err(|e| format!("not a DOCX: unreadable ZIP ({e})"))?;
             for part in ["[Content_Types].xml", "word/document.xml"] {
                 if archive.index_for_name(part).is_none() {

@@ -9,12 +9,17 @@ use reqwest::header::CONTENT_DISPOSITION;
 use super::client::{Client, transport_error};
 use super::links::{FIRST_RESERVATION, Reservation};
 use super::{UpstreamError, document};
-use crate::domain::{Document, JobId, ReportType};
+use crate::domain::{JobId, ReportType};
+use crate::spool::{SPILL_AT, Spool};
 
-/// A verified report and the memory it holds until stored.
+/// A verified report, not yet stored: its bytes in a spool, and the memory the spool
+/// holds (until it is stored).
 #[derive(Debug)]
 pub struct Downloaded {
-    pub document: Document,
+    pub spool: Spool,
+    pub content_type: &'static str,
+    pub file_name: String,
+    pub report_type: ReportType,
     pub reservation: Reservation,
 }
 
@@ -84,33 +89,36 @@ impl Client {
                 .map(str::to_owned)
                 .or_else(|| Some(String::from_utf8_lossy(v.as_bytes()).into_owned()))
         });
+        // Memory is held only for what stays in memory: a document past SPILL_AT goes to
+        // a temporary file as it arrives.
+        let in_memory = |len: u64| len.min(SPILL_AT as u64);
         let budget = self.memory();
         let mut reservation = budget
-            .reserve(response.content_length().unwrap_or(FIRST_RESERVATION))
+            .reserve(in_memory(
+                response.content_length().unwrap_or(FIRST_RESERVATION),
+            ))
             .await;
-        let mut content =
-            Vec::with_capacity(response.content_length().unwrap_or(0).min(cap) as usize);
+        let mut spool = Spool::default();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(transport_error)?;
-            let needed = content.len() as u64 + chunk.len() as u64;
+            let needed = spool.len() + chunk.len() as u64;
             if needed > cap {
                 return Err(too_large());
             }
-            // Grow in doubling steps, never past the cap or the whole budget (but always
-            // to what is needed: more than the whole budget fails below).
-            let target = (reservation.bytes * 2)
-                .min(cap)
-                .min(budget.total)
-                .max(needed);
-            if needed > reservation.bytes && !budget.grow(&mut reservation, target) {
+            // Grow in doubling steps up to what stays in memory (never waiting: that
+            // could deadlock with other downloads).
+            let target = in_memory((reservation.bytes * 2).max(needed)).min(budget.total);
+            if in_memory(needed) > reservation.bytes && !budget.grow(&mut reservation, target) {
                 return Err(UpstreamError::transient(
                     "the process's memory budget for documents (UPSTREAM_DOWNLOAD_MEMORY) is full; retrying later",
                 ));
             }
-            content.extend_from_slice(&chunk);
+            spool
+                .write(&chunk)
+                .map_err(|e| UpstreamError::transient(format!("cannot spool the download: {e}")))?;
         }
-        document::check_report(&content, expected)
+        document::check_spool(&mut spool, expected)
             .map_err(|why| bad(format!("download is not a report: {why}")))?;
         let raw_name = disposition
             .as_deref()
@@ -118,12 +126,10 @@ impl Client {
             .or_else(|| document::filename_from_url(link))
             .unwrap_or_default();
         Ok(Downloaded {
-            document: Document {
-                sha256: document::sha256_hex(&content),
-                file_name: document::sanitize_file_name(&raw_name, expected, job),
-                content_type: expected.content_type(),
-                content,
-            },
+            spool,
+            content_type: expected.content_type(),
+            file_name: document::sanitize_file_name(&raw_name, expected, job),
+            report_type: expected,
             reservation,
         })
     }

@@ -101,7 +101,7 @@ impl MemoryBudget {
     }
 
     /// Waits until `bytes` are free (never more than the whole budget).
-    pub(super) async fn reserve(&self, bytes: u64) -> Reservation {
+    pub async fn reserve(&self, bytes: u64) -> Reservation {
         let bytes = bytes.clamp(1, self.total);
         let permit = self
             .bytes

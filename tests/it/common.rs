@@ -416,3 +416,71 @@ pub async fn enqueue_with_attempts(pool: &PgPool, company: &str, max_attempts: i
     .await
     .unwrap()
 }
+
+/// The S3-compatible server the tests use (TEST_S3_ENDPOINT; `.ci/run` starts moto).
+/// Absent outside CI, the caller skips; under CI its absence is a failure.
+pub fn s3_endpoint() -> Option<String> {
+    match std::env::var("TEST_S3_ENDPOINT") {
+        Ok(e) if !e.trim().is_empty() => Some(e),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("TEST_S3_ENDPOINT is required under CI (see .ci/run)")
+        }
+        _ => {
+            eprintln!("skipping: TEST_S3_ENDPOINT is not set (bash .ci/run starts an S3 server)");
+            None
+        }
+    }
+}
+
+/// A new, empty bucket on the test S3 server, opened as the document store with
+/// `prefix`.
+pub async fn s3_store(
+    endpoint: &str,
+    prefix: &str,
+) -> (report_worker::store::DocumentStore, String) {
+    static BUCKETS: AtomicU32 = AtomicU32::new(0);
+    let bucket = format!(
+        "rw-test-{}-{}",
+        std::process::id(),
+        BUCKETS.fetch_add(1, Ordering::SeqCst)
+    );
+    let created = http_client()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("the S3 server answers");
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    let settings = s3_settings(endpoint);
+    let store =
+        report_worker::store::DocumentStore::open(&format!("s3://{bucket}/{prefix}"), &settings)
+            .await
+            .expect("the bucket opens");
+    (store, bucket)
+}
+
+pub fn s3_settings(endpoint: &str) -> report_worker::store::S3Settings {
+    report_worker::store::S3Settings {
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test-secret".into()),
+    }
+}
+
+/// Reads an object back over plain HTTP (path-style) and returns its sha256.
+pub async fn object_sha256(endpoint: &str, bucket: &str, key: &str) -> Option<String> {
+    let r = http_client()
+        .get(format!("{endpoint}/{bucket}/{key}"))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let bytes = r.bytes().await.ok()?;
+    Some(report_worker::upstream::document::sha256_hex(&bytes))
+}

@@ -1,5 +1,6 @@
 //! The layout's one dependency rule, checked on the source itself:
-//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` → `domain` / `config`.
+//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` → `domain` /
+//! `config` / `spool`.
 //! A module may use modules of a lower layer, never one of its own layer or above, and
 //! the files inside one folder never import each other in a cycle.
 
@@ -7,11 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layer of every top-level module of the crate (`src/lib.rs` declares them).
-const LAYERS: [(&str, u8); 8] = [
+const LAYERS: [(&str, u8); 10] = [
     ("domain", 0),
     ("config", 0),
+    ("spool", 0),
     ("queue", 1),
     ("upstream", 1),
+    ("store", 1),
     ("engine", 2),
     ("simulator", 2),
     ("ops", 3),

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod edges;
 mod layout;
+mod objects;
 mod ops;
 mod process;
 mod queue;

@@ -9,6 +9,7 @@ use crate::common::*;
 use report_worker::domain::ReportType;
 use report_worker::ops::csv_import::{CsvOptions, import, parse_encoding};
 use report_worker::ops::export::{ExportFilter, export};
+use report_worker::store::DocumentStore;
 
 fn bin(args: &[&str], database_url: Option<&str>, dir: &Path) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
@@ -369,9 +370,15 @@ async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
     }
     let parent = tempfile::tempdir().unwrap();
     let out = parent.path().join("out");
-    let s = export(&db.pool, &out, &ExportFilter::default(), false)
-        .await
-        .unwrap();
+    let s = export(
+        &db.pool,
+        &DocumentStore::Postgres,
+        &out,
+        &ExportFilter::default(),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((s.written, s.skipped), (hostile.len() as u64, 0));
     let names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -403,9 +410,15 @@ async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
     std::fs::write(&victim, "do not touch").unwrap();
     std::fs::remove_file(out.join("same.pdf")).unwrap();
     std::os::unix::fs::symlink(&victim, out.join("same.pdf")).unwrap();
-    let planted = export(&db.pool, &out, &ExportFilter::default(), false)
-        .await
-        .unwrap();
+    let planted = export(
+        &db.pool,
+        &DocumentStore::Postgres,
+        &out,
+        &ExportFilter::default(),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "do not touch");
     assert!(
         std::fs::symlink_metadata(out.join("same.pdf"))
@@ -418,13 +431,20 @@ async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
         "the displaced document went beside the link"
     );
     // Again: everything is already there with the same sha256.
-    let again = export(&db.pool, &out, &ExportFilter::default(), false)
-        .await
-        .unwrap();
+    let again = export(
+        &db.pool,
+        &DocumentStore::Postgres,
+        &out,
+        &ExportFilter::default(),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((again.written, again.skipped), (0, hostile.len() as u64));
     // Filters.
     let some = export(
         &db.pool,
+        &DocumentStore::Postgres,
         &parent.path().join("some"),
         &ExportFilter {
             ids: Some(vec![ids[0], ids[2]]),
@@ -437,6 +457,7 @@ async fn export_keeps_hostile_names_inside_and_skips_what_is_there() {
     assert_eq!(some.written, 2);
     let future = export(
         &db.pool,
+        &DocumentStore::Postgres,
         &parent.path().join("none"),
         &ExportFilter {
             since: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
@@ -457,10 +478,33 @@ fn compose_file_is_complete_and_consistent() {
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
     let services = doc["services"].as_mapping().expect("services");
     let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
-    for s in ["postgres", "migrate", "simulator", "worker"] {
+    for s in [
+        "postgres",
+        "migrate",
+        "simulator",
+        "minio",
+        "minio-bucket",
+        "worker",
+    ] {
         assert!(names.contains(&s), "service {s} missing");
     }
     let svc = |n: &str| &doc["services"][n];
+    // The documents go to MinIO's bucket, which exists before any worker starts.
+    assert!(
+        svc("worker")["environment"]["DOCUMENT_STORE"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("s3://reports/")),
+        "the worker stores documents in the bucket"
+    );
+    assert!(
+        svc("minio-bucket")["entrypoint"][2]
+            .as_str()
+            .is_some_and(|c| c.contains("mc mb") && c.contains("local/reports"))
+    );
+    assert_eq!(
+        svc("worker")["depends_on"]["minio-bucket"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
     assert!(
         svc("postgres")["image"]
             .as_str()

@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use report_worker::engine::retention::{purge, purge_dry_run};
 use report_worker::queue::{self, ClaimKinds, PurgeScope};
+use report_worker::store::DocumentStore;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -127,9 +128,16 @@ async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
                 finished_before: chrono::Utc::now() + chrono::Duration::seconds(1),
                 documents_only: false,
             };
-            purge(pool, Some(&scope), None, &CancellationToken::new(), |_| {})
-                .await
-                .unwrap();
+            purge(
+                pool,
+                &DocumentStore::Postgres,
+                Some(&scope),
+                None,
+                &CancellationToken::new(),
+                |_| {},
+            )
+            .await
+            .unwrap();
         }
         _ => {
             // A statement moving many rows at once, in both directions.
@@ -243,6 +251,7 @@ async fn purge_removes_exactly_the_finished_history_before_the_cutoff() {
     let mut seen = Vec::new();
     let report = purge(
         &db.pool,
+        &DocumentStore::Postgres,
         Some(&scope),
         None,
         &CancellationToken::new(),
@@ -267,6 +276,7 @@ async fn purge_removes_exactly_the_finished_history_before_the_cutoff() {
     // The held row goes on the next run.
     let again = purge(
         &db.pool,
+        &DocumentStore::Postgres,
         Some(&scope),
         None,
         &CancellationToken::new(),
@@ -288,6 +298,7 @@ async fn purge_of_documents_only_and_of_events() {
     };
     let report = purge(
         &db.pool,
+        &DocumentStore::Postgres,
         Some(&scope),
         None,
         &CancellationToken::new(),
@@ -314,6 +325,7 @@ async fn purge_of_documents_only_and_of_events() {
     let before = count(&db.pool, "SELECT count(*) FROM report_events").await;
     let report = purge(
         &db.pool,
+        &DocumentStore::Postgres,
         None,
         Some(chrono::Utc::now() - chrono::Duration::days(30)),
         &CancellationToken::new(),

@@ -9,6 +9,20 @@ use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 use report_worker::upstream::client::CreateTask;
 use report_worker::upstream::{Client, CreateError, Secret, TaskStatus, UpstreamError};
 
+/// A download kept the way the PostgreSQL store keeps it: whole, in memory.
+async fn inline(d: report_worker::upstream::Downloaded) -> report_worker::domain::Document {
+    report_worker::store::DocumentStore::Postgres
+        .keep(
+            0,
+            d.spool,
+            d.content_type,
+            d.file_name,
+            d.report_type.extension(),
+        )
+        .await
+        .unwrap()
+}
+
 fn task(name: Option<&str>, code: Option<&str>, org: Option<&str>, t: ReportType) -> CreateTask {
     CreateTask {
         company_name: name.map(Into::into),
@@ -81,21 +95,17 @@ async fn round_trip_pdf_and_docx_with_exact_job_ids_and_real_documents() {
                 .any(|s| matches!(s, TaskStatus::Waiting { .. } | TaskStatus::Exporting)),
             "{seen:?}"
         );
-        let doc = client.download(&url, t, Some(&job)).await.unwrap().document;
+        let doc = inline(client.download(&url, t, Some(&job)).await.unwrap()).await;
         assert_eq!(doc.content_type, t.content_type());
         assert_eq!(
             doc.file_name,
             format!("小米科技有限责任公司_企业创新能力报告.{}", t.extension())
         );
-        assert!(
-            doc.content.len() > 100_000,
-            "realistic size: {}",
-            doc.content.len()
-        );
+        assert!(doc.byte_size > 100_000, "realistic size: {}", doc.byte_size);
         // Byte-exact: what the simulator served is what we hold.
         assert_eq!(sim.stats().documents.get(job.as_str()), Some(&doc.sha256));
         let path = dir.path().join(&doc.file_name);
-        std::fs::write(&path, &doc.content).unwrap();
+        std::fs::write(&path, doc.content().unwrap()).unwrap();
         match t {
             ReportType::Pdf if have_tool("pdftotext", &["-v"]) => {
                 let out = std::process::Command::new("pdftotext")
@@ -663,11 +673,13 @@ async fn downloads_are_verified_and_capped() {
         "{e:?}"
     );
     // And the good one, byte-exact.
-    let doc = client
-        .download(&url, ReportType::Word, Some(&job))
-        .await
-        .unwrap()
-        .document;
+    let doc = inline(
+        client
+            .download(&url, ReportType::Word, Some(&job))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(sim.stats().documents.get(job.as_str()), Some(&doc.sha256));
     sim.stop().await;
 }
