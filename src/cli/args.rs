@@ -70,13 +70,18 @@ pub struct PurgeArgs {
     /// Count what would go, remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Batch after batch, without the pauses that leave live work most of the database
+    /// (for a maintenance window).
+    #[arg(long)]
+    pub full_speed: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps, inflight, idle.
+    /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps,
+    /// inflight, idle, stats, purge, rss, hot.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Reports in the burn-down.
@@ -95,6 +100,12 @@ pub struct BenchArgs {
     /// Account QPS for the QPS-use and in-flight scenarios.
     #[arg(long, default_value_t = 20)]
     pub qps: u32,
+    /// Rows in the stats scenario.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub stats_rows: usize,
+    /// Megabytes of the one document of the RSS scenario.
+    #[arg(long, default_value_t = 50)]
+    pub document_mb: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -38,6 +38,8 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing(&cli.command);
+    // One TLS crypto provider for every HTTP client of the process.
+    crate::config::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -102,6 +104,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 csv_rows: args.csv_rows,
                 inflight_rows: args.inflight_rows,
                 qps: args.qps,
+                stats_rows: args.stats_rows,
+                document_mb: args.document_mb,
             };
             let results = crate::ops::bench::run(&options).await?;
             if args.json {
@@ -284,6 +288,11 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         &store,
         scope.as_ref(),
         events_before,
+        if args.full_speed {
+            crate::engine::retention::Pace::Full
+        } else {
+            crate::engine::retention::Pace::Gentle
+        },
         &cancel,
         |r| {
             bar.set_message(format!(

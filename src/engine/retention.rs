@@ -2,7 +2,8 @@
 //! documents, removed once older than a cutoff; old events likewise. Run by
 //! `report-worker purge`, or on a schedule inside `run` by one process at a time (an
 //! advisory lock). Small batches, each its own short transaction, never waiting on a
-//! row another transaction holds: live work does not notice.
+//! row another transaction holds, with pauses between them (BENCHMARKS.md measures
+//! what live work notices).
 
 use std::time::Duration;
 
@@ -17,6 +18,16 @@ use crate::store::DocumentStore;
 /// Rows per batch: small enough that a batch is a few milliseconds.
 pub const PURGE_BATCH: i64 = 500;
 
+/// How hard a purge works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// After each batch, pause twice as long as the batch took: the purge uses at most a
+    /// third of one database backend, and live work keeps the rest (the default).
+    Gentle,
+    /// Batch after batch (a maintenance window).
+    Full,
+}
+
 /// What a purge removed (or, dry, would remove).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PurgeReport {
@@ -28,19 +39,27 @@ pub struct PurgeReport {
 
 /// Removes what `scope` (and `events_before`, when set) covers, reporting progress
 /// after each batch; stops early, with what was done, when `cancel` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn purge(
     pool: &PgPool,
     store: &DocumentStore,
     scope: Option<&PurgeScope>,
     events_before: Option<DateTime<Utc>>,
+    pace: Pace,
     cancel: &CancellationToken,
     mut progress: impl FnMut(&PurgeReport),
 ) -> Result<PurgeReport, sqlx::Error> {
     let mut report = PurgeReport::default();
+    let breathe = |took: std::time::Duration| async move {
+        if pace == Pace::Gentle {
+            tokio::time::sleep(took * 2).await;
+        }
+    };
     if let Some(scope) = scope
         && let Some(mut cursor) = queue::purge_start(pool, scope).await?
     {
         while !cancel.is_cancelled() {
+            let started = tokio::time::Instant::now();
             let Some(batch) = queue::purge_batch(pool, scope, &mut cursor, PURGE_BATCH).await?
             else {
                 break;
@@ -54,12 +73,14 @@ pub async fn purge(
             }
             report.batches += 1;
             progress(&report);
+            breathe(started.elapsed()).await;
         }
     }
     if let Some(before) = events_before
         && let Some(mut cursor) = queue::events_purge_start(pool, before).await?
     {
         while !cancel.is_cancelled() {
+            let started = tokio::time::Instant::now();
             let Some(n) = queue::purge_events_batch(pool, &mut cursor, before, PURGE_BATCH).await?
             else {
                 break;
@@ -67,6 +88,7 @@ pub async fn purge(
             report.events += n;
             report.batches += 1;
             progress(&report);
+            breathe(started.elapsed()).await;
         }
     }
     Ok(report)
@@ -137,6 +159,7 @@ async fn run_once(
         &shared.config.documents,
         scope.as_ref(),
         retention.events.map(ago),
+        Pace::Gentle,
         cancel,
         |_| {},
     )

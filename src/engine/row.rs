@@ -573,8 +573,7 @@ impl RowTask {
 
     /// The document into its store, then the document's row and `succeeded` in one
     /// transaction (for object storage: the object written and read back first). A
-    /// document the database refuses (a constraint) fails the row with the reason
-    /// instead of being redone; a store that cannot take it now is tried again later.
+    /// store that cannot take it now is tried again later.
     async fn store(&self, downloaded: Downloaded) {
         let Downloaded {
             spool,
@@ -584,15 +583,38 @@ impl RowTask {
             reservation,
         } = downloaded;
         let store = &self.shared.config.documents;
-        // The PostgreSQL store takes the bytes whole: a document that went to disk takes
-        // its full size from the memory budget first (the small reservation is given
-        // back before waiting, so no download ever waits while holding memory).
-        let reservation = if matches!(store, DocumentStore::Postgres) && spool.on_disk() {
+        // A large document for the PostgreSQL store is streamed from its spool with COPY
+        // (never whole in memory); everything else goes through the batched writer.
+        if matches!(store, DocumentStore::Postgres) && spool.on_disk() {
+            let meta = queue::DocumentMeta {
+                content_type,
+                sha256: spool.sha256(),
+                byte_size: spool.len(),
+                file_name,
+            };
+            let mut spool = spool;
+            let (pool, row) = (&self.shared.pool, &self.row);
+            let (mut tries, mut pause) = (0, Duration::from_millis(100));
+            let reply = loop {
+                let sent = match spool.reader() {
+                    Ok(body) => {
+                        queue::complete_streamed(pool, row.id, row.lease_token, &meta, body).await
+                    }
+                    Err(e) => Err(sqlx::Error::Io(e)),
+                };
+                match sent {
+                    Err(e) if queue::is_retryable(&e) && tries < 10 => {
+                        tries += 1;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    other => break other.map_err(WriteError::from),
+                }
+            };
             drop(reservation);
-            self.shared.client.memory().reserve(spool.len()).await
-        } else {
-            reservation
-        };
+            self.stored(reply, meta.byte_size, &meta.file_name).await;
+            return;
+        }
         let document = match store
             .keep(
                 self.row.id,
@@ -618,6 +640,12 @@ impl RowTask {
         };
         let reply = self.shared.writer.completed(completed).await;
         drop(reservation);
+        self.stored(reply, bytes, &file).await;
+    }
+
+    /// What the document's write came to: stored, no longer ours, or refused by the
+    /// database (the row fails with the reason instead of being redone).
+    async fn stored(&self, reply: Result<Fenced, WriteError>, bytes: u64, file: &str) {
         if let Err(refused @ WriteError::Refused { .. }) = &reply {
             let message = format!("the document could not be stored: {refused}");
             self.fail(None, &message, Intent::Keep).await;
@@ -628,7 +656,7 @@ impl RowTask {
             if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
                 self.shared.metrics.insert_to_document(d);
             }
-            tracing::info!(bytes, %file, "report stored");
+            tracing::info!(bytes, file, "report stored");
         }
     }
 

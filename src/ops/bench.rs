@@ -32,6 +32,10 @@ pub struct BenchOptions {
     pub csv_rows: usize,
     pub inflight_rows: usize,
     pub qps: u32,
+    /// Rows in the stats scenario.
+    pub stats_rows: usize,
+    /// Megabytes of the document in the RSS scenario.
+    pub document_mb: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -45,6 +49,54 @@ pub struct BenchResults {
     pub qps_use: Option<QpsUse>,
     pub inflight: Option<InFlight>,
     pub idle: Option<Idle>,
+    pub stats: Option<Stats>,
+    pub purge: Option<PurgeBeside>,
+    pub rss: Option<DocumentRss>,
+    pub hot: Option<Vec<HotUpdates>>,
+}
+
+/// `report_queue_stats` on a large table.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub rows: usize,
+    /// The first read after loading (cold caches, first plan).
+    pub cold_ms: f64,
+    /// The next 20 reads.
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    /// The same figures computed by scanning the table (what the view did before).
+    pub scan_ms: f64,
+}
+
+/// Live work beside a purge of a million rows.
+#[derive(Debug, Serialize)]
+pub struct PurgeBeside {
+    pub purged_rows: u64,
+    pub purge_seconds: f64,
+    pub pickup_p50_ms: [f64; 2],
+    pub pickup_p99_ms: [f64; 2],
+    pub burn_down_reports_per_s: [f64; 2],
+}
+
+/// Peak resident memory of a worker process storing one large document.
+#[derive(Debug, Serialize)]
+pub struct DocumentRss {
+    pub document_mb: f64,
+    pub idle_mb: f64,
+    pub postgres_store_mb: f64,
+    pub object_store_mb: Option<f64>,
+}
+
+/// Updates of report_requests over a long burn-down, and what they left behind.
+#[derive(Debug, Serialize)]
+pub struct HotUpdates {
+    pub fillfactor: u32,
+    pub reports: usize,
+    pub updates: i64,
+    pub hot_share: f64,
+    pub table_mb: f64,
+    pub indexes_mb: f64,
+    pub reports_per_s: f64,
 }
 
 /// What an idle worker process costs the database.
@@ -150,6 +202,26 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     if wants(o, "idle") {
         r.idle = Some(idle(o).await.context("idle")?);
         eprintln!("{:?}", r.idle);
+    }
+    if wants(o, "stats") {
+        r.stats = Some(stats(o).await.context("stats")?);
+        eprintln!("{:?}", r.stats);
+    }
+    if wants(o, "purge") {
+        r.purge = Some(purge_beside(o).await.context("purge beside live work")?);
+        eprintln!("{:?}", r.purge);
+    }
+    if wants(o, "rss") {
+        r.rss = Some(document_rss(o).await.context("document rss")?);
+        eprintln!("{:?}", r.rss);
+    }
+    if wants(o, "hot") {
+        let mut runs = Vec::new();
+        for fillfactor in [100, 80] {
+            runs.push(hot(o, fillfactor).await.context("hot updates")?);
+        }
+        eprintln!("{runs:?}");
+        r.hot = Some(runs);
     }
     Ok(r)
 }
@@ -656,6 +728,302 @@ async fn idle(o: &BenchOptions) -> anyhow::Result<Idle> {
     })
 }
 
+/// `report_queue_stats` at `o.stats_rows` rows (mostly finished history, some open).
+async fn stats(o: &BenchOptions) -> anyhow::Result<Stats> {
+    let (_, pool) = fresh_db(&o.database_url, "rw_bench_stats").await?;
+    let rows = o.stats_rows;
+    let mut done = 0;
+    while done < rows {
+        let n = (rows - done).min(1_000_000);
+        fixtures::insert_history(&pool, done as i64, n as i64).await?;
+        done += n;
+    }
+    fixtures::insert_backlog(&pool, "排队", 1_000, false).await?;
+    sqlx::query("VACUUM ANALYZE report_requests")
+        .execute(&pool)
+        .await?;
+    let mut times = Vec::new();
+    for _ in 0..21 {
+        let start = Instant::now();
+        queue::queue_stats(&pool).await?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let cold_ms = times.remove(0);
+    times.sort_by(f64::total_cmp);
+    let start = Instant::now();
+    fixtures::scan_stats(&pool).await?;
+    let scan_ms = start.elapsed().as_secs_f64() * 1000.0;
+    Ok(Stats {
+        rows: rows + 1_000,
+        cold_ms,
+        p50_ms: pct(&times, 0.5),
+        max_ms: *times.last().unwrap_or(&f64::NAN),
+        scan_ms,
+    })
+}
+
+/// Pickup latency and burn-down of a running worker, first alone, then while a purge
+/// of a million old rows runs beside it.
+async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside> {
+    let (url, pool) = fresh_db(&o.database_url, "rw_bench_purge").await?;
+    fixtures::insert_history(&pool, 0, 1_000_000).await?;
+    sqlx::query("VACUUM ANALYZE report_requests")
+        .execute(&pool)
+        .await?;
+    let sim = Simulator::start(SimConfig::instant(), "127.0.0.1:0".parse()?).await?;
+    let mut config = WorkerConfig::new(sim.config().client_id.clone());
+    config.qps = 0.0;
+    config.concurrency = 64;
+    config.poll.first_poll = Duration::ZERO;
+    let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(64)).await?;
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(
+        Worker::new(
+            worker_pool,
+            client_for(&sim)?,
+            config,
+            Arc::new(Metrics::new()),
+        )
+        .run(stop.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let live = |round: usize| {
+        let (pool, sim) = (pool.clone(), &sim);
+        async move {
+            let latencies = pickup_latencies(&pool, sim, &format!("r{round}-"), 100).await?;
+            fixtures::insert_backlog(&pool, &format!("烧{round}-"), 5_000, true).await?;
+            let start = Instant::now();
+            while fixtures::any_open(&pool).await? {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok((latencies, 5_000.0 / start.elapsed().as_secs_f64()))
+        }
+    };
+    let (alone, alone_rate) = live(0).await?;
+    let purging = {
+        let pool = queue::connect(&url, 2).await?;
+        tokio::spawn(async move {
+            let scope = queue::PurgeScope {
+                finished_before: chrono::Utc::now() - chrono::Duration::days(90),
+                documents_only: false,
+            };
+            let start = Instant::now();
+            let report = crate::engine::retention::purge(
+                &pool,
+                &crate::store::DocumentStore::Postgres,
+                Some(&scope),
+                None,
+                crate::engine::retention::Pace::Gentle,
+                &CancellationToken::new(),
+                |_| {},
+            )
+            .await?;
+            anyhow::Ok((report.requests, start.elapsed().as_secs_f64()))
+        })
+    };
+    let (beside, beside_rate) = live(1).await?;
+    let (purged_rows, purge_seconds) = purging.await??;
+    stop.cancel();
+    handle.await?;
+    sim.stop().await;
+    let p = |mut v: Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        pct(&v, q)
+    };
+    Ok(PurgeBeside {
+        purged_rows,
+        purge_seconds,
+        pickup_p50_ms: [p(alone.clone(), 0.5), p(beside.clone(), 0.5)],
+        pickup_p99_ms: [p(alone, 0.99), p(beside, 0.99)],
+        burn_down_reports_per_s: [alone_rate, beside_rate],
+    })
+}
+
+/// Inserts `rows` single rows 20 ms apart and returns each one's pickup latency (insert
+/// commit to the simulator's arrival of its create), in ms.
+async fn pickup_latencies(
+    pool: &PgPool,
+    sim: &Simulator,
+    prefix: &str,
+    rows: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut commits = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let name = format!("{prefix}{i}");
+        let request = NewRequest::new(Some(&name), None, None, ReportType::Pdf)?;
+        queue::enqueue(pool, &request).await?;
+        commits.push((name, SystemTime::now()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut latencies = Vec::with_capacity(rows);
+    for (name, committed) in &commits {
+        let created = loop {
+            if let Some(t) = sim.first_create(name) {
+                break t;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "row {name} was never picked up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        latencies.push(
+            created
+                .duration_since(*committed)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+        );
+    }
+    Ok(latencies)
+}
+
+/// A `run` process storing one document of `o.document_mb`: its peak RSS, for the
+/// PostgreSQL store and (with BENCH_S3_ENDPOINT or TEST_S3_ENDPOINT) an object store.
+async fn document_rss(o: &BenchOptions) -> anyhow::Result<DocumentRss> {
+    let size = o.document_mb * 1024 * 1024;
+    let sim = Simulator::start(
+        SimConfig {
+            doc_size: size,
+            ..SimConfig::instant()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let endpoint = std::env::var("BENCH_S3_ENDPOINT")
+        .or_else(|_| std::env::var("TEST_S3_ENDPOINT"))
+        .ok();
+    let mut stores = vec![("postgres".to_string(), vec![])];
+    if let Some(endpoint) = &endpoint {
+        let bucket = format!("rw-bench-{}", std::process::id());
+        let created = reqwest::Client::new()
+            .put(format!("{endpoint}/{bucket}"))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            created.status().is_success(),
+            "cannot create bucket {bucket}"
+        );
+        stores.push((
+            format!("s3://{bucket}/bench"),
+            vec![
+                ("AWS_ENDPOINT_URL", endpoint.clone()),
+                ("AWS_REGION", "us-east-1".into()),
+                ("AWS_ACCESS_KEY_ID", "bench".into()),
+                ("AWS_SECRET_ACCESS_KEY", "bench-secret".into()),
+            ],
+        ));
+    }
+    let mut idle_mb = 0.0;
+    let mut peaks = Vec::new();
+    for (i, (store, env)) in stores.iter().enumerate() {
+        let (url, pool) = fresh_db(&o.database_url, &format!("rw_bench_rss_{i}")).await?;
+        let mut extra: Vec<(&str, &str)> = vec![
+            ("DOCUMENT_STORE", store.as_str()),
+            ("REPORT_FIRST_POLL", "1s"),
+            ("WORKER_CONCURRENCY", "4"),
+        ];
+        extra.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+        let child = worker_process(&url, &sim, &extra)?;
+        let pid = child.id();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        idle_mb = peak_rss_kb(pid).unwrap_or(0) as f64 / 1024.0;
+        fixtures::insert_backlog(&pool, "大报告", 1, false).await?;
+        let mut peak_kb = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while fixtures::any_open(&pool).await? {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the document was not stored in 5 minutes"
+            );
+            if let Some(kb) = peak_rss_kb(pid) {
+                peak_kb = peak_kb.max(kb);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(kb) = peak_rss_kb(pid) {
+            peak_kb = peak_kb.max(kb);
+        }
+        anyhow::ensure!(
+            fixtures::count_documents_stored(&pool).await? == 1,
+            "the document was not stored"
+        );
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        peaks.push(peak_kb as f64 / 1024.0);
+    }
+    sim.stop().await;
+    Ok(DocumentRss {
+        document_mb: o.document_mb as f64,
+        idle_mb,
+        postgres_store_mb: peaks[0],
+        object_store_mb: peaks.get(1).copied(),
+    })
+}
+
+/// A long burn-down whose tasks are polled a few times (snoozes) at a given
+/// `fillfactor`: how many of report_requests' updates were HOT, and the size left.
+async fn hot(o: &BenchOptions, fillfactor: u32) -> anyhow::Result<HotUpdates> {
+    let (url, pool) = fresh_db(&o.database_url, &format!("rw_bench_hot_{fillfactor}")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE report_requests SET (fillfactor = {fillfactor})"
+    )))
+    .execute(&pool)
+    .await?;
+    let reports = o.reports;
+    fixtures::insert_backlog(&pool, "热", reports, true).await?;
+    let sim = Simulator::start(
+        SimConfig {
+            generation_time: (Duration::from_millis(300), Duration::from_millis(900)),
+            doc_size: 2_000,
+            ..SimConfig::instant()
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let mut config = WorkerConfig::new(sim.config().client_id.clone());
+    config.concurrency = o.concurrency;
+    config.qps = 0.0;
+    config.poll = PollPolicy {
+        first_poll: Duration::from_millis(200),
+        poll_min: Duration::from_millis(200),
+        poll_max: Duration::from_millis(300),
+        window: Duration::from_secs(600),
+    };
+    let before: (i64, i64) = fixtures::update_counts(&pool).await?;
+    let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(o.concurrency)).await?;
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let handle = tokio::spawn(
+        Worker::new(
+            worker_pool,
+            client_for(&sim)?,
+            config,
+            Arc::new(Metrics::new()),
+        )
+        .run(stop.clone()),
+    );
+    while fixtures::any_open(&pool).await? {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    stop.cancel();
+    handle.await?;
+    sim.stop().await;
+    // Statistics reach pg_stat_user_tables with a short delay.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = fixtures::update_counts(&pool).await?;
+    let (table, indexes) = fixtures::table_sizes(&pool).await?;
+    let updates = after.0 - before.0;
+    Ok(HotUpdates {
+        fillfactor,
+        reports,
+        updates,
+        hot_share: (after.1 - before.1) as f64 / updates.max(1) as f64,
+        table_mb: table as f64 / 1048576.0,
+        indexes_mb: indexes as f64 / 1048576.0,
+        reports_per_s: reports as f64 / seconds,
+    })
+}
+
 /// The human-readable table.
 pub fn table(r: &BenchResults) -> String {
     let mut s = format!("report-worker bench — {} — {}\n\n", r.date, r.machine);
@@ -711,6 +1079,51 @@ pub fn table(r: &BenchResults) -> String {
             i.polls_per_s,
             i.polls_due_per_s
         );
+    }
+    if let Some(st) = &r.stats {
+        s += &format!(
+            "8. report_queue_stats at {} rows: first read {:.1} ms, then p50 {:.2} ms, max {:.2} ms (scanning the table: {:.0} ms)\n",
+            st.rows, st.cold_ms, st.p50_ms, st.max_ms, st.scan_ms
+        );
+    }
+    if let Some(p) = &r.purge {
+        s += &format!(
+            "9. purge of {} rows in {:.1} s beside live work: pickup p50 {:.1} → {:.1} ms, p99 {:.1} → {:.1} ms; burn-down {:.0} → {:.0} reports/s (alone → beside the purge)\n",
+            p.purged_rows,
+            p.purge_seconds,
+            p.pickup_p50_ms[0],
+            p.pickup_p50_ms[1],
+            p.pickup_p99_ms[0],
+            p.pickup_p99_ms[1],
+            p.burn_down_reports_per_s[0],
+            p.burn_down_reports_per_s[1]
+        );
+    }
+    if let Some(d) = &r.rss {
+        s += &format!(
+            "10. one {:.0} MB document: worker peak RSS {:.1} MB with the PostgreSQL store, {} with the object store (idle {:.1} MB)\n",
+            d.document_mb,
+            d.postgres_store_mb,
+            d.object_store_mb
+                .map_or("not measured (no S3 endpoint)".into(), |m| format!(
+                    "{m:.1} MB"
+                )),
+            d.idle_mb
+        );
+    }
+    if let Some(runs) = &r.hot {
+        for h in runs {
+            s += &format!(
+                "11. fillfactor {}: {} reports, {} updates of report_requests, {:.1} % HOT; table {:.1} MB, indexes {:.1} MB; {:.0} reports/s\n",
+                h.fillfactor,
+                h.reports,
+                h.updates,
+                h.hot_share * 100.0,
+                h.table_mb,
+                h.indexes_mb,
+                h.reports_per_s
+            );
+        }
     }
     if let Some(i) = &r.idle {
         s += &format!(

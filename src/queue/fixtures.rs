@@ -116,3 +116,44 @@ pub async fn stop_account(
     .await?;
     Ok(())
 }
+
+/// Inserts `n` rows of finished history (ids after `offset`), created 200 days ago and
+/// onward a second apart, 2 % failed, 1 % cancelled, the rest succeeded.
+pub async fn insert_history(pool: &PgPool, offset: i64, n: i64) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, created_at, finished_at)
+         SELECT '历史' || i, 'pdf',
+                CASE WHEN i % 50 = 0 THEN 'failed' WHEN i % 97 = 0 THEN 'cancelled' ELSE 'succeeded' END, 1,
+                now() - interval '200 days' + i * interval '1 second',
+                now() - interval '200 days' + i * interval '1 second' + interval '5 minutes'
+           FROM generate_series($1 + 1, $1 + $2) i",
+    )
+    .bind(offset)
+    .bind(n)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// What report_queue_stats used to do: scan the table.
+pub async fn scan_stats(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT state, count(*) FROM report_requests GROUP BY state")
+        .fetch_all(pool)
+        .await
+}
+
+/// report_requests' updates so far, and how many were HOT.
+pub async fn update_counts(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'report_requests'",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// report_requests' size on disk: the table (with TOAST) and its indexes, in bytes.
+pub async fn table_sizes(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as("SELECT pg_table_size('report_requests'), pg_indexes_size('report_requests')")
+        .fetch_one(pool)
+        .await
+}

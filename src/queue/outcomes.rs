@@ -167,6 +167,94 @@ pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i6
     .await
 }
 
+/// What a document row says, besides its bytes.
+#[derive(Debug, Clone)]
+pub struct DocumentMeta {
+    pub content_type: &'static str,
+    pub file_name: String,
+    pub sha256: String,
+    pub byte_size: u64,
+}
+
+/// `complete` for one large document whose bytes are streamed from `body` with binary
+/// COPY, a chunk at a time: never whole in memory. In one transaction: the row's fenced
+/// change to `succeeded`, then the document row (no row if the claim was lost).
+pub async fn complete_streamed(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    meta: &DocumentMeta,
+    mut body: impl std::io::Read,
+) -> Result<Fenced, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE report_requests r
+            SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'",
+    )
+    .bind(id)
+    .bind(token)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        tx.rollback().await?;
+        return Ok(Fenced::Lost);
+    }
+    let len = i32::try_from(meta.byte_size)
+        .map_err(|_| sqlx::Error::Protocol("document larger than 2 GiB".into()))?;
+    // PostgreSQL's binary COPY format: a header, one tuple of six fields (each a length
+    // and its bytes, network order), a trailer.
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    head.extend_from_slice(&0i32.to_be_bytes()); // flags
+    head.extend_from_slice(&0i32.to_be_bytes()); // header extension
+    head.extend_from_slice(&6i16.to_be_bytes()); // fields in the tuple
+    head.extend_from_slice(&8i32.to_be_bytes());
+    head.extend_from_slice(&id.to_be_bytes());
+    head.extend_from_slice(&len.to_be_bytes());
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY report_documents (request_id, content, content_type, file_name, byte_size, sha256)
+               FROM STDIN WITH (FORMAT binary)",
+        )
+        .await?;
+    copy.send(head).await?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    loop {
+        let n = body.read(&mut chunk).map_err(sqlx::Error::Io)?;
+        if n == 0 {
+            break;
+        }
+        sent += n as u64;
+        copy.send(&chunk[..n]).await?;
+    }
+    if sent != meta.byte_size {
+        copy.abort("the document's length changed while it was sent")
+            .await?;
+        return Err(sqlx::Error::Protocol(format!(
+            "sent {sent} bytes of a {}-byte document",
+            meta.byte_size
+        )));
+    }
+    let mut tail = Vec::with_capacity(256);
+    for text in [meta.content_type, meta.file_name.as_str()] {
+        tail.extend_from_slice(&(text.len() as i32).to_be_bytes());
+        tail.extend_from_slice(text.as_bytes());
+    }
+    tail.extend_from_slice(&8i32.to_be_bytes());
+    tail.extend_from_slice(&(meta.byte_size as i64).to_be_bytes());
+    tail.extend_from_slice(&(meta.sha256.len() as i32).to_be_bytes());
+    tail.extend_from_slice(meta.sha256.as_bytes());
+    tail.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
+    copy.send(tail).await?;
+    copy.finish().await?;
+    tx.commit().await?;
+    Ok(Fenced::Written)
+}
+
 /// Fails the row for good, with the reason.
 pub async fn fail(
     pool: &PgPool,

@@ -292,9 +292,17 @@ async fn export_reads_both_stores_and_move_documents_moves_them_resumably() {
         finished_before: chrono::Utc::now() - chrono::Duration::days(90),
         documents_only: true,
     };
-    report_worker::engine::retention::purge(&db.pool, &store, Some(&scope), None, &cancel, |_| {})
-        .await
-        .unwrap();
+    report_worker::engine::retention::purge(
+        &db.pool,
+        &store,
+        Some(&scope),
+        None,
+        report_worker::engine::retention::Pace::Full,
+        &cancel,
+        |_| {},
+    )
+    .await
+    .unwrap();
     for key in keys {
         assert!(
             object_sha256(&endpoint, &bucket, &key).await.is_none(),

@@ -133,6 +133,7 @@ async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
                 &DocumentStore::Postgres,
                 Some(&scope),
                 None,
+                report_worker::engine::retention::Pace::Full,
                 &CancellationToken::new(),
                 |_| {},
             )
@@ -254,6 +255,7 @@ async fn purge_removes_exactly_the_finished_history_before_the_cutoff() {
         &DocumentStore::Postgres,
         Some(&scope),
         None,
+        report_worker::engine::retention::Pace::Full,
         &CancellationToken::new(),
         |r| seen.push(r.requests),
     )
@@ -279,6 +281,7 @@ async fn purge_removes_exactly_the_finished_history_before_the_cutoff() {
         &DocumentStore::Postgres,
         Some(&scope),
         None,
+        report_worker::engine::retention::Pace::Full,
         &CancellationToken::new(),
         |_| {},
     )
@@ -301,6 +304,7 @@ async fn purge_of_documents_only_and_of_events() {
         &DocumentStore::Postgres,
         Some(&scope),
         None,
+        report_worker::engine::retention::Pace::Full,
         &CancellationToken::new(),
         |_| {},
     )
@@ -328,6 +332,7 @@ async fn purge_of_documents_only_and_of_events() {
         &DocumentStore::Postgres,
         None,
         Some(chrono::Utc::now() - chrono::Duration::days(30)),
+        report_worker::engine::retention::Pace::Full,
         &CancellationToken::new(),
         |_| {},
     )
