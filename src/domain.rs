@@ -4,7 +4,8 @@
 //! exist so that bad values cannot travel inward, and so that the command line and the
 //! CSV loader can say what is wrong with a line before it reaches the database.
 //!
-//! This module depends on nothing else in the crate.
+//! This module depends on nothing else in the crate (only on the `url` crate, to read
+//! a webhook address).
 
 use std::fmt;
 use std::str::FromStr;
@@ -43,6 +44,8 @@ pub enum InvalidValue {
     StopScope(String),
     #[error("{0}")]
     JobId(String),
+    #[error("callback_url must be an http:// or https:// address, not {0:?}")]
+    CallbackUrl(String),
 }
 
 /// The two document formats the provider produces.
@@ -361,6 +364,10 @@ pub struct NewRequest {
     pub max_attempts: Option<i32>,
     pub dedupe_key: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    /// The batch it belongs to (a CSV file, an order).
+    pub batch: Option<String>,
+    /// Where to POST its outcome when it finishes.
+    pub callback_url: Option<String>,
 }
 
 /// Limits shared with the migration's CHECK constraints.
@@ -396,6 +403,8 @@ impl NewRequest {
             max_attempts: None,
             dedupe_key: None,
             metadata: None,
+            batch: None,
+            callback_url: None,
         })
     }
 
@@ -428,6 +437,46 @@ impl NewRequest {
         self.metadata = metadata;
         Ok(self)
     }
+
+    pub fn with_batch(mut self, batch: Option<&str>) -> Result<NewRequest, InvalidValue> {
+        self.batch = match batch.map(str::trim).filter(|b| !b.is_empty()) {
+            None => None,
+            Some(b) => {
+                check_text("batch", b, BATCH_MAX_CHARS)?;
+                Some(b.to_string())
+            }
+        };
+        Ok(self)
+    }
+
+    pub fn with_callback_url(mut self, url: Option<&str>) -> Result<NewRequest, InvalidValue> {
+        self.callback_url = match url.map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(u) => Some(callback_url(u)?),
+        };
+        Ok(self)
+    }
+}
+
+pub const BATCH_MAX_CHARS: usize = 200;
+pub const CALLBACK_URL_MAX_CHARS: usize = 2048;
+
+/// A webhook address: http or https, a host, no whitespace or control characters, at
+/// most 2048 characters (what `report_requests_callback_url_*` accept).
+pub fn callback_url(raw: &str) -> Result<String, InvalidValue> {
+    check_text("callback_url", raw, CALLBACK_URL_MAX_CHARS)?;
+    let bad = || InvalidValue::CallbackUrl(clip(raw));
+    let url = url::Url::parse(raw).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none_or(str::is_empty)
+        || raw.chars().any(char::is_whitespace)
+        || !raw
+            .to_ascii_lowercase()
+            .starts_with(&format!("{}://", url.scheme()))
+    {
+        return Err(bad());
+    }
+    Ok(raw.to_string())
 }
 
 /// A unified social credit code: exactly 18 ASCII digits or capital letters.

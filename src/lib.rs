@@ -11,7 +11,8 @@
 //! | `config` | durations written like `30s`, connection strings without their password |
 //! | `spool` | a document's bytes on their way: in memory while small, in a temporary file when not |
 //! | `store/` | where documents' bytes live: PostgreSQL, or S3-compatible object storage |
-//! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, documents, fixtures |
+//! | `webhook` | the signed webhook POST (HMAC-SHA256, no redirects, a timeout per attempt) |
+//! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, documents, webhooks, roles, fixtures |
 //! | `upstream/` | the provider's HTTP API and what each answer means (`docs/provider-api.md`) |
 //! | `engine/` | what `run` does: the claim loop, one row's life, the account's pacing and stops, leases, heartbeat and LISTEN, the batched writer, the pure policies, metrics |
 //! | `simulator/` | a faithful provider for tests, the demo and benchmarks |
@@ -20,8 +21,8 @@
 //!
 //! # The dependency rule
 //!
-//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` → `domain` /
-//! `config` / `spool`.
+//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` / `webhook` →
+//! `domain` / `config` / `spool`.
 //! A module uses only modules of a lower layer (never its own layer or above), and the
 //! files of one folder do not import each other in a cycle. `tests/it/layout.rs`
 //! checks both on every test run.
@@ -36,3 +37,4 @@ pub mod simulator;
 pub mod spool;
 pub mod store;
 pub mod upstream;
+pub mod webhook;

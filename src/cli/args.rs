@@ -20,8 +20,18 @@ use crate::upstream::{ClientConfig, Credentials, Secret};
     about = "A durable PostgreSQL worker for slow, metered report APIs"
 )]
 pub struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` for log pipelines
+    /// (one object per line, the row's id, job and batch in `span`).
+    #[arg(long, env = "LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,8 +40,8 @@ pub enum Command {
     Migrate(DbArgs),
     /// Add one report request from flags and print its id.
     Enqueue(EnqueueArgs),
-    /// Show the queue at a glance and any account-wide stop.
-    Status(DbArgs),
+    /// Show the queue at a glance and any account-wide stop (or one batch).
+    Status(StatusArgs),
     /// Work the queue until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
     /// Serve a faithful simulator of the upstream API.
@@ -46,6 +56,9 @@ pub enum Command {
     /// Remove finished history (requests with their documents and events, or only the
     /// documents) older than a cutoff, in small batches beside live work.
     Purge(PurgeArgs),
+    /// Create the roles report_app (applications) and report_worker (run) if missing and
+    /// grant them what they need in this database; run after every migrate.
+    Grant(DbArgs),
     /// Move documents stored in PostgreSQL into object storage (DOCUMENT_STORE),
     /// one at a time, each checked before its bytes leave PostgreSQL; resumable.
     MoveDocuments(MoveDocumentsArgs),
@@ -112,6 +125,15 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// One batch: its rows per state, progress and failures with their reasons.
+    #[arg(long)]
+    pub batch: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct ExportArgs {
     #[command(flatten)]
     pub db: DbArgs,
@@ -126,6 +148,10 @@ pub struct ExportArgs {
     /// Only these request ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub ids: Option<Vec<i64>>,
+    /// Only this batch; also writes DIR/manifest.csv listing every request of it (id,
+    /// identifier, report type, state, file, sha256, error).
+    #[arg(long)]
+    pub batch: Option<String>,
     /// Rows in this state: succeeded, queued, generating, failed or cancelled.
     #[arg(long, default_value = "succeeded", value_parser = parse_state)]
     pub state: RequestState,
@@ -248,6 +274,19 @@ pub struct RunArgs {
     /// How often scheduled retention runs.
     #[arg(long, env = "RETENTION_EVERY", default_value = "1h", value_parser = parse_duration)]
     pub retention_every: Duration,
+    /// Key of the HMAC-SHA256 signature on webhooks (`X-Report-Signature`); without it
+    /// no webhook is sent.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
+    /// Longest time one webhook attempt may take.
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+    /// Pause after a webhook's first failed attempt (doubling after each, up to an hour).
+    #[arg(long, env = "WEBHOOK_RETRY_MIN", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_retry_min: Duration,
+    /// Attempts before a webhook delivery is given up.
+    #[arg(long, env = "WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    pub webhook_max_attempts: i32,
 }
 
 impl RunArgs {
@@ -339,7 +378,34 @@ impl RunArgs {
             window: self.report_window,
         };
         worker.retry.budget = self.report_retry_budget;
+        worker.webhooks = self.webhooks()?;
         Ok((client, worker))
+    }
+}
+
+impl RunArgs {
+    fn webhooks(&self) -> anyhow::Result<Option<crate::engine::webhooks::Webhooks>> {
+        let Some(secret) = &self.webhook_secret else {
+            return Ok(None);
+        };
+        if secret.expose().len() < 16 {
+            anyhow::bail!("WEBHOOK_SECRET is shorter than 16 characters: use a long random value");
+        }
+        if self.webhook_timeout.is_zero() || self.webhook_retry_min.is_zero() {
+            anyhow::bail!("WEBHOOK_TIMEOUT and WEBHOOK_RETRY_MIN must be above zero");
+        }
+        if self.webhook_max_attempts < 1 {
+            anyhow::bail!("WEBHOOK_MAX_ATTEMPTS must be at least 1");
+        }
+        let policy = crate::engine::policy::WebhookPolicy {
+            timeout: self.webhook_timeout,
+            base: self.webhook_retry_min,
+            cap: Duration::from_secs(3600).max(self.webhook_retry_min),
+            max_attempts: self.webhook_max_attempts,
+        };
+        let sender = crate::webhook::Sender::new(secret.expose(), self.webhook_timeout)
+            .map_err(|e| anyhow::anyhow!("could not build the webhook client: {e}"))?;
+        Ok(Some(crate::engine::webhooks::Webhooks { sender, policy }))
     }
 }
 
@@ -403,7 +469,7 @@ pub struct EnqueueArgs {
     pub db: DbArgs,
     /// Enqueue every line of this CSV file (columns by header: company_name, credit_code,
     /// org_number, report_type, priority, dedupe_key, run_after, metadata, max_attempts).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["company_name", "credit_code", "org_number", "dedupe_key", "metadata", "run_after", "max_attempts"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["company_name", "credit_code", "org_number", "dedupe_key", "metadata", "run_after", "max_attempts", "callback_url"])]
     pub csv: Option<std::path::PathBuf>,
     /// Encoding of the CSV file: utf-8 (with or without BOM) or gbk.
     #[arg(long, default_value = "utf-8", requires = "csv", value_parser = crate::ops::csv_import::parse_encoding)]
@@ -414,6 +480,13 @@ pub struct EnqueueArgs {
     /// Rows per INSERT.
     #[arg(long, default_value_t = 10_000, requires = "csv", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
+    /// The batch the rows join, to follow and export them as one (with --csv, default:
+    /// the file's name and the time, printed).
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Where to POST the outcome when the report finishes (http:// or https://).
+    #[arg(long)]
+    pub callback_url: Option<String>,
     /// Enterprise name, e.g. 小米科技有限责任公司.
     #[arg(long)]
     pub company_name: Option<String>,

@@ -37,7 +37,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&cli.command);
+    init_tracing(&cli.command, cli.log_format);
     // One TLS crypto provider for every HTTP client of the process.
     crate::config::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -47,10 +47,23 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let format = cli.log_format;
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            let message = one_line(&format!("{e:#}"));
+            match format {
+                LogFormat::Text => eprintln!("error: {message}"),
+                // A log pipeline gets the fatal error as one more JSON line.
+                LogFormat::Json => eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "timestamp": chrono::Utc::now().to_rfc3339(),
+                        "level": "ERROR",
+                        "message": message,
+                    })
+                ),
+            }
             ExitCode::FAILURE
         }
     }
@@ -60,12 +73,13 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn init_tracing(command: &Command) {
+fn init_tracing(command: &Command, format: LogFormat) {
     let default = match command {
         Command::Migrate(_)
         | Command::Enqueue(_)
         | Command::Status(_)
         | Command::Purge(_)
+        | Command::Grant(_)
         | Command::MoveDocuments(_) => "warn",
         Command::Simulate(_) | Command::Run(_) => "info",
         Command::Export(_) => "warn",
@@ -73,10 +87,18 @@ fn init_tracing(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => logs.try_init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -88,8 +110,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Enqueue(args) => return enqueue_one(args).await,
         Command::Status(args) => {
-            let pool = queue::connect(&args.database_url, 2).await?;
-            print!("{}", status_text(&pool).await?);
+            let pool = queue::connect(&args.db.database_url, 2).await?;
+            match &args.batch {
+                Some(batch) => print!("{}", crate::ops::status::batch_text(&pool, batch).await?),
+                None => print!("{}", status_text(&pool).await?),
+            }
         }
         Command::Run(args) => run_worker(*args).await?,
         Command::Demo(args) => {
@@ -121,6 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state: args.state,
                 since: args.since,
                 ids: args.ids,
+                batch: args.batch,
             };
             let store = args.store.open().await?;
             let s = crate::ops::export::export(
@@ -140,6 +166,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Purge(args) => return purge(args).await,
+        Command::Grant(args) => {
+            let pool = queue::connect(&args.database_url, 2).await?;
+            queue::roles::grant(&pool).await.context("granting")?;
+            println!(
+                "roles {} and {} are ready: give a login one of them, e.g. CREATE ROLE my_app LOGIN PASSWORD '…' IN ROLE {}",
+                queue::roles::APP_ROLE,
+                queue::roles::WORKER_ROLE,
+                queue::roles::APP_ROLE
+            );
+        }
         Command::MoveDocuments(args) => {
             use std::io::IsTerminal;
             let pool = queue::connect(&args.db.database_url, 2).await?;
@@ -194,6 +230,8 @@ async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     .and_then(|r| r.with_dedupe_key(args.dedupe_key.as_deref()))
     .and_then(|r| r.with_max_attempts(args.max_attempts))
     .and_then(|r| r.with_metadata(args.metadata))
+    .and_then(|r| r.with_batch(args.batch.as_deref()))
+    .and_then(|r| r.with_callback_url(args.callback_url.as_deref()))
     .map_err(anyhow::Error::msg)?;
     request.priority = args.priority;
     request.run_after = args.run_after;
@@ -217,12 +255,31 @@ pub const EXIT_SOME_REJECTED: u8 = 3;
 async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let pool = queue::connect(&args.db.database_url, 2).await?;
+    let batch = match args
+        .batch
+        .as_deref()
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        Some(b) => b.to_string(),
+        None => format!(
+            "{} {}",
+            path.file_name()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default(),
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+    };
+    NewRequest::new(Some("x"), None, None, ReportType::Pdf)
+        .and_then(|r| r.with_batch(Some(&batch)))
+        .map_err(anyhow::Error::msg)?;
     let options = crate::ops::csv_import::CsvOptions {
         encoding: args.encoding,
         default_type: args.report_type,
         all_or_nothing: args.all_or_nothing,
         batch_size: args.batch_size as usize,
         progress: std::io::stderr().is_terminal(),
+        batch: Some(batch.clone()),
     };
     let summary = crate::ops::csv_import::import(&pool, path, &options, |line, reason| {
         eprintln!("line {line}: {reason}");
@@ -238,6 +295,7 @@ async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Resu
         "inserted {}, duplicates {}, rejected {}",
         summary.inserted, summary.duplicates, summary.rejected
     );
+    eprintln!("batch {batch:?}: follow it with `report-worker status --batch {batch:?}`");
     Ok(if summary.rejected > 0 {
         ExitCode::from(EXIT_SOME_REJECTED)
     } else {

@@ -1,5 +1,5 @@
 //! The two helpers that run beside the claim loop for the worker's whole life: LISTEN
-//! (an insert wakes the claim loop at once) and the heartbeat (held rows keep their
+//! (an insert wakes the claim loop at once, new webhook deliveries wake their sender) and the heartbeat (held rows keep their
 //! leases while their calls take time).
 
 use std::sync::Arc;
@@ -21,11 +21,19 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
         let attempt = async {
             let mut listener = PgListener::connect_with(&shared.pool).await?;
             listener.listen(queue::NOTIFY_CHANNEL).await?;
+            if shared.config.webhooks.is_some() {
+                listener.listen(queue::WEBHOOK_CHANNEL).await?;
+            }
             // Anything inserted while we were not listening is found by this claim.
             shared.wake.notify_one();
+            shared.webhook_wake.notify_one();
             loop {
-                listener.recv().await?;
-                shared.wake.notify_one();
+                let note = listener.recv().await?;
+                if note.channel() == queue::WEBHOOK_CHANNEL {
+                    shared.webhook_wake.notify_one();
+                } else {
+                    shared.wake.notify_one();
+                }
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())

@@ -40,6 +40,12 @@ pub struct Metrics {
     insert_to_document: Histogram,
     held: Gauge,
     leases_lost: Counter,
+    webhooks: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
 }
 
 impl Default for Metrics {
@@ -84,8 +90,15 @@ impl Metrics {
             "Held rows whose lease the heartbeat could not extend (taken over or cancelled)",
             leases_lost.clone(),
         );
+        let webhooks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts, by outcome (delivered, retry, failed)",
+            webhooks.clone(),
+        );
         Metrics {
             registry,
+            webhooks,
             calls,
             finished,
             depth,
@@ -99,6 +112,14 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabels {
                 endpoint: endpoint.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn webhook_attempt(&self, outcome: &str) {
+        self.webhooks
+            .get_or_create(&OutcomeLabels {
                 outcome: outcome.into(),
             })
             .inc();

@@ -9,6 +9,7 @@
 //! - `leases`: the rows this process holds; `background`: heartbeat and LISTEN;
 //! - `writer`: the batched outcome writes; `policy`: the pure schedules;
 //! - `retention`: removing old history (the `purge` command, and a schedule in `run`);
+//! - `webhooks`: delivering the signed webhooks of finished rows, beside the claim loop;
 //! - `metrics`: Prometheus counters and the `/metrics` + `/healthz` endpoints.
 //!
 //! SQL lives in `queue`, HTTP and the meaning of the provider's answers in `upstream`.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod retention;
 mod row;
+pub mod webhooks;
 pub mod writer;
 
 use std::sync::Arc;
@@ -72,6 +74,8 @@ pub struct WorkerConfig {
     pub retention: retention::Retention,
     /// Where documents' bytes go (PostgreSQL unless `DOCUMENT_STORE` says otherwise).
     pub documents: DocumentStore,
+    /// Webhook delivery (off unless `WEBHOOK_SECRET` is set: nothing is sent unsigned).
+    pub webhooks: Option<webhooks::Webhooks>,
 }
 
 impl WorkerConfig {
@@ -91,6 +95,7 @@ impl WorkerConfig {
             retry: RetryPolicy::default(),
             retention: retention::Retention::default(),
             documents: DocumentStore::Postgres,
+            webhooks: None,
         }
     }
 }
@@ -103,7 +108,7 @@ const IDLE_NAP_FLOOR: Duration = Duration::from_millis(100);
 /// batched writers, plus room for the per-call statements (pacing, rare writes). Writes
 /// are batched, so a few dozen connections serve hundreds of calls in flight.
 pub fn pool_size(concurrency: usize) -> u32 {
-    (concurrency.min(37) + 3) as u32
+    (concurrency.min(37) + 4) as u32
 }
 
 /// What the claim loop and every row task share.
@@ -119,6 +124,8 @@ pub(crate) struct Shared {
     leases: Arc<Leases>,
     /// Wakes the claim loop: a NOTIFY arrived (or the listener reconnected).
     wake: Notify,
+    /// Wakes the webhook sender: deliveries were created.
+    webhook_wake: Notify,
 }
 
 pub struct Worker {
@@ -150,6 +157,7 @@ impl Worker {
                 account,
                 leases: Arc::new(Leases::default()),
                 wake: Notify::new(),
+                webhook_wake: Notify::new(),
             }),
         }
     }
@@ -163,6 +171,7 @@ impl Worker {
             tokio::spawn(background::listen(shared.clone(), background.clone())),
             tokio::spawn(background::heartbeat(shared.clone(), background.clone())),
             tokio::spawn(retention::scheduled(shared.clone(), background.clone())),
+            tokio::spawn(webhooks::deliver(shared.clone(), background.clone())),
         ];
         let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
@@ -207,7 +216,12 @@ impl Worker {
                     .await
                     .expect("semaphore is never closed");
                 let (held, lease) = shared.leases.hold(row.id, row.lease_token);
-                let span = tracing::info_span!("row", id = row.id, job = tracing::field::Empty);
+                let span = tracing::info_span!(
+                    "row",
+                    id = row.id,
+                    job = tracing::field::Empty,
+                    batch = row.batch.as_deref()
+                );
                 if let Some(job) = &row.upstream_job_id {
                     span.record("job", tracing::field::display(job));
                 }

@@ -142,6 +142,45 @@ impl RetryPolicy {
     }
 }
 
+/// Webhook delivery: how long each attempt may take and when the next one is due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookPolicy {
+    /// Longest time one attempt may take (connect, send, the receiver's answer).
+    pub timeout: Duration,
+    /// Delay after the first failed attempt; it doubles after each, up to `cap`.
+    pub base: Duration,
+    pub cap: Duration,
+    /// Attempts before a delivery is given up (`failed`).
+    pub max_attempts: i32,
+}
+
+impl Default for WebhookPolicy {
+    fn default() -> Self {
+        // 10 s, 20 s, 40 s … capped at an hour: twelve attempts span about six hours.
+        WebhookPolicy {
+            timeout: Duration::from_secs(10),
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(3600),
+            max_attempts: 12,
+        }
+    }
+}
+
+impl WebhookPolicy {
+    /// When attempt `attempts + 1` is due after attempt `attempts` failed at `now`, or
+    /// `None` when that was the last one. Equal jitter, as for the row's retries.
+    pub fn retry_at(&self, attempts: i32, now: DateTime<Utc>, unit: f64) -> Option<DateTime<Utc>> {
+        if attempts >= self.max_attempts {
+            return None;
+        }
+        let exp = self
+            .base
+            .saturating_mul(1u32 << (attempts.max(1) - 1).min(20) as u32);
+        let d = exp.min(self.cap);
+        Some(now + chrono(d / 2 + d.mul_f64(0.5 * unit.clamp(0.0, 1.0))))
+    }
+}
+
 /// Pause before probing a stopped account again: `base` (30 s by default) before the
 /// first probe, doubling after each, capped at 15 minutes.
 pub fn stop_probe_delay(base: Duration, probes: i32) -> Duration {
@@ -205,6 +244,16 @@ mod tests {
         assert_eq!(r.new_task_delay(1, 1.0), Duration::from_secs(30));
         assert_eq!(r.new_task_delay(2, 1.0), Duration::from_secs(60));
         assert_eq!(r.new_task_delay(30, 1.0), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn webhooks_back_off_then_give_up() {
+        let w = WebhookPolicy::default();
+        assert_eq!(w.retry_at(1, t(0), 1.0), Some(t(10)));
+        assert_eq!(w.retry_at(2, t(0), 1.0), Some(t(20)));
+        assert_eq!(w.retry_at(2, t(0), 0.0), Some(t(10)));
+        assert_eq!(w.retry_at(11, t(0), 1.0), Some(t(3600)));
+        assert_eq!(w.retry_at(12, t(0), 1.0), None);
     }
 
     #[test]

@@ -411,7 +411,7 @@ impl RowTask {
             } => {
                 let written = if attempt < self.row.max_attempts {
                     let delay = self.shared.config.retry.new_task_delay(attempt, unit());
-                    tracing::warn!(%error, attempt, ?delay, "the create got no usable answer: the attempt counts, a new task later");
+                    tracing::warn!(outcome = "retry", %error, attempt, ?delay, "the create got no usable answer: the attempt counts, a new task later");
                     let message = CreateError::Unknown(error.clone()).to_string();
                     self.retry_write(
                         Retry::Noted,
@@ -451,7 +451,7 @@ impl RowTask {
                         .config
                         .retry
                         .transient_delay(tries as u32, unit());
-                    tracing::info!(%error, tries, ?delay, "unusable download; trying again later");
+                    tracing::info!(outcome = "retry", %error, tries, ?delay, "unusable download; trying again later");
                     self.retry_write(
                         Retry::BadDownload,
                         None,
@@ -656,7 +656,7 @@ impl RowTask {
             if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
                 self.shared.metrics.insert_to_document(d);
             }
-            tracing::info!(bytes, file, "report stored");
+            tracing::info!(outcome = "succeeded", bytes, file, "report stored");
         }
     }
 
@@ -669,7 +669,7 @@ impl RowTask {
             .await;
         if written == Some(Fenced::Written) {
             self.shared.metrics.finished("failed");
-            tracing::info!(?code, message, "report failed");
+            tracing::info!(outcome = "failed", ?code, message, "report failed");
         }
         written
     }
@@ -685,6 +685,7 @@ impl RowTask {
                 .retry
                 .new_task_delay(row.attempts, unit());
             tracing::info!(
+                outcome = "new_task",
                 attempts = row.attempts,
                 ?delay,
                 why,

@@ -36,6 +36,8 @@ pub struct CsvOptions {
     pub all_or_nothing: bool,
     pub batch_size: usize,
     pub progress: bool,
+    /// The batch every line joins.
+    pub batch: Option<String>,
 }
 
 impl Default for CsvOptions {
@@ -46,6 +48,7 @@ impl Default for CsvOptions {
             all_or_nothing: false,
             batch_size: 10_000,
             progress: false,
+            batch: None,
         }
     }
 }
@@ -68,7 +71,7 @@ pub struct CsvSummary {
     pub rolled_back: bool,
 }
 
-const COLUMNS: [&str; 9] = [
+const COLUMNS: [&str; 10] = [
     "company_name",
     "credit_code",
     "org_number",
@@ -78,16 +81,17 @@ const COLUMNS: [&str; 9] = [
     "run_after",
     "metadata",
     "max_attempts",
+    "callback_url",
 ];
 
 struct Columns {
-    index: [Option<usize>; 9],
+    index: [Option<usize>; 10],
     width: usize,
 }
 
 impl Columns {
     fn from_header(header: &csv::StringRecord) -> Result<Columns, String> {
-        let mut index = [None; 9];
+        let mut index = [None; 10];
         for (i, raw) in header.iter().enumerate() {
             let name = raw
                 .trim()
@@ -151,6 +155,7 @@ fn parse_line(
     cols: &Columns,
     record: &csv::StringRecord,
     default_type: Option<ReportType>,
+    batch: Option<&str>,
 ) -> Result<NewRequest, BadLine> {
     if record.len() != cols.width {
         return Err(format!("{} fields, the header has {}", record.len(), cols.width).into());
@@ -168,7 +173,9 @@ fn parse_line(
         cols.get(record, 2),
         report_type,
     )?
-    .with_dedupe_key(cols.get(record, 5))?;
+    .with_dedupe_key(cols.get(record, 5))?
+    .with_batch(batch)?
+    .with_callback_url(cols.get(record, 9))?;
     if let Some(p) = cols.get(record, 4) {
         r.priority = p.trim().parse().map_err(|_| {
             format!("priority must be a whole number from -32768 to 32767, not {p:?}")
@@ -300,7 +307,12 @@ pub async fn import(
             Ok(false) => false,
             Ok(true) => {
                 let line = record.position().map(|p| p.line()).unwrap_or(line);
-                match parse_line(&columns, &record, options.default_type) {
+                match parse_line(
+                    &columns,
+                    &record,
+                    options.default_type,
+                    options.batch.as_deref(),
+                ) {
                     Ok(r) => {
                         if !(options.all_or_nothing && summary.rejected > 0) {
                             batch.push((line, r));

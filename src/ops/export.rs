@@ -36,6 +36,7 @@ impl Default for DocumentFilter {
             state: RequestState::Succeeded,
             since: None,
             ids: None,
+            batch: None,
         }
     }
 }
@@ -195,12 +196,69 @@ pub async fn export(
                 summary.written += 1;
                 summary.bytes += bytes;
             }
-            if filter.ids.is_some() {
+            if filter.ids.is_some() || filter.batch.is_some() {
                 summary.files.push((row.request_id, path));
             }
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
+    if let Some(batch) = &filter.batch {
+        write_manifest(pool, &dir, batch, &summary.files).await?;
+    }
     Ok(summary)
+}
+
+/// `manifest.csv` for a batch: every request of it — id, identifier, report type, state,
+/// the exported file (if any), sha256, error — so a person sees at a glance what came
+/// back and what did not. Written like the documents (temporary file, then renamed).
+async fn write_manifest(
+    pool: &PgPool,
+    dir: &Path,
+    batch: &str,
+    files: &[(i64, PathBuf)],
+) -> Result<(), ExportError> {
+    let path = dir.join("manifest.csv");
+    let io = |source| ExportError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file_of: std::collections::HashMap<i64, String> = files
+        .iter()
+        .filter_map(|(id, p)| Some((*id, p.file_name()?.to_string_lossy().into_owned())))
+        .collect();
+    let part = Part::create(dir, 0).map_err(io)?;
+    let mut out = csv::Writer::from_writer(&part.file);
+    let row_err = |e: csv::Error| io(std::io::Error::other(e));
+    out.write_record([
+        "id",
+        "identifier",
+        "report_type",
+        "state",
+        "file",
+        "sha256",
+        "error",
+    ])
+    .map_err(row_err)?;
+    let mut after = 0;
+    loop {
+        let page = queue::batch_manifest_page(pool, batch, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for r in page {
+            out.write_record([
+                r.id.to_string(),
+                r.identifier,
+                r.report_type.as_str().to_string(),
+                r.state.as_str().to_string(),
+                file_of.get(&r.id).cloned().unwrap_or_default(),
+                r.sha256.unwrap_or_default(),
+                r.error.unwrap_or_default(),
+            ])
+            .map_err(row_err)?;
+        }
+    }
+    out.flush().map_err(io)?;
+    drop(out);
+    part.commit(&path).map_err(io)
 }

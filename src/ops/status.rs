@@ -76,5 +76,51 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
             )?;
         }
     }
+    let hooks = queue::delivery_counts(pool)
+        .await
+        .context("reading report_webhook_deliveries")?;
+    if hooks.pending > 0 || hooks.failed > 0 {
+        writeln!(
+            out,
+            "webhooks: {} waiting to be delivered, {} given up (see report_webhook_deliveries)",
+            hooks.pending, hooks.failed
+        )?;
+    }
+    Ok(out)
+}
+
+/// The text `status --batch NAME` prints: the batch's rows per state, how far along it is,
+/// and why rows failed.
+pub async fn batch_text(pool: &sqlx::PgPool, batch: &str) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let summary = queue::batch_summary(pool, batch)
+        .await
+        .context("reading the batch")?;
+    let total: i64 = summary.states.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        anyhow::bail!("no requests in batch {batch:?}");
+    }
+    let finished: i64 = summary
+        .states
+        .iter()
+        .filter(|(s, _)| s.is_final())
+        .map(|(_, n)| n)
+        .sum();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "batch {batch:?}: {total} requests, {finished} finished ({:.1} %)",
+        finished as f64 * 100.0 / total as f64
+    )?;
+    for (state, n) in &summary.states {
+        writeln!(out, "  {:<12} {:>10}", state.as_str(), n)?;
+    }
+    if !summary.failures.is_empty() {
+        writeln!(out, "failures:")?;
+        for (code, reason, n) in &summary.failures {
+            let code = code.map(|c| format!("({c}) ")).unwrap_or_default();
+            writeln!(out, "  {n:>6} × {code}{reason}")?;
+        }
+    }
     Ok(out)
 }

@@ -28,6 +28,8 @@ pub struct Claimed {
     pub transient_since: Option<DateTime<Utc>>,
     /// Downloads of the current task that were not a valid report.
     pub bad_downloads: i32,
+    /// The batch the row belongs to, if any (for logs).
+    pub batch: Option<String>,
     pub created_at: DateTime<Utc>,
     pub db_now: DateTime<Utc>,
 }
@@ -95,7 +97,7 @@ pub async fn claim(
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
                    r.upstream_created_at, r.polls, r.transient_errors, r.transient_since,
-                   r.bad_downloads, r.created_at, now() AS db_now",
+                   r.bad_downloads, r.batch, r.created_at, now() AS db_now",
     )
     .bind(owner)
     .bind(secs(lease))

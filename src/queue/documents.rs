@@ -13,6 +13,8 @@ pub struct DocumentFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only these request ids.
     pub ids: Option<Vec<i64>>,
+    /// Only this batch.
+    pub batch: Option<String>,
 }
 
 /// A stored document without its bytes.
@@ -28,15 +30,21 @@ pub struct ListedDocument {
 
 const MATCHING: &str = "FROM report_documents d JOIN report_requests r ON r.id = d.request_id
       WHERE r.state = $1 AND ($2::timestamptz IS NULL OR r.finished_at >= $2)
-        AND ($3::bigint[] IS NULL OR r.id = ANY($3))";
+        AND ($3::bigint[] IS NULL OR r.id = ANY($3))
+        AND ($6::text IS NULL OR r.batch = $6)";
 
 pub async fn count_documents(pool: &PgPool, filter: &DocumentFilter) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) {MATCHING}")))
-        .bind(filter.state.as_str())
-        .bind(filter.since)
-        .bind(&filter.ids)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) {MATCHING} AND $4::bigint IS NULL AND $5::bigint IS NULL"
+    )))
+    .bind(filter.state.as_str())
+    .bind(filter.since)
+    .bind(&filter.ids)
+    .bind(None::<i64>)
+    .bind(None::<i64>)
+    .bind(&filter.batch)
+    .fetch_one(pool)
+    .await
 }
 
 /// The next page of matching documents after request id `after`, in id order (names and
@@ -55,6 +63,40 @@ pub async fn list_documents_page(
     .bind(filter.state.as_str())
     .bind(filter.since)
     .bind(&filter.ids)
+    .bind(after)
+    .bind(limit)
+    .bind(&filter.batch)
+    .fetch_all(pool)
+    .await
+}
+
+/// One line of a batch's manifest: what was asked, what came of it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ManifestRow {
+    pub id: i64,
+    pub identifier: String,
+    pub report_type: crate::domain::ReportType,
+    pub state: RequestState,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A page of a batch's requests, in id order, after request id `after`.
+pub async fn batch_manifest_page(
+    pool: &PgPool,
+    batch: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ManifestRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id, coalesce(nullif(r.company_name, ''), nullif(r.credit_code, ''), r.org_number, '') AS identifier,
+                r.report_type, r.state, d.sha256,
+                CASE WHEN r.last_error IS NULL THEN NULL
+                     ELSE coalesce('(' || r.last_error_code || ') ', '') || r.last_error END AS error
+           FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
+          WHERE r.batch = $1 AND r.id > $2 ORDER BY r.id LIMIT $3",
+    )
+    .bind(batch)
     .bind(after)
     .bind(limit)
     .fetch_all(pool)

@@ -28,9 +28,9 @@ pub async fn enqueue(pool: &PgPool, r: &NewRequest) -> Result<Enqueued, sqlx::Er
     let inserted: Option<i64> = sqlx::query_scalar(
         "INSERT INTO report_requests
              (company_name, credit_code, org_number, report_type, priority, run_after,
-              max_attempts, dedupe_key, metadata)
+              max_attempts, dedupe_key, metadata, batch, callback_url)
          VALUES ($1, $2, $3, $4, $5, coalesce($6, now()), coalesce($7, 3), $8,
-                 coalesce($9, '{}'::jsonb))
+                 coalesce($9, '{}'::jsonb), $10, $11)
          ON CONFLICT (dedupe_key) DO NOTHING
          RETURNING id",
     )
@@ -43,6 +43,8 @@ pub async fn enqueue(pool: &PgPool, r: &NewRequest) -> Result<Enqueued, sqlx::Er
     .bind(r.max_attempts)
     .bind(&r.dedupe_key)
     .bind(&r.metadata)
+    .bind(&r.batch)
+    .bind(&r.callback_url)
     .fetch_optional(pool)
     .await?;
     if let Some(id) = inserted {
@@ -66,10 +68,12 @@ pub async fn insert_many<'a>(
     let text = |f: fn(&NewRequest) -> Option<&str>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
     let r = sqlx::query(
         "INSERT INTO report_requests
-             (company_name, credit_code, org_number, report_type, priority, run_after, max_attempts, dedupe_key, metadata)
-         SELECT c, cc, o, t, p, coalesce(ra, now()), coalesce(ma, 3), dk, coalesce(m, '{}'::jsonb)
+             (company_name, credit_code, org_number, report_type, priority, run_after, max_attempts, dedupe_key, metadata,
+              batch, callback_url)
+         SELECT c, cc, o, t, p, coalesce(ra, now()), coalesce(ma, 3), dk, coalesce(m, '{}'::jsonb), b, cb
            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::timestamptz[],
-                       $7::int4[], $8::text[], $9::jsonb[]) AS u (c, cc, o, t, p, ra, ma, dk, m)
+                       $7::int4[], $8::text[], $9::jsonb[], $10::text[], $11::text[])
+                AS u (c, cc, o, t, p, ra, ma, dk, m, b, cb)
          ON CONFLICT (dedupe_key) DO NOTHING",
     )
     .bind(text(|r| r.company_name.as_deref()))
@@ -81,6 +85,8 @@ pub async fn insert_many<'a>(
     .bind(rows.iter().map(|r| r.max_attempts).collect::<Vec<_>>())
     .bind(text(|r| r.dedupe_key.as_deref()))
     .bind(rows.iter().map(|r| r.metadata.as_ref()).collect::<Vec<_>>())
+    .bind(text(|r| r.batch.as_deref()))
+    .bind(text(|r| r.callback_url.as_deref()))
     .execute(conn)
     .await?;
     Ok(r.rows_affected())

@@ -7,8 +7,10 @@
 //! - `outcomes`: a claimed row's fenced writes (task created, snoozed, stored, failed…);
 //! - `accounts`: the account-wide stop and the shared call pacing;
 //! - `retention`: removing finished history in small batches;
+//! - `roles`: the least-privilege roles for applications and workers;
 //! - `stats`: what operators read (per-state statistics, throughput, stops);
 //! - `documents`: reading stored documents back (export);
+//! - `webhooks`: the deliveries announcing finished requests to their `callback_url`;
 //! - `fixtures`: synthetic rows for the demo and the benchmarks.
 //!
 //! Nothing else in the crate writes SQL for `report_*` tables. This module knows the
@@ -23,7 +25,9 @@ mod enqueue;
 pub mod fixtures;
 mod outcomes;
 mod retention;
+pub mod roles;
 mod stats;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -40,6 +44,7 @@ pub use enqueue::*;
 pub use outcomes::*;
 pub use retention::*;
 pub use stats::*;
+pub use webhooks::*;
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()

@@ -108,3 +108,29 @@ pub async fn throughput(pool: &PgPool) -> Result<Vec<Throughput>, sqlx::Error> {
         .fetch_all(pool)
         .await
 }
+
+/// A batch at a glance: rows per state, and why rows failed (most frequent first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSummary {
+    pub states: Vec<(RequestState, i64)>,
+    /// (error code, reason, rows), at most ten.
+    pub failures: Vec<(Option<i32>, String, i64)>,
+}
+
+pub async fn batch_summary(pool: &PgPool, batch: &str) -> Result<BatchSummary, sqlx::Error> {
+    let states = sqlx::query_as(
+        "SELECT state, count(*) FROM report_requests WHERE batch = $1 GROUP BY state ORDER BY state",
+    )
+    .bind(batch)
+    .fetch_all(pool)
+    .await?;
+    let failures = sqlx::query_as(
+        "SELECT last_error_code, coalesce(left(last_error, 200), 'no reason recorded'), count(*)
+           FROM report_requests WHERE batch = $1 AND state = 'failed'
+          GROUP BY 1, 2 ORDER BY 3 DESC, 1 LIMIT 10",
+    )
+    .bind(batch)
+    .fetch_all(pool)
+    .await?;
+    Ok(BatchSummary { states, failures })
+}

@@ -8,13 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layer of every top-level module of the crate (`src/lib.rs` declares them).
-const LAYERS: [(&str, u8); 10] = [
+const LAYERS: [(&str, u8); 11] = [
     ("domain", 0),
     ("config", 0),
     ("spool", 0),
     ("queue", 1),
     ("upstream", 1),
     ("store", 1),
+    ("webhook", 1),
     ("engine", 2),
     ("simulator", 2),
     ("ops", 3),
