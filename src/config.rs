@@ -63,6 +63,18 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause` (HTTP clients' own
+/// messages are often just "error sending request"; the cause says why).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::config::redact_url;
+use crate::config::{error_chain, redact_url};
 
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "X-Report-Signature";
@@ -128,22 +128,6 @@ impl Sender {
             Err(DeliveryError::Status(status.as_u16()))
         }
     }
-}
-
-/// An error and its causes, one line (reqwest's own message is often just "error
-/// sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -489,13 +489,7 @@ pub(super) fn transport_error(e: reqwest::Error) -> UpstreamError {
     } else {
         "request failed"
     };
-    let e = e.without_url();
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+    let message = format!("{kind}: {}", crate::config::error_chain(&e.without_url()));
     UpstreamError::transient(clip_long(&message))
 }
 
