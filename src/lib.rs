@@ -12,16 +12,17 @@
 //! | `spool` | a document's bytes on their way: in memory while small, in a temporary file when not |
 //! | `store/` | where documents' bytes live: PostgreSQL, or S3-compatible object storage |
 //! | `webhook` | the signed webhook POST (HMAC-SHA256, no redirects, a timeout per attempt) |
-//! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, documents, webhooks, roles, fixtures |
+//! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, browse, calls, operator actions, documents, webhooks, roles, fixtures |
 //! | `upstream/` | the provider's HTTP API and what each answer means (`docs/provider-api.md`) |
 //! | `engine/` | what `run` does: the claim loop, one row's life, the account's pacing and stops, leases, heartbeat and LISTEN, the batched writer, the pure policies, metrics |
 //! | `simulator/` | a faithful provider for tests, the demo and benchmarks |
+//! | `dashboard/` | the web dashboard: server-rendered pages, operators' actions, embedded assets |
 //! | `ops/` | status, CSV import, export, the demo, benchmarks, a throwaway PostgreSQL, signals |
 //! | `cli/` | the command line: arguments apart from dispatch |
 //!
 //! # The dependency rule
 //!
-//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` / `webhook` →
+//! `cli` → `ops` → `engine` / `simulator` / `dashboard` → `queue` / `upstream` / `store` / `webhook` →
 //! `domain` / `config` / `spool`.
 //! A module uses only modules of a lower layer (never its own layer or above), and the
 //! files of one folder do not import each other in a cycle. `tests/it/layout.rs`
@@ -29,6 +30,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod domain;
 pub mod engine;
 pub mod ops;

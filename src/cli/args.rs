@@ -62,6 +62,49 @@ pub enum Command {
     /// Move documents stored in PostgreSQL into object storage (DOCUMENT_STORE),
     /// one at a time, each checked before its bytes leave PostgreSQL; resumable.
     MoveDocuments(MoveDocumentsArgs),
+    /// Serve the web dashboard over the database until SIGINT/SIGTERM (read-only unless
+    /// DASHBOARD_TOKEN is set).
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Where document download links read from (the workers' DOCUMENT_STORE).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address to serve on. Beyond loopback, set DASHBOARD_TOKEN (and put TLS in front).
+    #[arg(long, env = "DASHBOARD_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub access: DashboardAccess,
+}
+
+#[derive(Debug, Args)]
+pub struct DashboardAccess {
+    /// The token a person signs in with to act (cancel, retry, probe); without it the
+    /// dashboard is read-only.
+    #[arg(
+        long = "dashboard-token",
+        env = "DASHBOARD_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<Secret>,
+    /// How often pages refresh themselves when JavaScript is on.
+    #[arg(long = "dashboard-refresh", env = "DASHBOARD_REFRESH", default_value = "5s", value_parser = parse_duration)]
+    pub refresh: Duration,
+}
+
+impl DashboardAccess {
+    pub fn config(
+        &self,
+        documents: crate::store::DocumentStore,
+    ) -> crate::dashboard::DashboardConfig {
+        let mut config = crate::dashboard::DashboardConfig::new(self.token.clone(), documents);
+        config.refresh = self.refresh.max(Duration::from_secs(1));
+        config
+    }
 }
 
 #[derive(Debug, Args)]
@@ -94,7 +137,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub db: DbArgs,
     /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps,
-    /// inflight, idle, stats, purge, rss, hot.
+    /// inflight, idle, stats, purge, rss, hot, dashboard.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Reports in the burn-down.
@@ -119,6 +162,9 @@ pub struct BenchArgs {
     /// Megabytes of the one document of the RSS scenario.
     #[arg(long, default_value_t = 50)]
     pub document_mb: usize,
+    /// Rows of history in the dashboard scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub dashboard_rows: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -183,6 +229,13 @@ pub struct DemoArgs {
     /// Use this database instead of a throwaway one.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Serve the dashboard while the batch runs and keep it (with the worker and the
+    /// simulator) up afterwards, until Ctrl-C; prints its address and sign-in token.
+    #[arg(long)]
+    pub dashboard: bool,
+    /// Where the demo's dashboard listens.
+    #[arg(long, env = "DASHBOARD_ADDR", default_value = "127.0.0.1:8080")]
+    pub dashboard_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +340,11 @@ pub struct RunArgs {
     /// Attempts before a webhook delivery is given up.
     #[arg(long, env = "WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
     pub webhook_max_attempts: i32,
+    /// Also serve the web dashboard here, e.g. 127.0.0.1:8080 (its own small pool).
+    #[arg(long, env = "DASHBOARD_ADDR")]
+    pub dashboard_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub dashboard: DashboardAccess,
 }
 
 impl RunArgs {

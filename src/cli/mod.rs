@@ -81,7 +81,7 @@ fn init_tracing(command: &Command, format: LogFormat) {
         | Command::Purge(_)
         | Command::Grant(_)
         | Command::MoveDocuments(_) => "warn",
-        Command::Simulate(_) | Command::Run(_) => "info",
+        Command::Simulate(_) | Command::Run(_) | Command::Dashboard(_) => "info",
         Command::Export(_) => "warn",
         Command::Demo(_) | Command::Bench(_) => "error",
     };
@@ -118,7 +118,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => run_worker(*args).await?,
         Command::Demo(args) => {
-            crate::ops::demo::run(args.database_url, &args.out, args.keep).await?
+            let dashboard = args.dashboard.then_some(args.dashboard_addr);
+            crate::ops::demo::run(args.database_url, &args.out, args.keep, dashboard).await?
+        }
+        Command::Dashboard(args) => {
+            let pool = queue::connect(&args.db.database_url, 6).await?;
+            if !queue::is_migrated(&pool).await? {
+                anyhow::bail!(
+                    "the database has no report_requests table: run `report-worker migrate` first"
+                );
+            }
+            let config = args.access.config(args.store.open().await?);
+            let cancel = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
+            let bound = crate::dashboard::serve(args.listen, pool.clone(), config, cancel.clone())
+                .await
+                .with_context(|| format!("cannot serve the dashboard on {}", args.listen))?;
+            println!("dashboard on http://{bound}/ (Ctrl-C stops it)");
+            cancel.cancelled().await;
+            pool.close().await;
         }
         Command::Bench(args) => {
             let options = crate::ops::bench::BenchOptions {
@@ -131,6 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 qps: args.qps,
                 stats_rows: args.stats_rows,
                 document_mb: args.document_mb,
+                dashboard_rows: args.dashboard_rows,
             };
             let results = crate::ops::bench::run(&options).await?;
             if args.json {
@@ -422,6 +441,15 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%bound, "metrics on /metrics, health on /healthz");
+    }
+    if let Some(addr) = args.dashboard_addr {
+        // Its own small pool: page loads never wait for (or hold up) the worker's.
+        let dashboard_pool = queue::connect(&args.db.database_url, 3).await?;
+        let config = args.dashboard.config(worker_config.documents.clone());
+        let bound = crate::dashboard::serve(addr, dashboard_pool, config, cancel.clone())
+            .await
+            .with_context(|| format!("cannot serve the dashboard on {addr}"))?;
+        tracing::info!(%bound, "dashboard on http://{bound}/");
     }
     Worker::new(pool.clone(), client, worker_config, metrics)
         .run(cancel)

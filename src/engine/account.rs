@@ -117,7 +117,7 @@ impl Account {
         self.stop_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn forget_stop(&self) {
+    pub(super) fn forget_stop(&self) {
         *self.seen() = None;
     }
 

@@ -1,6 +1,7 @@
-//! The two helpers that run beside the claim loop for the worker's whole life: LISTEN
-//! (an insert wakes the claim loop at once, new webhook deliveries wake their sender) and the heartbeat (held rows keep their
-//! leases while their calls take time).
+//! The helpers that run beside the claim loop for the worker's whole life: LISTEN (an
+//! insert wakes the claim loop at once, new webhook deliveries wake their sender), the
+//! heartbeat (held rows keep their leases while their calls take time) and the flush of
+//! provider call counts into the database.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,10 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
                 if note.channel() == queue::WEBHOOK_CHANNEL {
                     shared.webhook_wake.notify_one();
                 } else {
+                    if note.payload() == queue::PROBE_NOW {
+                        // An operator asked for a stopped account to be probed now.
+                        shared.account.forget_stop();
+                    }
                     shared.wake.notify_one();
                 }
             }
@@ -128,4 +133,36 @@ async fn heartbeat_connection(
     )
     .await
     .map_err(|_| sqlx::Error::PoolTimedOut)?
+}
+
+/// How often a process adds its provider calls to `report_provider_calls`, and how long
+/// minutes are kept there.
+const CALLS_FLUSH_EVERY: Duration = Duration::from_secs(5);
+const CALLS_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
+
+/// Adds this process's provider calls to the shared per-minute counts every few seconds
+/// (and once more at shutdown); once an hour removes minutes older than a week. A failed
+/// write keeps the counts for the next one.
+pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut last_prune: Option<Instant> = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tokio::time::sleep(CALLS_FLUSH_EVERY) => false,
+        };
+        let tallies = shared.metrics.take_calls();
+        if let Err(e) = queue::record_calls(&shared.pool, &shared.config.account, &tallies).await {
+            tracing::warn!(error = %e, "could not record provider calls; kept for the next write");
+            shared.metrics.untake_calls(tallies);
+        }
+        if last_prune.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+            last_prune = Some(Instant::now());
+            if let Err(e) = queue::forget_calls_before(&shared.pool, CALLS_KEPT).await {
+                tracing::warn!(error = %e, "could not remove old provider call counts");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
 }

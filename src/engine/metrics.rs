@@ -41,6 +41,8 @@ pub struct Metrics {
     held: Gauge,
     leases_lost: Counter,
     webhooks: Family<OutcomeLabels, Counter>,
+    /// Calls not yet added to `report_provider_calls` (see `take_calls`).
+    unflushed: std::sync::Mutex<std::collections::HashMap<(String, String), i64>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,6 +107,7 @@ impl Metrics {
             insert_to_document,
             held,
             leases_lost,
+            unflushed: Default::default(),
         }
     }
 
@@ -115,6 +118,35 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+        *self
+            .unflushed()
+            .entry((endpoint.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    }
+
+    fn unflushed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), i64>> {
+        self.unflushed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The calls counted since the last take, for `report_provider_calls`.
+    pub fn take_calls(&self) -> Vec<queue::CallTally> {
+        let mut tallies: Vec<queue::CallTally> = self
+            .unflushed()
+            .drain()
+            .map(|((e, o), n)| (e, o, n))
+            .collect();
+        tallies.sort();
+        tallies
+    }
+
+    /// Puts back calls whose write failed (they go with the next one).
+    pub fn untake_calls(&self, tallies: Vec<queue::CallTally>) {
+        let mut unflushed = self.unflushed();
+        for (e, o, n) in tallies {
+            *unflushed.entry((e, o)).or_default() += n;
+        }
     }
 
     pub fn webhook_attempt(&self, outcome: &str) {

@@ -172,6 +172,7 @@ impl Worker {
             tokio::spawn(background::heartbeat(shared.clone(), background.clone())),
             tokio::spawn(retention::scheduled(shared.clone(), background.clone())),
             tokio::spawn(webhooks::deliver(shared.clone(), background.clone())),
+            tokio::spawn(background::flush_calls(shared.clone(), background.clone())),
         ];
         let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();

@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub stats_rows: usize,
     /// Megabytes of the document in the RSS scenario.
     pub document_mb: usize,
+    /// Rows of history in the dashboard scenario.
+    pub dashboard_rows: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -53,6 +55,17 @@ pub struct BenchResults {
     pub purge: Option<PurgeBeside>,
     pub rss: Option<DocumentRss>,
     pub hot: Option<Vec<HotUpdates>>,
+    pub dashboard: Option<DashboardLoad>,
+}
+
+/// Dashboard pages over a large table: server time (the `Server-Timing` header) of
+/// each page, loaded repeatedly.
+#[derive(Debug, Serialize)]
+pub struct DashboardLoad {
+    pub rows: usize,
+    /// (page, p50 ms, max ms) over `loads` loads after a first one.
+    pub pages: Vec<(String, f64, f64)>,
+    pub loads: usize,
 }
 
 /// `report_queue_stats` on a large table.
@@ -214,6 +227,10 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     if wants(o, "rss") {
         r.rss = Some(document_rss(o).await.context("document rss")?);
         eprintln!("{:?}", r.rss);
+    }
+    if wants(o, "dashboard") {
+        r.dashboard = Some(dashboard(o).await.context("dashboard")?);
+        eprintln!("{:?}", r.dashboard);
     }
     if wants(o, "hot") {
         let mut runs = Vec::new();
@@ -762,6 +779,84 @@ async fn stats(o: &BenchOptions) -> anyhow::Result<Stats> {
     })
 }
 
+/// Every dashboard page over `dashboard_rows` rows of history in batches of 10,000,
+/// 1,000 recent finishes and a backlog of 10,000: server time per page.
+async fn dashboard(o: &BenchOptions) -> anyhow::Result<DashboardLoad> {
+    let (_, pool) = fresh_db(&o.database_url, "rw_bench_dashboard").await?;
+    let rows = o.dashboard_rows;
+    let mut done = 0;
+    while done < rows {
+        let n = (rows - done).min(1_000_000);
+        fixtures::insert_batched_history(&pool, done as i64, n as i64, 10_000).await?;
+        done += n;
+    }
+    fixtures::insert_recent_finishes(&pool, 1_000).await?;
+    fixtures::insert_backlog(&pool, "排队", 10_000, true).await?;
+    sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let config =
+        crate::dashboard::DashboardConfig::new(None, crate::store::DocumentStore::Postgres);
+    let addr = crate::dashboard::serve(
+        "127.0.0.1:0".parse().expect("static address"),
+        pool.clone(),
+        config,
+        cancel.clone(),
+    )
+    .await?;
+    let mid = (rows / 2) as i64;
+    // One day in the middle of the history (rows are a second apart from 200 days ago).
+    let middle = chrono::Utc::now() - chrono::Duration::days(200) + chrono::Duration::seconds(mid);
+    let from = middle.format("%Y-%m-%dT%H:%M");
+    let to = (middle + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M");
+    let batch = format!("batch-{}", rows / 20_000);
+    let pages = [
+        "/".to_string(),
+        "/requests".into(),
+        "/requests?state=queued".into(),
+        "/requests?state=failed".into(),
+        format!("/requests?state=failed&before={mid}"),
+        format!("/requests?state=succeeded&before={}", 1_000),
+        format!("/requests?batch={batch}"),
+        format!("/requests?batch={batch}&state=failed"),
+        format!("/requests?q=历史{mid}"),
+        "/requests?code=68300004".into(),
+        format!("/requests?from={from}&to={to}"),
+        format!("/requests/{mid}"),
+        "/batches".into(),
+        format!("/batches?batch={batch}"),
+        "/spend".into(),
+    ];
+    let http = reqwest::Client::new();
+    let loads = 20;
+    let mut out = Vec::new();
+    for page in pages {
+        let mut times = Vec::new();
+        for i in 0..=loads {
+            let r = http.get(format!("http://{addr}{page}")).send().await?;
+            anyhow::ensure!(r.status().is_success(), "{page} answered {}", r.status());
+            let ms = r
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("app;dur="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("{page} has no Server-Timing"))?;
+            r.bytes().await?;
+            if i > 0 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        out.push((page, pct(&times, 0.5), *times.last().unwrap_or(&f64::NAN)));
+    }
+    cancel.cancel();
+    Ok(DashboardLoad {
+        rows: rows + 11_000,
+        pages: out,
+        loads,
+    })
+}
+
 /// Pickup latency and burn-down of a running worker, first alone, then while a purge
 /// of a million old rows runs beside it.
 async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside> {
@@ -1123,6 +1218,15 @@ pub fn table(r: &BenchResults) -> String {
                 h.indexes_mb,
                 h.reports_per_s
             );
+        }
+    }
+    if let Some(d) = &r.dashboard {
+        s += &format!(
+            "12. dashboard at {} rows, server time over {} loads (p50 / max):\n",
+            d.rows, d.loads
+        );
+        for (page, p50, max) in &d.pages {
+            s += &format!("   {page:<55} {p50:>7.2} ms {max:>8.2} ms\n");
         }
     }
     if let Some(i) = &r.idle {

@@ -3,6 +3,7 @@
 //! generation times of seconds, a sample batch, the worker with a live progress bar,
 //! the documents on disk and a summary.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::DashboardConfig;
 use crate::domain::{NewRequest, ReportType, RequestState};
 use crate::engine::metrics::Metrics;
 use crate::engine::policy::{PollPolicy, RetryPolicy};
@@ -18,7 +20,8 @@ use crate::ops::embedded_pg::ThrowawayPostgres;
 use crate::ops::export;
 use crate::queue;
 use crate::simulator::{SimConfig, Simulator};
-use crate::upstream::Client;
+use crate::store::DocumentStore;
+use crate::upstream::{Client, Secret};
 
 /// The sample batch: the seed's company by each identifier, both report types, a few
 /// more companies, and one credit code whose check character is wrong (the provider
@@ -47,7 +50,30 @@ fn sample() -> Vec<Sample> {
     ]
 }
 
-pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow::Result<()> {
+/// The demo's worker, simulator and dashboard, kept up after the batch when the
+/// dashboard was asked for.
+struct KeptUp {
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+    sim: Simulator,
+    pool: sqlx::PgPool,
+}
+
+impl KeptUp {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.worker.await;
+        self.sim.stop().await;
+        self.pool.close().await;
+    }
+}
+
+pub async fn run(
+    database_url: Option<String>,
+    out: &Path,
+    keep: bool,
+    dashboard: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let cancel = CancellationToken::new();
     tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
@@ -66,8 +92,17 @@ pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow
         }
     };
     let result = tokio::select! {
-        r = body(&url, out) => r,
+        r = body(&url, out, dashboard, cancel.clone()) => r,
         _ = cancel.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let result = match result {
+        Ok(Some(kept)) => {
+            cancel.cancelled().await;
+            println!("Stopping the worker, the simulator and the dashboard…");
+            kept.stop().await;
+            Ok(None)
+        }
+        other => other,
     };
     if let Some(mut pg) = throwaway {
         if keep {
@@ -84,9 +119,18 @@ pub async fn run(database_url: Option<String>, out: &Path, keep: bool) -> anyhow
     Ok(())
 }
 
-async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
+async fn body(
+    url: &str,
+    out: &Path,
+    dashboard: Option<SocketAddr>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Option<KeptUp>> {
     let pool = queue::connect(url, 12).await?;
     queue::migrate(&pool).await?;
+    let dashboard_url = match dashboard {
+        Some(addr) => Some(start_dashboard(addr, &pool, cancel).await?),
+        None => None,
+    };
     let sim = Simulator::start(
         SimConfig {
             create_latency: (Duration::from_millis(200), Duration::from_millis(800)),
@@ -172,15 +216,27 @@ async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     bar.finish();
-    stop.cancel();
-    let _ = worker.await;
-    sim.stop().await;
+    let kept = KeptUp {
+        stop,
+        worker,
+        sim,
+        pool: pool.clone(),
+    };
+    let kept = match dashboard_url {
+        Some(_) => Some(kept),
+        None => {
+            kept.stop.cancel();
+            let _ = kept.worker.await;
+            kept.sim.stop().await;
+            None
+        }
+    };
 
     let filter = export::ExportFilter {
         ids: Some(ids.clone()),
         ..Default::default()
     };
-    let store = crate::store::DocumentStore::Postgres;
+    let store = DocumentStore::Postgres;
     let exported = export::export(&pool, &store, out, &filter, false).await?;
     print_summary(&pool, &ids, &exported).await?;
     println!(
@@ -188,8 +244,34 @@ async fn body(url: &str, out: &Path) -> anyhow::Result<()> {
         exported.files.len(),
         out.display()
     );
+    if let (Some(url), Some(kept)) = (dashboard_url, kept) {
+        println!(
+            "\nThe dashboard stays up at {url} with the worker and the simulator: open a failed row and retry it. Ctrl-C ends the demo."
+        );
+        return Ok(Some(kept));
+    }
     pool.close().await;
-    Ok(())
+    Ok(None)
+}
+
+/// Serves the dashboard for the demo, signed in with DASHBOARD_TOKEN or a fresh random
+/// token (printed: it is this demo's own).
+async fn start_dashboard(
+    addr: SocketAddr,
+    pool: &sqlx::PgPool,
+    cancel: CancellationToken,
+) -> anyhow::Result<String> {
+    let token = std::env::var("DASHBOARD_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()));
+    let config = DashboardConfig::new(Some(Secret::new(token.clone())), DocumentStore::Postgres);
+    let bound = crate::dashboard::serve(addr, pool.clone(), config, cancel)
+        .await
+        .with_context(|| format!("cannot serve the dashboard on {addr} (use --dashboard-addr)"))?;
+    let url = format!("http://{bound}/");
+    println!("Dashboard: {url}  (sign in with any name and the token {token})");
+    Ok(url)
 }
 
 async fn print_summary(

@@ -142,10 +142,11 @@ pub async fn reserve_call_slot(
     spacing: Duration,
 ) -> Result<Duration, sqlx::Error> {
     let wait: f64 = sqlx::query_scalar(
-        "INSERT INTO report_account_pacing AS p (account, next_slot_at)
-         VALUES ($1, clock_timestamp() + $2 * interval '1 second')
+        "INSERT INTO report_account_pacing AS p (account, next_slot_at, qps)
+         VALUES ($1, clock_timestamp() + $2 * interval '1 second', 1 / nullif($2, 0))
          ON CONFLICT (account) DO UPDATE
-            SET next_slot_at = greatest(p.next_slot_at, clock_timestamp()) + $2 * interval '1 second'
+            SET next_slot_at = greatest(p.next_slot_at, clock_timestamp()) + $2 * interval '1 second',
+                qps = excluded.qps
          RETURNING greatest(0, extract(epoch FROM (next_slot_at - $2 * interval '1 second' - clock_timestamp())))::float8",
     )
     .bind(account)

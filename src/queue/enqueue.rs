@@ -6,6 +6,9 @@ use crate::domain::NewRequest;
 
 /// The NOTIFY channel an insert (and `report_retry`) signals on.
 pub const NOTIFY_CHANNEL: &str = "report_requests";
+/// The payload on `NOTIFY_CHANNEL` when an operator asks for a stopped account's probe
+/// now (`report_probe_now`).
+pub const PROBE_NOW: &str = "probe";
 
 /// What happened to one enqueued request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -157,3 +157,61 @@ pub async fn table_sizes(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
         .fetch_one(pool)
         .await
 }
+
+/// A long-lived table as the dashboard sees it: `n` finished rows (ids after `offset`)
+/// like `insert_history`, in batches of `per_batch` rows, the failed ones with the
+/// provider's error.
+pub async fn insert_batched_history(
+    pool: &PgPool,
+    offset: i64,
+    n: i64,
+    per_batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, state, attempts, created_at, finished_at,
+                                      batch, last_error_code, last_error)
+         SELECT '历史' || i, 'pdf', s, 1,
+                now() - interval '200 days' + i * interval '1 second',
+                now() - interval '200 days' + i * interval '1 second' + interval '5 minutes',
+                'batch-' || (i / $3), CASE WHEN s = 'failed' THEN 68300004 END,
+                CASE WHEN s = 'failed' THEN 'Invalid parameter!' END
+           FROM generate_series($1 + 1, $1 + $2) i,
+                LATERAL (SELECT CASE WHEN i % 50 = 0 THEN 'failed' WHEN i % 97 = 0 THEN 'cancelled'
+                                     ELSE 'succeeded' END AS s) st",
+    )
+    .bind(offset)
+    .bind(n)
+    .bind(per_batch)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// `n` rows inserted minutes ago that went through a task and finished now (their
+/// events are the recent history latencies are read from).
+pub async fn insert_recent_finishes(pool: &PgPool, n: i64) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, report_type, created_at)
+         SELECT '最近' || i, 'pdf', now() - random() * interval '10 minutes' FROM generate_series(1, $1) i
+         RETURNING id",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE report_requests SET state = 'generating', attempts = 1, upstream_job_id = id::text,
+                upstream_created_at = now(), next_poll_at = now()
+          WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE report_requests SET state = 'succeeded', finished_at = now(), next_poll_at = NULL
+          WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

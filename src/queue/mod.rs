@@ -11,18 +11,24 @@
 //! - `stats`: what operators read (per-state statistics, throughput, stops);
 //! - `documents`: reading stored documents back (export);
 //! - `webhooks`: the deliveries announcing finished requests to their `callback_url`;
+//! - `calls`: provider calls per minute, shared by every process (and spending per day);
+//! - `browse`: what the dashboard reads (bounded queries, keyset pagination);
+//! - `operator`: operators' actions, recorded with who did them;
 //! - `fixtures`: synthetic rows for the demo and the benchmarks.
 //!
 //! Nothing else in the crate writes SQL for `report_*` tables. This module knows the
 //! schema and the domain types; it knows nothing of HTTP or of the provider.
 
 mod accounts;
+mod browse;
+mod calls;
 mod claim;
 mod connect;
 mod creates;
 mod documents;
 mod enqueue;
 pub mod fixtures;
+mod operator;
 mod outcomes;
 mod retention;
 pub mod roles;
@@ -34,6 +40,8 @@ use std::time::Duration;
 use backon::ExponentialBuilder;
 
 pub use accounts::*;
+pub use browse::*;
+pub use calls::*;
 pub use claim::*;
 pub use connect::{
     DbError, MIGRATOR, connect, connect_worker, connect_worker_patiently, is_migrated, migrate,
@@ -41,6 +49,7 @@ pub use connect::{
 pub use creates::*;
 pub use documents::*;
 pub use enqueue::*;
+pub use operator::*;
 pub use outcomes::*;
 pub use retention::*;
 pub use stats::*;

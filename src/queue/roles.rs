@@ -41,7 +41,7 @@ pub async fn grant(pool: &PgPool) -> Result<(), sqlx::Error> {
         format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {APP_ROLE}, {WORKER_ROLE}"),
         // Applications.
         format!(
-            "GRANT SELECT ON report_requests, report_documents, report_events, report_queue_stats, report_throughput, report_webhook_deliveries TO {APP_ROLE}"
+            "GRANT SELECT ON report_requests, report_documents, report_events, report_queue_stats, report_throughput, report_webhook_deliveries, report_batches, report_batch_counts TO {APP_ROLE}"
         ),
         format!("GRANT INSERT ({APP_INSERT_COLUMNS}) ON report_requests TO {APP_ROLE}"),
         format!(

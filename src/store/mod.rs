@@ -183,6 +183,22 @@ impl DocumentStore {
         Ok(n)
     }
 
+    /// A stored object's bytes as a stream of chunks (serving a download without holding
+    /// the document in memory).
+    pub async fn stream(
+        &self,
+        key: &str,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<bytes::Bytes, StoreError>>,
+        StoreError,
+    > {
+        let DocumentStore::Objects { store, .. } = self else {
+            return Err(StoreError::NoObjectStore(key.into()));
+        };
+        let stream = store.get(&ObjectPath::from(key)).await?.into_stream();
+        Ok(stream.map(|chunk| chunk.map_err(StoreError::from)).boxed())
+    }
+
     /// Deletes objects (documents removed by retention); missing ones are fine.
     pub async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         let DocumentStore::Objects { store, .. } = self else {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layer of every top-level module of the crate (`src/lib.rs` declares them).
-const LAYERS: [(&str, u8); 11] = [
+const LAYERS: [(&str, u8); 12] = [
     ("domain", 0),
     ("config", 0),
     ("spool", 0),
@@ -17,6 +17,7 @@ const LAYERS: [(&str, u8); 11] = [
     ("store", 1),
     ("webhook", 1),
     ("engine", 2),
+    ("dashboard", 2),
     ("simulator", 2),
     ("ops", 3),
     ("cli", 4),

@@ -3,8 +3,10 @@
 //! real HTTP on port 0.
 
 mod apps;
+mod browser;
 mod cli;
 mod common;
+mod dashboard;
 mod edges;
 mod layout;
 mod objects;

@@ -510,3 +510,59 @@ async fn bad_configuration_is_one_line() {
     sim.stop().await;
     db.close().await;
 }
+
+#[tokio::test]
+async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
+    let addr = free_addr();
+    let mut child = worker_process(&db.url, &sim, &[("DASHBOARD_ADDR", &addr)]);
+    wait_all_finished(&db.pool, Duration::from_secs(20)).await;
+    let http = http_client();
+    let page = wait_for("the dashboard on run", Duration::from_secs(10), || async {
+        let text = http
+            .get(format!("http://{addr}/requests"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("小米科技有限责任公司").then_some(text)
+    })
+    .await;
+    assert!(page.contains("state-succeeded"), "{page}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Listening beyond loopback without a token: it serves, and says so on stderr.
+    let port = free_addr().rsplit(':').next().unwrap().to_string();
+    let mut open = Command::new(env!("CARGO_BIN_EXE_report-worker"))
+        .args(["dashboard", "--listen", &format!("0.0.0.0:{port}")])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let local = format!("127.0.0.1:{port}");
+    wait_for("the open dashboard", Duration::from_secs(10), || async {
+        let r = http.get(format!("http://{local}/")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    signal(&open, "-TERM");
+    let out = open.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains(&format!("dashboard on http://0.0.0.0:{port}/")),
+        "{stdout}"
+    );
+    assert!(stderr.contains("without DASHBOARD_TOKEN"), "{stderr}");
+    assert!(out.status.success(), "SIGTERM stops it cleanly: {stderr}");
+    sim.stop().await;
+    db.close().await;
+}

@@ -13,25 +13,37 @@ use report_worker::store::DocumentStore;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// count(*) by state, the slow truth.
+/// count(*) by state, by batch and state, and the batches: the slow truth.
 async fn truth(pool: &PgPool) -> BTreeMap<String, i64> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM report_requests GROUP BY state")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM report_requests GROUP BY state
+         UNION ALL SELECT batch || '/' || state, count(*) FROM report_requests WHERE batch IS NOT NULL GROUP BY batch, state
+         UNION ALL SELECT DISTINCT 'batch:' || batch, 1 FROM report_requests WHERE batch IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter().filter(|(_, n)| *n > 0).collect()
 }
 
-/// What report_queue_stats says.
+/// What report_queue_stats says, with the batch counts the triggers keep.
 async fn stats(pool: &PgPool) -> BTreeMap<String, i64> {
-    queue::queue_stats(pool)
+    let mut counts: BTreeMap<String, i64> = queue::queue_stats(pool)
         .await
         .unwrap()
         .into_iter()
         .filter(|s| s.count != 0)
         .map(|s| (s.state.as_str().to_string(), s.count))
-        .collect()
+        .collect();
+    let batches: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT batch || '/' || state, sum(n)::bigint FROM report_batch_counts GROUP BY batch, state HAVING sum(n) <> 0
+         UNION ALL SELECT 'batch:' || batch, 1 FROM report_batches",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    counts.extend(batches);
+    counts
 }
 
 async fn ids(pool: &PgPool) -> Vec<i64> {
@@ -45,11 +57,12 @@ async fn ids(pool: &PgPool) -> Vec<i64> {
 async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
     let all = ids(pool).await;
     let pick = |rng: &mut StdRng| (!all.is_empty()).then(|| all[rng.random_range(0..all.len())]);
-    match rng.random_range(0..9) {
+    match rng.random_range(0..10) {
         0 | 1 => {
             let n = rng.random_range(1..20);
             sqlx::query(
-                "INSERT INTO report_requests (company_name, report_type) SELECT 'p' || g, 'pdf' FROM generate_series(1, $1) g",
+                "INSERT INTO report_requests (company_name, report_type, batch)
+                 SELECT 'p' || g, 'pdf', CASE g % 3 WHEN 0 THEN NULL ELSE 'b' || (g % 3) END FROM generate_series(1, $1) g",
             )
             .bind(n)
             .execute(pool)
@@ -137,6 +150,17 @@ async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
                 &CancellationToken::new(),
                 |_| {},
             )
+            .await
+            .unwrap();
+        }
+        8 => {
+            // Rows moving between batches (by hand), some out of any batch.
+            sqlx::query(
+                "UPDATE report_requests SET batch = CASE WHEN id % 4 = 0 THEN NULL ELSE 'b' || (id % 4) END
+                  WHERE id % 5 = $1",
+            )
+            .bind(rng.random_range(0..5i64))
+            .execute(pool)
             .await
             .unwrap();
         }

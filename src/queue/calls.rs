@@ -1,0 +1,159 @@
+//! Provider calls per minute, account, endpoint and outcome (`report_provider_calls`):
+//! every worker process adds its own counts every few seconds, so any process (the
+//! dashboard, `status`) reads the whole account's calls.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::secs;
+
+/// One tally to add: (endpoint, outcome, calls).
+pub type CallTally = (String, String, i64);
+
+/// Adds `tallies` to the current minute of `account` (the database's clock). One
+/// statement, whatever the number of tallies.
+pub async fn record_calls(
+    pool: &PgPool,
+    account: &str,
+    tallies: &[CallTally],
+) -> Result<(), sqlx::Error> {
+    if tallies.is_empty() {
+        return Ok(());
+    }
+    let endpoints: Vec<&str> = tallies.iter().map(|t| t.0.as_str()).collect();
+    let outcomes: Vec<&str> = tallies.iter().map(|t| t.1.as_str()).collect();
+    let counts: Vec<i64> = tallies.iter().map(|t| t.2).collect();
+    sqlx::query(
+        "INSERT INTO report_provider_calls AS c (minute, account, endpoint, outcome, n)
+         SELECT date_trunc('minute', now()), $1, e, o, n
+           FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(e, o, n)
+          ORDER BY e, o
+         ON CONFLICT (minute, account, endpoint, outcome) DO UPDATE SET n = c.n + excluded.n",
+    )
+    .bind(account)
+    .bind(&endpoints)
+    .bind(&outcomes)
+    .bind(&counts)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Removes minutes older than `keep` (small: at most a few dozen rows per minute).
+pub async fn forget_calls_before(pool: &PgPool, keep: Duration) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "DELETE FROM report_provider_calls WHERE minute < now() - $1 * interval '1 second'",
+    )
+    .bind(secs(keep))
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Calls of every account in one minute, by endpoint and outcome.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CallsInMinute {
+    pub minute: DateTime<Utc>,
+    pub endpoint: String,
+    pub outcome: String,
+    pub n: i64,
+}
+
+/// Calls per minute over the last `within`, oldest first.
+pub async fn calls_per_minute(
+    pool: &PgPool,
+    within: Duration,
+) -> Result<Vec<CallsInMinute>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT minute, endpoint, outcome, sum(n)::bigint AS n FROM report_provider_calls
+          WHERE minute >= date_trunc('minute', now()) - $1 * interval '1 second'
+          GROUP BY minute, endpoint, outcome ORDER BY minute, endpoint, outcome",
+    )
+    .bind(secs(within))
+    .fetch_all(pool)
+    .await
+}
+
+/// An account's calls in the last complete minute against the QPS its processes are
+/// configured with.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct QpsUse {
+    pub account: String,
+    /// Calls per second over the last complete minute.
+    pub in_use: f64,
+    /// The configured QPS (None: no process has reserved a call slot yet).
+    pub allowed: Option<f64>,
+}
+
+pub async fn qps_use(pool: &PgPool) -> Result<Vec<QpsUse>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH used AS (
+             SELECT account, sum(n)::float8 / 60 AS in_use FROM report_provider_calls
+              WHERE minute = date_trunc('minute', now()) - interval '1 minute'
+              GROUP BY account)
+         SELECT coalesce(p.account, u.account) AS account, coalesce(u.in_use, 0) AS in_use, p.qps AS allowed
+           FROM report_account_pacing p FULL JOIN used u ON u.account = p.account
+          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// One day of spending, as the provider counts days (Asia/Shanghai).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SpendDay {
+    pub day: chrono::NaiveDate,
+    /// Creates answered with a job id: paid tasks.
+    pub paid: i64,
+    /// Creates with no usable answer: each may be a paid task without a job id here.
+    pub unknown: i64,
+    /// Every call (token, create, poll, download).
+    pub calls: i64,
+    /// Reports stored that day.
+    pub stored: i64,
+    /// Tasks kept as orphans (created, but their row had moved on).
+    pub orphans: i64,
+    /// "Too fast" answers (67200002 and HTTP 429).
+    pub rate_limited: i64,
+}
+
+/// The last `days` days (today included), newest first.
+pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH days AS (
+             SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date - g AS day FROM generate_series(0, $1 - 1) g),
+         calls AS (
+             SELECT (minute AT TIME ZONE 'Asia/Shanghai')::date AS day,
+                    sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'ok') AS paid,
+                    sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'unanswered') AS unknown,
+                    sum(n) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
+                    sum(n) AS calls
+               FROM report_provider_calls
+              WHERE minute >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
+              GROUP BY 1),
+         stored AS (
+             SELECT (minute AT TIME ZONE 'Asia/Shanghai')::date AS day, sum(n) AS stored
+               FROM report_finished_minutes
+              WHERE state = 'succeeded'
+                AND minute >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
+              GROUP BY 1),
+         orphans AS (
+             SELECT (created_at AT TIME ZONE 'Asia/Shanghai')::date AS day, count(*) AS orphans
+               FROM report_orphan_tasks
+              WHERE created_at >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
+              GROUP BY 1)
+         SELECT d.day, coalesce(c.paid, 0)::bigint AS paid, coalesce(c.unknown, 0)::bigint AS unknown,
+                coalesce(c.calls, 0)::bigint AS calls, coalesce(s.stored, 0)::bigint AS stored,
+                coalesce(o.orphans, 0)::bigint AS orphans, coalesce(c.rate_limited, 0)::bigint AS rate_limited
+           FROM days d
+           LEFT JOIN calls c ON c.day = d.day
+           LEFT JOIN stored s ON s.day = d.day
+           LEFT JOIN orphans o ON o.day = d.day
+          ORDER BY d.day DESC",
+    )
+    .bind(days)
+    .fetch_all(pool)
+    .await
+}
