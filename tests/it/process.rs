@@ -538,7 +538,7 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
 
     // Listening beyond loopback without a token: it serves, and says so on stderr.
     let port = free_addr().rsplit(':').next().unwrap().to_string();
-    let mut open = Command::new(env!("CARGO_BIN_EXE_report-worker"))
+    let open = Command::new(env!("CARGO_BIN_EXE_report-worker"))
         .args(["dashboard", "--listen", &format!("0.0.0.0:{port}")])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
