@@ -485,9 +485,21 @@ fn compose_file_is_complete_and_consistent() {
         "minio",
         "minio-bucket",
         "worker",
+        "dashboard",
     ] {
         assert!(names.contains(&s), "service {s} missing");
     }
+    // The dashboard reads the same database and bucket, once migrated.
+    let dashboard = &doc["services"]["dashboard"];
+    assert_eq!(dashboard["command"][0].as_str(), Some("dashboard"));
+    assert_eq!(
+        dashboard["depends_on"]["migrate"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(
+        dashboard["environment"]["DOCUMENT_STORE"],
+        doc["services"]["worker"]["environment"]["DOCUMENT_STORE"]
+    );
     let svc = |n: &str| &doc["services"][n];
     // The documents go to MinIO's bucket, which exists before any worker starts.
     assert!(
@@ -512,7 +524,7 @@ fn compose_file_is_complete_and_consistent() {
             .starts_with("postgres:")
     );
     assert!(svc("postgres")["healthcheck"]["test"].is_sequence());
-    for s in ["migrate", "simulator", "worker"] {
+    for s in ["migrate", "simulator", "worker", "dashboard"] {
         assert_eq!(svc(s)["build"].as_str(), Some("."), "{s} builds the image");
         assert_eq!(
             svc(s)["image"].as_str(),
