@@ -808,6 +808,7 @@ async fn dashboard(o: &BenchOptions) -> anyhow::Result<DashboardLoad> {
     let middle = chrono::Utc::now() - chrono::Duration::days(200) + chrono::Duration::seconds(mid);
     let from = middle.format("%Y-%m-%dT%H:%M");
     let to = (middle + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M");
+    let recent = (chrono::Utc::now() - chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M");
     let batch = format!("batch-{}", rows / 20_000);
     let pages = [
         "/".to_string(),
@@ -821,6 +822,8 @@ async fn dashboard(o: &BenchOptions) -> anyhow::Result<DashboardLoad> {
         format!("/requests?q=历史{mid}"),
         "/requests?code=68300004".into(),
         format!("/requests?from={from}&to={to}"),
+        format!("/requests?from={from}&to={to}&before={}", mid - 40_000),
+        format!("/requests?from={recent}"),
         format!("/requests/{mid}"),
         "/batches".into(),
         format!("/batches?batch={batch}"),

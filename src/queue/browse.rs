@@ -114,6 +114,10 @@ fn filtered(select: &str, f: &RequestFilter) -> QueryBuilder<Postgres> {
     q
 }
 
+/// How many ids next to the cursor a time-filtered page looks at before it turns to the
+/// BRIN index on `created_at`.
+const TIME_WINDOW_IDS: i64 = 20_000;
+
 /// One page of at most `limit` rows, newest (highest id) first. Keyset pagination: a
 /// page is found through an index from its cursor, never by skipping rows.
 pub async fn list_requests(
@@ -122,27 +126,69 @@ pub async fn list_requests(
     cursor: Cursor,
     limit: i64,
 ) -> Result<RequestPage, sqlx::Error> {
-    let mut q = filtered(
-        &format!("SELECT {LINE_COLUMNS} FROM report_requests"),
-        filter,
-    );
-    match cursor {
-        Cursor::Newest => {}
-        Cursor::Before(id) => {
-            q.push(" AND id < ").push_bind(id);
-        }
-        Cursor::After(id) => {
-            q.push(" AND id > ").push_bind(id);
-        }
-    }
     let ascending = matches!(cursor, Cursor::After(_));
-    q.push(if ascending {
-        " ORDER BY id ASC LIMIT "
+    let page = |window: Option<(i64, i64)>| {
+        let mut q = filtered(
+            &format!("SELECT {LINE_COLUMNS} FROM report_requests"),
+            filter,
+        );
+        match cursor {
+            Cursor::Newest => {}
+            Cursor::Before(id) => {
+                q.push(" AND id < ").push_bind(id);
+            }
+            Cursor::After(id) => {
+                q.push(" AND id > ").push_bind(id);
+            }
+        }
+        if let Some((low, high)) = window {
+            q.push(" AND id BETWEEN ")
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
+        q.push(if ascending {
+            " ORDER BY id ASC LIMIT "
+        } else {
+            " ORDER BY id DESC LIMIT "
+        })
+        .push_bind(limit + 1);
+        q
+    };
+    let by_time = (filter.created_from.is_some() || filter.created_to.is_some())
+        && filter.identifier.is_none()
+        && filter.batch.is_none();
+    let mut rows: Vec<RequestLine> = if by_time {
+        // The planner walks the primary key and filters on the time (it cannot know that
+        // ids and insert times rise together): instant for recent times, a walk through
+        // all newer history for old ones. So: the nearest ids first; if they do not fill
+        // the page, the BRIN index on created_at (work in proportion to the range).
+        let near = match cursor {
+            Cursor::Newest => {
+                let newest: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM report_requests")
+                    .fetch_one(pool)
+                    .await?;
+                let newest = newest.unwrap_or(0);
+                (newest - TIME_WINDOW_IDS, newest)
+            }
+            Cursor::Before(id) => (id - TIME_WINDOW_IDS, id),
+            Cursor::After(id) => (id, id.saturating_add(TIME_WINDOW_IDS)),
+        };
+        let rows: Vec<RequestLine> = page(Some(near)).build_query_as().fetch_all(pool).await?;
+        if rows.len() as i64 > limit {
+            rows
+        } else {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET LOCAL enable_indexscan = off")
+                .execute(&mut *tx)
+                .await?;
+            let rows = page(None).build_query_as().fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            rows
+        }
     } else {
-        " ORDER BY id DESC LIMIT "
-    })
-    .push_bind(limit + 1);
-    let mut rows: Vec<RequestLine> = q.build_query_as().fetch_all(pool).await?;
+        page(None).build_query_as().fetch_all(pool).await?
+    };
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     if ascending {
@@ -177,14 +223,48 @@ async fn exists(
     filter: &RequestFilter,
     cursor: Cursor,
 ) -> Result<bool, sqlx::Error> {
-    let mut q = filtered("SELECT EXISTS (SELECT 1 FROM report_requests", filter);
-    match cursor {
-        Cursor::Before(id) => q.push(" AND id < ").push_bind(id),
-        Cursor::After(id) => q.push(" AND id > ").push_bind(id),
-        Cursor::Newest => &mut q,
+    let query = |window: Option<(i64, i64)>| {
+        let mut q = filtered("SELECT EXISTS (SELECT 1 FROM report_requests", filter);
+        match cursor {
+            Cursor::Before(id) => q.push(" AND id < ").push_bind(id),
+            Cursor::After(id) => q.push(" AND id > ").push_bind(id),
+            Cursor::Newest => &mut q,
+        };
+        if let Some((low, high)) = window {
+            q.push(" AND id BETWEEN ")
+                .push_bind(low)
+                .push(" AND ")
+                .push_bind(high);
+        }
+        q.push(")");
+        q
     };
-    q.push(")");
-    q.build_query_scalar().fetch_one(pool).await
+    let by_time = (filter.created_from.is_some() || filter.created_to.is_some())
+        && filter.identifier.is_none()
+        && filter.batch.is_none();
+    if !by_time {
+        return query(None).build_query_scalar().fetch_one(pool).await;
+    }
+    // As in `list_requests`: next to the cursor first, then through the BRIN index.
+    let near = match cursor {
+        Cursor::Before(id) => (id - TIME_WINDOW_IDS, id),
+        Cursor::After(id) => (id, id.saturating_add(TIME_WINDOW_IDS)),
+        Cursor::Newest => (i64::MIN, i64::MAX),
+    };
+    if query(Some(near))
+        .build_query_scalar()
+        .fetch_one(pool)
+        .await?
+    {
+        return Ok(true);
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await?;
+    let found = query(None).build_query_scalar().fetch_one(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(found)
 }
 
 /// One request with everything a person wants to see on its page.

@@ -26,9 +26,14 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Kills chromedriver and the Chromium it started (found by its own profile folder),
+    /// also when the test failed before closing the session.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self._profile.path().display().to_string()])
+            .status();
     }
 }
 

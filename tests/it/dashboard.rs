@@ -699,3 +699,43 @@ async fn provider_calls_are_counted_in_the_database_for_every_process() {
     sim.stop().await;
     db.close().await;
 }
+
+#[tokio::test]
+async fn a_time_range_deep_in_history_pages_like_any_other_filter() {
+    let db = TestDb::new().await;
+    let d = Dashboard::start(&db, None).await;
+    // 30,000 rows a minute apart: a range among the oldest lies beyond the ids the list
+    // looks at first, so it is read through the BRIN index.
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, created_at)
+         SELECT 'h' || i, 'pdf', timestamptz '2026-01-01 00:00:00+00' + i * interval '1 minute'
+           FROM generate_series(1, 30000) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ids = |body: &str| -> Vec<i64> {
+        body.split("<td class=\"num\"><a href=\"/requests/")
+            .skip(1)
+            .map(|s| s[..s.find('"').unwrap()].parse().unwrap())
+            .collect()
+    };
+    // Minutes 100 to 179 (to is exclusive): rows 100..=179, 80 of them.
+    let range = "from=2026-01-01T01:40&to=2026-01-01T03:00";
+    let (status, p1) = get(&d, &format!("/requests?{range}")).await;
+    assert_eq!(status, 200, "{p1}");
+    assert_eq!(ids(&p1), (130..=179).rev().collect::<Vec<i64>>());
+    assert!(!p1.contains("rel=\"prev\""));
+    let (_, p2) = get(&d, &format!("/requests?{range}&before=130")).await;
+    assert_eq!(ids(&p2), (100..=129).rev().collect::<Vec<i64>>());
+    assert!(p2.contains("rel=\"prev\"") && !p2.contains("rel=\"next\""));
+    let (_, back) = get(&d, &format!("/requests?{range}&after=129")).await;
+    assert_eq!(ids(&back), ids(&p1));
+    assert!(!back.contains("rel=\"prev\"") && back.contains("rel=\"next\""));
+    // The newest hour: found next to the newest ids.
+    let (_, recent) = get(&d, "/requests?from=2026-0121T19:00").await;
+    assert!(recent.contains("from must be a date"), "a typo is named");
+    let (_, recent) = get(&d, "/requests?from=2026-01-21T20:00").await;
+    assert_eq!(ids(&recent).first(), Some(&30000));
+    db.close().await;
+}
