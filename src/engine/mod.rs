@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod retention;
 mod row;
+pub mod schedule;
 pub mod webhooks;
 pub mod writer;
 

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// The median detection delay learned polling aims for (`REPORT_DETECTION_TARGET`).
+pub const DEFAULT_DETECTION_TARGET: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PollPolicy {
     pub first_poll: Duration,
