@@ -284,6 +284,12 @@ pub struct RunArgs {
     /// Interval between polls while the task waits in the provider's queue.
     #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
     pub report_poll_max: Duration,
+    /// Learned polling: the median detection delay (ready → noticed) the schedule aims
+    /// for, learned from this account's generation times; 0 keeps the fixed schedule
+    /// (REPORT_FIRST_POLL, REPORT_POLL_MIN/MAX), which is also used until 50 reports of
+    /// a type have finished and for windows under 2 minutes.
+    #[arg(long, env = "REPORT_DETECTION_TARGET", default_value = "15s", value_parser = parse_duration)]
+    pub report_detection_target: Duration,
     /// Unusable downloads of one task (not the report, a link against the rules, never
     /// finished) before the task is given up; a new task is an attempt.
     #[arg(long, env = "REPORT_DOWNLOAD_TRIES", default_value_t = 3)]
@@ -437,6 +443,7 @@ impl RunArgs {
         };
         worker.retry.budget = self.report_retry_budget;
         worker.webhooks = self.webhooks()?;
+        worker.detection_target = Some(self.report_detection_target).filter(|t| !t.is_zero());
         Ok((client, worker))
     }
 }

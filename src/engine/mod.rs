@@ -18,6 +18,7 @@
 
 mod account;
 mod background;
+mod learning;
 mod leases;
 pub mod metrics;
 pub mod policy;
@@ -77,6 +78,9 @@ pub struct WorkerConfig {
     pub documents: DocumentStore,
     /// Webhook delivery (off unless `WEBHOOK_SECRET` is set: nothing is sent unsigned).
     pub webhooks: Option<webhooks::Webhooks>,
+    /// Learned polling's median detection delay (`REPORT_DETECTION_TARGET`); `None`
+    /// keeps the fixed schedule of `poll`.
+    pub detection_target: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -97,6 +101,7 @@ impl WorkerConfig {
             retention: retention::Retention::default(),
             documents: DocumentStore::Postgres,
             webhooks: None,
+            detection_target: None,
         }
     }
 }
@@ -127,6 +132,8 @@ pub(crate) struct Shared {
     wake: Notify,
     /// Wakes the webhook sender: deliveries were created.
     webhook_wake: Notify,
+    /// The poll schedule learned from observed generation times.
+    learning: learning::Learning,
 }
 
 pub struct Worker {
@@ -148,6 +155,7 @@ impl Worker {
         );
         // The client's own calls (token fetches, retries) take their slot too.
         client.set_pacer(Arc::new(account.pacing()));
+        let learning = learning::Learning::new(config.detection_target, config.poll.clone());
         Worker {
             shared: Arc::new(Shared {
                 writer: Writer::start(pool.clone()),
@@ -159,6 +167,7 @@ impl Worker {
                 leases: Arc::new(Leases::default()),
                 wake: Notify::new(),
                 webhook_wake: Notify::new(),
+                learning,
             }),
         }
     }

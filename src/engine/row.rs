@@ -298,13 +298,17 @@ impl RowTask {
     async fn begin_create(&self) -> Result<CreateIntent, WriteError> {
         let shared = &self.shared;
         let policy = &shared.config.poll;
+        let first_poll = shared
+            .learning
+            .first_poll_delay(&shared.pool, self.row.report_type)
+            .await;
         let begin = Begin {
             id: self.row.id,
             token: self.row.lease_token,
             owner: shared.config.owner.clone(),
             budget: shared.client.config().timeout + CREATE_MARGIN,
             adopt_within: policy.window,
-            first_poll: policy.first_poll_delay(),
+            first_poll,
         };
         shared.writer.begin(begin).await
     }
@@ -354,7 +358,19 @@ impl RowTask {
         };
         let policy = &self.shared.config.poll;
         let created = self.row.upstream_created_at.unwrap_or(self.row.db_now);
-        match policy.next_poll_at(created, self.now(), progress, unit()) {
+        let next = self
+            .shared
+            .learning
+            .next_poll_at(
+                &self.shared.pool,
+                self.row.report_type,
+                created,
+                self.now(),
+                progress,
+                unit(),
+            )
+            .await;
+        match next {
             Some(next_poll_at) => Outcome::NotReady { next_poll_at },
             None => Outcome::TaskLost {
                 code: None,
@@ -518,11 +534,15 @@ impl RowTask {
         tracing::Span::current().record("job", tracing::field::display(&job));
         tracing::debug!("upstream task created");
         let shared = &self.shared;
+        let first_poll = shared
+            .learning
+            .first_poll_delay(&shared.pool, self.row.report_type)
+            .await;
         let created = Created {
             id: self.row.id,
             token: self.row.lease_token,
             job_id: job.clone(),
-            first_poll_in: shared.config.poll.first_poll_delay(),
+            first_poll_in: first_poll,
         };
         let mut pause = Duration::from_millis(200);
         let reason = loop {
@@ -550,7 +570,6 @@ impl RowTask {
             report_type: self.row.report_type,
             reason,
         };
-        let first_poll = shared.config.poll.first_poll_delay();
         let fate = (|| queue::adopt_or_record_orphan(&shared.pool, &orphan, first_poll))
             .retry(queue::backoff().with_max_times(usize::MAX))
             .when(queue::is_retryable)

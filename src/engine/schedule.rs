@@ -77,7 +77,11 @@ impl Schedule {
         let bins = window.ceil() as usize;
         // Sorted, so the floating-point sums (and the schedule) do not depend on order.
         let mut history = history.to_vec();
-        history.sort_by(|a, b| a.lower.total_cmp(&b.lower).then(a.upper.total_cmp(&b.upper)));
+        history.sort_by(|a, b| {
+            a.lower
+                .total_cmp(&b.lower)
+                .then(a.upper.total_cmp(&b.upper))
+        });
         let history = history.as_slice();
         let f = estimate(history, bins);
         let earliest = earliest_plausible(history, window);
@@ -159,7 +163,10 @@ fn estimate(history: &[Observation], bins: usize) -> Vec<f64> {
         }
     }
     let total: f64 = smooth.iter().sum();
-    smooth.iter().map(|x| x / total.max(f64::MIN_POSITIVE)).collect()
+    smooth
+        .iter()
+        .map(|x| x / total.max(f64::MIN_POSITIVE))
+        .collect()
 }
 
 /// The first moment worth a poll: no task has been seen ready before the smallest
@@ -308,11 +315,20 @@ mod tests {
         )
         .unwrap();
         let gaps = |from: f64, to: f64| {
-            let p: Vec<f64> = s.polls().iter().copied().filter(|t| (from..to).contains(t)).collect();
+            let p: Vec<f64> = s
+                .polls()
+                .iter()
+                .copied()
+                .filter(|t| (from..to).contains(t))
+                .collect();
             (p.last().unwrap_or(&from) - p.first().unwrap_or(&from)) / (p.len().max(2) - 1) as f64
         };
         assert!(gaps(140.0, 240.0) < 35.0, "{:?}", s.polls());
-        assert!(s.polls().iter().filter(|t| **t < 120.0).count() <= 2, "{:?}", s.polls());
+        assert!(
+            s.polls().iter().filter(|t| **t < 120.0).count() <= 2,
+            "{:?}",
+            s.polls()
+        );
         assert!(s.expected_median_delay <= 15.0, "{s:?}");
         assert!(s.expected_calls < 6.0, "{s:?}");
     }

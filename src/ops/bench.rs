@@ -647,7 +647,11 @@ impl Xorshift {
 
 /// (calls, detection delay) of each report under the fixed policy (the provider says
 /// "queued" for the first 30 % of a task).
-fn fixed_policy_run(policy: &PollPolicy, gens: &[f64], unit: &mut impl FnMut() -> f64) -> Vec<(u32, f64)> {
+fn fixed_policy_run(
+    policy: &PollPolicy,
+    gens: &[f64],
+    unit: &mut impl FnMut() -> f64,
+) -> Vec<(u32, f64)> {
     let t0 = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
     let secs = |d: chrono::DateTime<chrono::Utc>| (d - t0).num_milliseconds() as f64 / 1000.0;
     gens.iter()
@@ -705,7 +709,11 @@ fn learned_run(
             None => {
                 let (calls, delay) = fixed_policy_run(policy, &[g], unit)[0];
                 // The fixed grid's previous poll is unknown here: at least 25 s back.
-                (calls, g + delay, (g + delay - policy.poll_min.as_secs_f64()).max(0.0))
+                (
+                    calls,
+                    g + delay,
+                    (g + delay - policy.poll_min.as_secs_f64()).max(0.0),
+                )
             }
         };
         out.push((calls, ready_at - g));
@@ -1284,7 +1292,7 @@ pub fn table(r: &BenchResults) -> String {
         );
     }
     if let Some(e) = &r.economy {
-        s += "4. upstream economy (generation uniform over 1–10 min, virtual clock):\n";
+        s += "4. upstream economy (virtual clock; generation uniform over 1–10 min unless named):\n";
         for p in e {
             s += &format!(
                 "   {:<55} {:>5.1} calls/report, detection p50 {:>5.1} s, p95 {:>5.1} s\n",

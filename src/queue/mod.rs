@@ -14,6 +14,7 @@
 //! - `calls`: provider calls per minute, shared by every process (and spending per day);
 //! - `browse`: what the dashboard reads (bounded queries, keyset pagination);
 //! - `operator`: operators' actions, recorded with who did them;
+//! - `learning`: observed generation times, for learned polling;
 //! - `fixtures`: synthetic rows for the demo and the benchmarks.
 //!
 //! Nothing else in the crate writes SQL for `report_*` tables. This module knows the
@@ -28,6 +29,7 @@ mod creates;
 mod documents;
 mod enqueue;
 pub mod fixtures;
+mod learning;
 mod operator;
 mod outcomes;
 mod retention;
@@ -49,6 +51,7 @@ pub use connect::{
 pub use creates::*;
 pub use documents::*;
 pub use enqueue::*;
+pub use learning::*;
 pub use operator::*;
 pub use outcomes::*;
 pub use retention::*;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::learning::OBSERVATION_SQL;
+
 use super::{Fenced, secs};
 use crate::domain::{Document, JobId};
 
@@ -114,7 +116,7 @@ pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, 
     sqlx::query_scalar(
         "UPDATE report_requests r
             SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), last_polled_at = now()
            FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS b (id, token, next_poll_at)
           WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
          RETURNING r.id",
@@ -139,22 +141,26 @@ pub struct Completed {
 /// `content`, or its object key in `object_key` (the object already written). Returns
 /// the ids stored.
 pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH done AS (
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH before AS (
+             SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+               FROM report_requests WHERE id = ANY($1)),
+         done AS (
              UPDATE report_requests r
                 SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
                     polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
                     lease_owner = NULL, lease_expires_at = NULL
                FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
-             RETURNING r.id)
+             RETURNING r.id),
+         observed AS ({OBSERVATION_SQL} RETURNING 1)
          INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256)
          SELECT d.id, d.content, d.object_key, d.content_type, d.file_name, d.byte_size, d.sha256
            FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
                 AS d (id, content, object_key, content_type, file_name, byte_size, sha256)
            JOIN done ON done.id = d.id
-         RETURNING request_id",
-    )
+         RETURNING request_id"
+    )))
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.document.content()).collect::<Vec<_>>())
@@ -187,18 +193,25 @@ pub async fn complete_streamed(
     mut body: impl std::io::Read,
 ) -> Result<Fenced, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(
-        "UPDATE report_requests r
-            SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
-                polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
-                lease_owner = NULL, lease_expires_at = NULL
-          WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'",
-    )
+    let done: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH before AS (
+             SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+               FROM report_requests WHERE id = $1),
+         done AS (
+             UPDATE report_requests r
+                SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                    lease_owner = NULL, lease_expires_at = NULL
+              WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'
+             RETURNING r.id),
+         observed AS ({OBSERVATION_SQL} RETURNING 1)
+         SELECT id FROM done"
+    )))
     .bind(id)
     .bind(token)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    if done.rows_affected() != 1 {
+    if done.len() != 1 {
         tx.rollback().await?;
         return Ok(Fenced::Lost);
     }

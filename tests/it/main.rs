@@ -7,6 +7,7 @@ mod browser;
 mod cli;
 mod common;
 mod dashboard;
+mod economy;
 mod edges;
 mod layout;
 mod objects;

@@ -53,6 +53,17 @@ async fn ids(pool: &PgPool) -> Vec<i64> {
         .unwrap()
 }
 
+/// Two statements updating many rows each may deadlock (PostgreSQL then rolls one back,
+/// counts included): that is an outcome, not a failure, for the counts to survive.
+fn tolerate_deadlock(r: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) {
+    match r {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40P01") => {}
+        other => {
+            other.unwrap();
+        }
+    }
+}
+
 /// One random operation of the kinds that move rows between states or remove them.
 async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
     let all = ids(pool).await;
@@ -155,21 +166,21 @@ async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
         }
         8 => {
             // Rows moving between batches (by hand), some out of any batch.
-            sqlx::query(
+            let moved = sqlx::query(
                 "UPDATE report_requests SET batch = CASE WHEN id % 4 = 0 THEN NULL ELSE 'b' || (id % 4) END
                   WHERE id % 5 = $1",
             )
             .bind(rng.random_range(0..5i64))
             .execute(pool)
-            .await
-            .unwrap();
+            .await;
+            tolerate_deadlock(moved);
         }
         _ => {
             // A statement moving many rows at once, in both directions.
-            sqlx::query("UPDATE report_requests SET state = CASE state WHEN 'failed' THEN 'cancelled' WHEN 'cancelled' THEN 'failed' ELSE state END, finished_at = coalesce(finished_at, now())")
+            let moved = sqlx::query("UPDATE report_requests SET state = CASE state WHEN 'failed' THEN 'cancelled' WHEN 'cancelled' THEN 'failed' ELSE state END, finished_at = coalesce(finished_at, now())")
                 .execute(pool)
-                .await
-                .unwrap();
+                .await;
+            tolerate_deadlock(moved);
         }
     }
 }

@@ -1,0 +1,117 @@
+//! Learned polling in the engine: each process keeps, per report type, the schedule
+//! computed from the most recent observed generation times (`schedule`), refreshed from
+//! the database once a minute, so every process follows the same history. Without
+//! enough history, or for windows under two minutes (tests, the demo), the fixed
+//! `PollPolicy` decides.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use super::policy::{PollPolicy, Progress};
+use super::schedule::{HISTORY, Observation, Schedule};
+use crate::domain::ReportType;
+use crate::queue;
+
+/// How often a process reads the history again.
+const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// Windows shorter than this keep the fixed schedule (its seconds-long gaps would not
+/// fit).
+const SHORTEST_WINDOW: Duration = Duration::from_secs(120);
+/// Observations kept per report type (the schedule reads the newest `HISTORY`).
+const KEPT: i64 = 1_000;
+
+type Cached = (Instant, Option<Arc<Schedule>>);
+
+pub(super) struct Learning {
+    /// The median detection delay aimed for; `None`: learned polling is off.
+    target: Option<Duration>,
+    policy: PollPolicy,
+    cache: Mutex<HashMap<ReportType, Cached>>,
+}
+
+impl Learning {
+    pub(super) fn new(target: Option<Duration>, policy: PollPolicy) -> Learning {
+        let target = target.filter(|_| policy.window >= SHORTEST_WINDOW);
+        Learning {
+            target,
+            policy,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, kind: ReportType) -> Option<Cached> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&kind)
+            .cloned()
+    }
+
+    /// The schedule for `kind`, read again when a minute old. A database error keeps
+    /// the schedule already known (or the fixed one).
+    async fn schedule(&self, pool: &PgPool, kind: ReportType) -> Option<Arc<Schedule>> {
+        let target = self.target?;
+        if let Some((at, schedule)) = self.cached(kind)
+            && at.elapsed() < REFRESH_EVERY
+        {
+            return schedule;
+        }
+        let schedule = match queue::recent_generation_times(pool, kind, HISTORY as i64).await {
+            Ok(rows) => {
+                let history: Vec<Observation> = rows
+                    .into_iter()
+                    .map(|(lower, upper)| Observation {
+                        lower: lower as f64,
+                        upper: upper as f64,
+                    })
+                    .collect();
+                if let Err(e) = queue::forget_old_generation_times(pool, kind, KEPT).await {
+                    tracing::debug!(error = %e, "could not trim old generation times");
+                }
+                Schedule::learn(&history, self.policy.window, target, self.policy.poll_max)
+                    .map(Arc::new)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read generation times; keeping the schedule");
+                self.cached(kind).and_then(|(_, s)| s)
+            }
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kind, (Instant::now(), schedule.clone()));
+        schedule
+    }
+
+    /// How long after its create a task of `kind` is first polled.
+    pub(super) async fn first_poll_delay(&self, pool: &PgPool, kind: ReportType) -> Duration {
+        match self.schedule(pool, kind).await {
+            Some(s) => Duration::from_secs_f64(s.first()),
+            None => self.policy.first_poll_delay(),
+        }
+    }
+
+    /// The next poll of a task of `kind` created at `created`, after a "not ready"
+    /// answer at `now`; `None` when its window is over.
+    pub(super) async fn next_poll_at(
+        &self,
+        pool: &PgPool,
+        kind: ReportType,
+        created: DateTime<Utc>,
+        now: DateTime<Utc>,
+        progress: Progress,
+        unit: f64,
+    ) -> Option<DateTime<Utc>> {
+        let Some(s) = self.schedule(pool, kind).await else {
+            return self.policy.next_poll_at(created, now, progress, unit);
+        };
+        let elapsed = (now - created).num_milliseconds() as f64 / 1000.0;
+        let next = s.next_after(elapsed)?;
+        Some(created + chrono::Duration::milliseconds((next * 1000.0) as i64))
+    }
+}
