@@ -284,6 +284,14 @@ pub struct RunArgs {
     /// Interval between polls while the task waits in the provider's queue.
     #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
     pub report_poll_max: Duration,
+    /// Creates per day (Asia/Shanghai) the account may make, shared by every process:
+    /// creating stops before the provider's 67200007 (default: no limit of ours).
+    #[arg(long, env = "UPSTREAM_DAILY_LIMIT")]
+    pub upstream_daily_limit: Option<u32>,
+    /// The last creates of UPSTREAM_DAILY_LIMIT kept for rows already paid for (retries);
+    /// new rows wait for the next day instead (default: 5 % of the limit).
+    #[arg(long, env = "UPSTREAM_DAILY_HEADROOM")]
+    pub upstream_daily_headroom: Option<u32>,
     /// Learned polling: the median detection delay (ready → noticed) the schedule aims
     /// for, learned from this account's generation times; 0 keeps the fixed schedule
     /// (REPORT_FIRST_POLL, REPORT_POLL_MIN/MAX), which is also used until 50 reports of

@@ -78,6 +78,9 @@ pub struct WorkerConfig {
     pub documents: DocumentStore,
     /// Webhook delivery (off unless `WEBHOOK_SECRET` is set: nothing is sent unsigned).
     pub webhooks: Option<webhooks::Webhooks>,
+    /// `UPSTREAM_DAILY_LIMIT`: creates per day (Asia/Shanghai) for the account, with the
+    /// last `headroom` of them kept for rows already paid for (retries).
+    pub daily_limit: Option<DailyLimit>,
     /// Learned polling's median detection delay (`REPORT_DETECTION_TARGET`); `None`
     /// keeps the fixed schedule of `poll`.
     pub detection_target: Option<Duration>,
@@ -102,8 +105,16 @@ impl WorkerConfig {
             documents: DocumentStore::Postgres,
             webhooks: None,
             detection_target: None,
+            daily_limit: None,
         }
     }
+}
+
+/// The account's daily create limit, and the share of it kept for retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyLimit {
+    pub limit: i64,
+    pub headroom: i64,
 }
 
 /// The shortest idle nap: an idle process asks the database at most ten times a second

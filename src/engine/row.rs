@@ -25,7 +25,7 @@ use super::Shared;
 use super::account::outcome;
 use super::leases::LeaseFlag;
 use super::policy::Progress;
-use crate::domain::{JobId, RequestState};
+use crate::domain::{JobId, RequestState, StopScope};
 use crate::queue::{
     self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
     Retry, Snoozed, WriteError,
@@ -65,6 +65,11 @@ enum Outcome {
     /// The current task is lost (job_status 3, the window ran out, the provider
     /// refuses to talk about it): a new task while attempts remain, else failed.
     TaskLost { code: Option<i32>, why: String },
+    /// Not now, and not the row's fault: back in the queue until `until`, with why.
+    Later {
+        until: DateTime<Utc>,
+        message: String,
+    },
     /// The request can never succeed: fail it.
     Refused {
         code: Option<i32>,
@@ -176,6 +181,9 @@ impl RowTask {
             report_type: Some(self.row.report_type),
         };
         let shared = &self.shared;
+        if let Some(outcome) = self.reserve_daily_create().await {
+            return outcome;
+        }
         let (mut token_refused, mut rate_limited) = (false, 0);
         loop {
             // The token before the intent: a create's time budget is for the create alone.
@@ -291,6 +299,55 @@ impl RowTask {
             if refunded != Some(Fenced::Written) {
                 return Outcome::LeaseLost;
             }
+        }
+    }
+
+    /// With `UPSTREAM_DAILY_LIMIT`: one create of today's quota, or why not. A row that
+    /// never had a task waits for tomorrow once only the headroom is left (kept for
+    /// retries of rows already paid for); when the quota is spent, creating stops for
+    /// every process until the provider's midnight. Counted before the create is sent:
+    /// a create that then makes no task still used its place (the safe side).
+    async fn reserve_daily_create(&self) -> Option<Outcome> {
+        let shared = &self.shared;
+        let quota = shared.config.daily_limit?;
+        let headroom = if self.row.attempts == 0 {
+            quota.headroom
+        } else {
+            0
+        };
+        let account = &shared.config.account;
+        let until = crate::upstream::next_shanghai_midnight(self.now());
+        match queue::reserve_daily_create(&shared.pool, account, quota.limit, headroom).await {
+            Ok(queue::Quota::Reserved { .. }) => None,
+            Ok(queue::Quota::Held { used }) => {
+                let message = format!(
+                    "waiting for tomorrow's quota: {used} of UPSTREAM_DAILY_LIMIT {} creates used today (Asia/Shanghai); the last {} are kept for retries of rows already paid for",
+                    quota.limit, quota.headroom
+                );
+                tracing::info!("{message}");
+                Some(Outcome::Later { until, message })
+            }
+            Ok(queue::Quota::Spent { used }) => {
+                let error = UpstreamError::AccountStop {
+                    code: 67200007,
+                    reason: format!(
+                        "UPSTREAM_DAILY_LIMIT reached: {used} of {} creates used today (Asia/Shanghai); creating resumes after the provider's midnight",
+                        quota.limit
+                    ),
+                    until: Some(until + chrono::Duration::minutes(3)),
+                    scope: StopScope::Create,
+                };
+                Some(Outcome::Trouble {
+                    error,
+                    intent: Intent::Keep,
+                })
+            }
+            Err(e) => Some(Outcome::Trouble {
+                error: UpstreamError::transient(format!(
+                    "cannot reserve today's create (nothing was sent): {e}"
+                )),
+                intent: Intent::Keep,
+            }),
         }
     }
 
@@ -514,6 +571,23 @@ impl RowTask {
                 self.fail(code, &message, intent).await;
             }
             Outcome::Trouble { error, intent } => self.retry_later(error, intent).await,
+            Outcome::Later { until, message } => {
+                let (pool, row) = (&self.shared.pool, &self.row);
+                let delay = (until - self.now()).to_std().unwrap_or_default();
+                self.write("wait for tomorrow's quota", || {
+                    queue::retry_later(
+                        pool,
+                        row.id,
+                        row.lease_token,
+                        Retry::Noted,
+                        None,
+                        &message,
+                        delay,
+                        Intent::Keep,
+                    )
+                })
+                .await;
+            }
             Outcome::WaitForCreate => {
                 let (pool, row) = (&self.shared.pool, &self.row);
                 self.write("wait for the create on the wire", || {

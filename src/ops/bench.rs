@@ -1292,7 +1292,8 @@ pub fn table(r: &BenchResults) -> String {
         );
     }
     if let Some(e) = &r.economy {
-        s += "4. upstream economy (virtual clock; generation uniform over 1–10 min unless named):\n";
+        s +=
+            "4. upstream economy (virtual clock; generation uniform over 1–10 min unless named):\n";
         for p in e {
             s += &format!(
                 "   {:<55} {:>5.1} calls/report, detection p50 {:>5.1} s, p95 {:>5.1} s\n",

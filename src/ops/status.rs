@@ -43,6 +43,19 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
         "finished in the last minute/hour/day: {}",
         line.join(", ")
     )?;
+    let today = queue::ledger_today(pool)
+        .await
+        .context("reading report_ledger")?;
+    writeln!(
+        out,
+        "today (Asia/Shanghai): {} paid tasks, {} creates without an answer, {} documents, {} unused tasks kept, {} too-fast answers, {} calls",
+        today.paid_tasks,
+        today.unknown_creates,
+        today.documents,
+        today.orphans,
+        today.rate_limited,
+        today.calls
+    )?;
     if stops.is_empty() {
         writeln!(out, "account stop: none")?;
     }

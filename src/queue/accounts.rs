@@ -169,3 +169,45 @@ pub async fn slow_down(pool: &PgPool, account: &str, pause: Duration) -> Result<
     .await?;
     Ok(())
 }
+
+/// What reserving a create against the daily limit found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// Reserved: this is today's create number `used`.
+    Reserved { used: i64 },
+    /// The rest of today's quota is kept for rows already paid for (retries).
+    Held { used: i64 },
+    /// Today's quota is spent.
+    Spent { used: i64 },
+}
+
+/// Reserves one create of today's (Asia/Shanghai) `limit` for `account`, leaving
+/// `headroom` creates to others (retries). One statement: processes never overshoot.
+pub async fn reserve_daily_create(
+    pool: &PgPool,
+    account: &str,
+    limit: i64,
+    headroom: i64,
+) -> Result<Quota, sqlx::Error> {
+    let (reserved, before): (Option<i64>, Option<i64>) = sqlx::query_as(
+        "WITH ins AS (
+             INSERT INTO report_daily_creates AS q (account, day, used)
+             SELECT $1, (now() AT TIME ZONE 'Asia/Shanghai')::date, 1 WHERE $2 - $3 >= 1
+             ON CONFLICT (account, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2 - $3
+             RETURNING used)
+         SELECT (SELECT used FROM ins),
+                (SELECT used FROM report_daily_creates
+                  WHERE account = $1 AND day = (now() AT TIME ZONE 'Asia/Shanghai')::date)",
+    )
+    .bind(account)
+    .bind(limit)
+    .bind(headroom.max(0))
+    .fetch_one(pool)
+    .await?;
+    let used = before.unwrap_or(0);
+    Ok(match reserved {
+        Some(used) => Quota::Reserved { used },
+        None if used >= limit => Quota::Spent { used },
+        None => Quota::Held { used },
+    })
+}

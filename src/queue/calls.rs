@@ -1,6 +1,7 @@
-//! Provider calls per minute, account, endpoint and outcome (`report_provider_calls`):
-//! every worker process adds its own counts every few seconds, so any process (the
-//! dashboard, `status`) reads the whole account's calls.
+//! Provider calls per minute, account, endpoint and outcome (`report_provider_calls`,
+//! kept 8 days) and per day as the provider counts days (`report_provider_calls_daily`,
+//! the ledger's): every worker process adds its own counts every few seconds, so any
+//! process (the dashboard, `status`) reads the whole account's calls.
 
 use std::time::Duration;
 
@@ -26,9 +27,14 @@ pub async fn record_calls(
     let outcomes: Vec<&str> = tallies.iter().map(|t| t.1.as_str()).collect();
     let counts: Vec<i64> = tallies.iter().map(|t| t.2).collect();
     sqlx::query(
-        "INSERT INTO report_provider_calls AS c (minute, account, endpoint, outcome, n)
-         SELECT date_trunc('minute', now()), $1, e, o, n
-           FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(e, o, n)
+        "WITH t AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(e, o, n)),
+              daily AS (
+                  INSERT INTO report_provider_calls_daily AS d (day, account, endpoint, outcome, n)
+                  SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date, $1, e, o, n FROM t ORDER BY e, o
+                  ON CONFLICT (day, account, endpoint, outcome) DO UPDATE SET n = d.n + excluded.n
+                  RETURNING 1)
+         INSERT INTO report_provider_calls AS c (minute, account, endpoint, outcome, n)
+         SELECT date_trunc('minute', now()), $1, e, o, n FROM t
           ORDER BY e, o
          ON CONFLICT (minute, account, endpoint, outcome) DO UPDATE SET n = c.n + excluded.n",
     )
@@ -125,13 +131,13 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
         "WITH days AS (
              SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date - g AS day FROM generate_series(0, $1 - 1) g),
          calls AS (
-             SELECT (minute AT TIME ZONE 'Asia/Shanghai')::date AS day,
+             SELECT day,
                     sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'ok') AS paid,
                     sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'unanswered') AS unknown,
                     sum(n) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
                     sum(n) AS calls
-               FROM report_provider_calls
-              WHERE minute >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
+               FROM report_provider_calls_daily
+              WHERE day > (now() AT TIME ZONE 'Asia/Shanghai')::date - $1
               GROUP BY 1),
          stored AS (
              SELECT (minute AT TIME ZONE 'Asia/Shanghai')::date AS day, sum(n) AS stored
@@ -155,5 +161,30 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
     )
     .bind(days)
     .fetch_all(pool)
+    .await
+}
+
+/// Today's line of the ledger (Asia/Shanghai day), summed over accounts.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct LedgerDay {
+    pub paid_tasks: i64,
+    pub unknown_creates: i64,
+    pub documents: i64,
+    pub orphans: i64,
+    pub rate_limited: i64,
+    pub calls: i64,
+}
+
+pub async fn ledger_today(pool: &PgPool) -> Result<LedgerDay, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT coalesce(sum(paid_tasks), 0)::bigint AS paid_tasks,
+                coalesce(sum(unknown_creates), 0)::bigint AS unknown_creates,
+                coalesce(sum(documents), 0)::bigint AS documents,
+                coalesce(sum(orphans), 0)::bigint AS orphans,
+                coalesce(sum(rate_limited), 0)::bigint AS rate_limited,
+                coalesce(sum(calls), 0)::bigint AS calls
+           FROM report_ledger WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date",
+    )
+    .fetch_one(pool)
     .await
 }

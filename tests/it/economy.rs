@@ -98,3 +98,154 @@ async fn with_enough_history_the_first_poll_follows_the_learned_schedule() {
     sim.stop().await;
     db.close().await;
 }
+
+#[tokio::test]
+async fn the_ledger_matches_the_simulators_own_counts_after_a_run_with_faults() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        fault_rate: 0.15,
+        qps: Some(20),
+        seed: Some(11),
+        generation_time: (Duration::from_millis(100), Duration::from_millis(300)),
+        ..SimConfig::instant()
+    })
+    .await;
+    for i in 0..24 {
+        enqueue(&db.pool, Some(&format!("账本{i}")), None, None, "pdf").await;
+    }
+    enqueue(&db.pool, None, Some("91110108551385083Q"), None, "pdf").await;
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.qps = 30.0; // above the simulator's 20: some calls are answered "too fast"
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    wait_all_finished(&db.pool, Duration::from_secs(90)).await;
+    w.stop().await; // its last counts are written as it stops
+    let (paid, unknown, documents, rate_limited, calls, by): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        serde_json::Value,
+    ) = sqlx::query_as(
+        "SELECT paid_tasks, unknown_creates, documents, rate_limited, calls, calls_by_outcome
+               FROM report_ledger WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let stats = sim.stats();
+    let succeeded = count(
+        &db.pool,
+        "SELECT count(*) FROM report_requests WHERE state = 'succeeded'",
+    )
+    .await;
+    assert_eq!(documents, succeeded, "{by}");
+    // Every task the simulator made was either answered (paid) or not (unknown).
+    assert!(paid as u64 <= stats.tasks_created, "{by} vs {stats:?}");
+    assert!(
+        stats.tasks_created <= (paid + unknown) as u64,
+        "{by} vs {stats:?}"
+    );
+    let status: i64 = by
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("status:"))
+        .map(|(_, v)| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(status as u64, stats.calls_to("status"), "{by} vs {stats:?}");
+    assert_eq!(
+        rate_limited as u64,
+        stats.calls("create:67200002") + stats.calls("status:67200002"),
+        "{by} vs {stats:?}"
+    );
+    assert_eq!(
+        calls,
+        by.as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_i64().unwrap())
+            .sum::<i64>()
+    );
+    // status prints today's line.
+    let text = report_worker::ops::status::status_text(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        text.contains(&format!("today (Asia/Shanghai): {paid} paid tasks")),
+        "{text}"
+    );
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn the_daily_limit_keeps_headroom_for_retries_then_stops_creating() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    // Six new rows; a limit of 5 with 2 kept for retries: 3 new rows get a task.
+    for i in 0..6 {
+        enqueue(&db.pool, Some(&format!("新{i}")), None, None, "pdf").await;
+    }
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.daily_limit = Some(report_worker::engine::DailyLimit {
+        limit: 5,
+        headroom: 2,
+    });
+    let w = spawn_worker(&db.url, client_config(&sim), config.clone()).await;
+    wait_for("three created and three waiting", Duration::from_secs(30), || async {
+        let done = count(&db.pool, "SELECT count(*) FROM report_requests WHERE state = 'succeeded'").await;
+        let waiting = count(
+            &db.pool,
+            "SELECT count(*) FROM report_requests WHERE state = 'queued' AND run_after > now() + interval '1 minute'
+                AND last_error LIKE 'waiting for tomorrow''s quota%'",
+        )
+        .await;
+        (done == 3 && waiting == 3).then_some(())
+    })
+    .await;
+    assert_eq!(sim.stats().tasks_created, 3);
+    // Rows already paid for (a retry) may use the headroom, and then the quota is spent.
+    let mut retries = Vec::new();
+    for i in 0..3 {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO report_requests (company_name, report_type, attempts) VALUES ($1, 'pdf', 1) RETURNING id",
+        )
+        .bind(format!("重试{i}"))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        retries.push(id);
+    }
+    let reason: String = wait_for("the account stop", Duration::from_secs(30), || async {
+        sqlx::query_scalar("SELECT reason FROM report_account_stops WHERE scope = 'create'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    w.stop().await;
+    assert!(
+        reason.contains("UPSTREAM_DAILY_LIMIT reached: 5 of 5"),
+        "{reason}"
+    );
+    assert_eq!(sim.stats().tasks_created, 5, "never past the limit");
+    let until_midnight: bool = sqlx::query_scalar(
+        "SELECT until > now() AND (until AT TIME ZONE 'Asia/Shanghai')::time BETWEEN '00:00' AND '00:10'
+           FROM report_account_stops",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        until_midnight,
+        "the stop ends just after the provider's midnight"
+    );
+    let used: i64 = sqlx::query_scalar("SELECT used FROM report_daily_creates")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(used, 5);
+    sim.stop().await;
+    db.close().await;
+}
