@@ -19,17 +19,19 @@ ON CONFLICT DO NOTHING;
 
 -- One line per account and day: paid tasks (creates answered with a job id), creates
 -- with no usable answer (each may be a paid task without a job id here), documents
--- downloaded, paid tasks kept as orphans, "too fast" answers (67200002), calls in all
--- and by endpoint:outcome.
+-- downloaded, rows served by reusing a stored document (no call), paid tasks kept as
+-- orphans, "too fast" answers (67200002), provider calls in all and by endpoint:outcome.
 CREATE OR REPLACE VIEW report_ledger AS
 WITH calls AS (
     SELECT account, day,
            sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'ok') AS paid_tasks,
            sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'unanswered') AS unknown_creates,
            sum(n) FILTER (WHERE endpoint = 'download' AND outcome = 'ok') AS documents,
+           sum(n) FILTER (WHERE endpoint = 'reuse') AS reuse_hits,
            sum(n) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
-           sum(n) AS calls,
-           jsonb_object_agg(endpoint || ':' || outcome, n ORDER BY endpoint, outcome) AS calls_by_outcome
+           sum(n) FILTER (WHERE endpoint <> 'reuse') AS calls,
+           coalesce(jsonb_object_agg(endpoint || ':' || outcome, n ORDER BY endpoint, outcome)
+                    FILTER (WHERE endpoint <> 'reuse'), '{}') AS calls_by_outcome
       FROM report_provider_calls_daily GROUP BY account, day),
 orphans AS (
     SELECT account, (created_at AT TIME ZONE 'Asia/Shanghai')::date AS day, count(*) AS orphans
@@ -39,6 +41,7 @@ SELECT coalesce(c.account, o.account) AS account,
        coalesce(c.paid_tasks, 0)::bigint AS paid_tasks,
        coalesce(c.unknown_creates, 0)::bigint AS unknown_creates,
        coalesce(c.documents, 0)::bigint AS documents,
+       coalesce(c.reuse_hits, 0)::bigint AS reuse_hits,
        coalesce(o.orphans, 0)::bigint AS orphans,
        coalesce(c.rate_limited, 0)::bigint AS rate_limited,
        coalesce(c.calls, 0)::bigint AS calls,

@@ -284,6 +284,11 @@ pub struct RunArgs {
     /// Interval between polls while the task waits in the provider's queue.
     #[arg(long, env = "REPORT_POLL_MAX", default_value = "60s", value_parser = parse_duration)]
     pub report_poll_max: Duration,
+    /// Reuse: a row is served from a document already stored for exactly its identifier
+    /// and report type within this long (e.g. 7d), with no provider call; a row's
+    /// `reuse_within` overrides it (default: off).
+    #[arg(long, env = "REPORT_REUSE_WITHIN", value_parser = parse_duration)]
+    pub report_reuse_within: Option<Duration>,
     /// Creates per day (Asia/Shanghai) the account may make, shared by every process:
     /// creating stops before the provider's 67200007 (default: no limit of ours).
     #[arg(long, env = "UPSTREAM_DAILY_LIMIT")]

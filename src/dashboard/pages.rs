@@ -730,14 +730,14 @@ pub(super) fn spend(v: &Viewer, stops: &[AccountStop], days: &[SpendDay]) -> Mar
             table.list {
                 thead { tr {
                     th scope="col" { "Day" } th.num scope="col" { "Paid tasks" } th.num scope="col" { "Unknown-outcome creates" }
-                    th.num scope="col" { "Unused tasks kept" } th.num scope="col" { "Reports stored" } th.num scope="col" { "Calls" }
+                    th.num scope="col" { "Unused tasks kept" } th.num scope="col" { "Reports stored" } th.num scope="col" { "Served by reuse" } th.num scope="col" { "Calls" }
                     th.num scope="col" { "Calls per report" } th.num scope="col" { "Too fast (67200002)" }
                 } }
                 tbody {
                     @for d in days {
                         tr {
                             th scope="row" { (d.day.format("%Y-%m-%d")) }
-                            td.num { (d.paid) } td.num { (d.unknown) } td.num { (d.orphans) } td.num { (d.stored) } td.num { (d.calls) }
+                            td.num { (d.paid) } td.num { (d.unknown) } td.num { (d.orphans) } td.num { (d.stored) } td.num { (d.reused) } td.num { (d.calls) }
                             td.num { @if d.stored > 0 { (format!("{:.1}", d.calls as f64 / d.stored as f64)) } @else { "—" } }
                             td.num { (d.rate_limited) }
                         }

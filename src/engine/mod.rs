@@ -81,6 +81,9 @@ pub struct WorkerConfig {
     /// `UPSTREAM_DAILY_LIMIT`: creates per day (Asia/Shanghai) for the account, with the
     /// last `headroom` of them kept for rows already paid for (retries).
     pub daily_limit: Option<DailyLimit>,
+    /// `REPORT_REUSE_WITHIN`: a row is served from a document stored for the same
+    /// identifier and type within this long (a row's `reuse_within` overrides it).
+    pub reuse_within: Option<Duration>,
     /// Learned polling's median detection delay (`REPORT_DETECTION_TARGET`); `None`
     /// keeps the fixed schedule of `poll`.
     pub detection_target: Option<Duration>,
@@ -106,6 +109,7 @@ impl WorkerConfig {
             webhooks: None,
             detection_target: None,
             daily_limit: None,
+            reuse_within: None,
         }
     }
 }

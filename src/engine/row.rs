@@ -181,6 +181,9 @@ impl RowTask {
             report_type: Some(self.row.report_type),
         };
         let shared = &self.shared;
+        if let Some(outcome) = self.reuse().await {
+            return outcome;
+        }
         if let Some(outcome) = self.reserve_daily_create().await {
             return outcome;
         }
@@ -299,6 +302,77 @@ impl RowTask {
             if refunded != Some(Fenced::Written) {
                 return Outcome::LeaseLost;
             }
+        }
+    }
+
+    /// With reuse on (for the deployment or the row): the row is served from the most
+    /// recent document stored for exactly its identifier and type within the window —
+    /// a new document row (its own copy of the object in object storage), `succeeded`,
+    /// no provider call, its event naming the row it reused. `None`: create as usual.
+    async fn reuse(&self) -> Option<Outcome> {
+        let shared = &self.shared;
+        let within = match self.row.reuse_within_secs {
+            Some(secs) => Duration::from_secs_f64(secs.max(0.0)),
+            None => shared.config.reuse_within?,
+        };
+        if within.is_zero() {
+            return None;
+        }
+        let (pool, row) = (&shared.pool, &self.row);
+        let trouble = |what: String| {
+            Some(Outcome::Trouble {
+                error: UpstreamError::transient(what),
+                intent: Intent::Keep,
+            })
+        };
+        let found =
+            match queue::find_reusable(pool, row.id, row.report_type, shared.config.reuse_within)
+                .await
+            {
+                Ok(Some(found)) => found,
+                Ok(None) => return None,
+                Err(e) => {
+                    return trouble(format!(
+                        "cannot look for a document to reuse (nothing was sent): {e}"
+                    ));
+                }
+            };
+        let store = &shared.config.documents;
+        let key = match &found.object_key {
+            None => None,
+            Some(from) => {
+                let Some(to) = store.key_for(row.id, &found.sha256, row.report_type.extension())
+                else {
+                    // In object storage, and this process stores in PostgreSQL.
+                    return None;
+                };
+                if let Err(e) = store.copy_object(from, &to).await {
+                    return trouble(format!("cannot copy the document to reuse: {e}"));
+                }
+                Some(to)
+            }
+        };
+        match queue::complete_from(
+            pool,
+            row.id,
+            row.lease_token,
+            found.request_id,
+            key.as_deref(),
+        )
+        .await
+        {
+            Ok(Fenced::Written) => {
+                shared.metrics.call("reuse", "hit");
+                shared.metrics.finished("succeeded");
+                tracing::info!(
+                    outcome = "succeeded",
+                    reused = found.request_id,
+                    "served from the document of an earlier request: no provider call"
+                );
+                Some(Outcome::Written)
+            }
+            Ok(Fenced::Lost) => Some(Outcome::LeaseLost),
+            Err(e) => trouble(format!("cannot store the reused document: {e}")),
         }
     }
 

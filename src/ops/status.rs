@@ -48,10 +48,11 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
         .context("reading report_ledger")?;
     writeln!(
         out,
-        "today (Asia/Shanghai): {} paid tasks, {} creates without an answer, {} documents, {} unused tasks kept, {} too-fast answers, {} calls",
+        "today (Asia/Shanghai): {} paid tasks, {} creates without an answer, {} documents, {} served by reuse, {} unused tasks kept, {} too-fast answers, {} calls",
         today.paid_tasks,
         today.unknown_creates,
         today.documents,
+        today.reuse_hits,
         today.orphans,
         today.rate_limited,
         today.calls

@@ -74,7 +74,7 @@ pub async fn calls_per_minute(
 ) -> Result<Vec<CallsInMinute>, sqlx::Error> {
     sqlx::query_as(
         "SELECT minute, endpoint, outcome, sum(n)::bigint AS n FROM report_provider_calls
-          WHERE minute >= date_trunc('minute', now()) - $1 * interval '1 second'
+          WHERE minute >= date_trunc('minute', now()) - $1 * interval '1 second' AND endpoint <> 'reuse'
           GROUP BY minute, endpoint, outcome ORDER BY minute, endpoint, outcome",
     )
     .bind(secs(within))
@@ -97,7 +97,7 @@ pub async fn qps_use(pool: &PgPool) -> Result<Vec<QpsUse>, sqlx::Error> {
     sqlx::query_as(
         "WITH used AS (
              SELECT account, sum(n)::float8 / 60 AS in_use FROM report_provider_calls
-              WHERE minute = date_trunc('minute', now()) - interval '1 minute'
+              WHERE minute = date_trunc('minute', now()) - interval '1 minute' AND endpoint <> 'reuse'
               GROUP BY account)
          SELECT coalesce(p.account, u.account) AS account, coalesce(u.in_use, 0) AS in_use, p.qps AS allowed
            FROM report_account_pacing p FULL JOIN used u ON u.account = p.account
@@ -123,6 +123,8 @@ pub struct SpendDay {
     pub orphans: i64,
     /// "Too fast" answers (67200002 and HTTP 429).
     pub rate_limited: i64,
+    /// Rows served from a stored document (no provider call).
+    pub reused: i64,
 }
 
 /// The last `days` days (today included), newest first.
@@ -135,7 +137,8 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
                     sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'ok') AS paid,
                     sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'unanswered') AS unknown,
                     sum(n) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
-                    sum(n) AS calls
+                    sum(n) FILTER (WHERE endpoint = 'reuse') AS reused,
+                    sum(n) FILTER (WHERE endpoint <> 'reuse') AS calls
                FROM report_provider_calls_daily
               WHERE day > (now() AT TIME ZONE 'Asia/Shanghai')::date - $1
               GROUP BY 1),
@@ -152,7 +155,8 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
               GROUP BY 1)
          SELECT d.day, coalesce(c.paid, 0)::bigint AS paid, coalesce(c.unknown, 0)::bigint AS unknown,
                 coalesce(c.calls, 0)::bigint AS calls, coalesce(s.stored, 0)::bigint AS stored,
-                coalesce(o.orphans, 0)::bigint AS orphans, coalesce(c.rate_limited, 0)::bigint AS rate_limited
+                coalesce(o.orphans, 0)::bigint AS orphans, coalesce(c.rate_limited, 0)::bigint AS rate_limited,
+                coalesce(c.reused, 0)::bigint AS reused
            FROM days d
            LEFT JOIN calls c ON c.day = d.day
            LEFT JOIN stored s ON s.day = d.day
@@ -168,6 +172,7 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct LedgerDay {
     pub paid_tasks: i64,
+    pub reuse_hits: i64,
     pub unknown_creates: i64,
     pub documents: i64,
     pub orphans: i64,
@@ -178,6 +183,7 @@ pub struct LedgerDay {
 pub async fn ledger_today(pool: &PgPool) -> Result<LedgerDay, sqlx::Error> {
     sqlx::query_as(
         "SELECT coalesce(sum(paid_tasks), 0)::bigint AS paid_tasks,
+                coalesce(sum(reuse_hits), 0)::bigint AS reuse_hits,
                 coalesce(sum(unknown_creates), 0)::bigint AS unknown_creates,
                 coalesce(sum(documents), 0)::bigint AS documents,
                 coalesce(sum(orphans), 0)::bigint AS orphans,

@@ -31,6 +31,8 @@ pub struct Claimed {
     /// The batch the row belongs to, if any (for logs).
     pub batch: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The row's own reuse window in seconds (`reuse_within`), if it set one.
+    pub reuse_within_secs: Option<f64>,
     pub db_now: DateTime<Utc>,
 }
 
@@ -97,7 +99,8 @@ pub async fn claim(
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
                    r.upstream_created_at, r.polls, r.transient_errors, r.transient_since,
-                   r.bad_downloads, r.batch, r.created_at, now() AS db_now",
+                   r.bad_downloads, r.batch, r.created_at,
+                   extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, now() AS db_now",
     )
     .bind(owner)
     .bind(secs(lease))

@@ -15,6 +15,7 @@
 //! - `browse`: what the dashboard reads (bounded queries, keyset pagination);
 //! - `operator`: operators' actions, recorded with who did them;
 //! - `learning`: observed generation times, for learned polling;
+//! - `reuse`: serving a row from a document already stored for the same identifier;
 //! - `fixtures`: synthetic rows for the demo and the benchmarks.
 //!
 //! Nothing else in the crate writes SQL for `report_*` tables. This module knows the
@@ -33,6 +34,7 @@ mod learning;
 mod operator;
 mod outcomes;
 mod retention;
+mod reuse;
 pub mod roles;
 mod stats;
 mod webhooks;
@@ -55,6 +57,7 @@ pub use learning::*;
 pub use operator::*;
 pub use outcomes::*;
 pub use retention::*;
+pub use reuse::*;
 pub use stats::*;
 pub use webhooks::*;
 

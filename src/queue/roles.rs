@@ -15,7 +15,7 @@ pub const WORKER_ROLE: &str = "report_worker";
 
 /// The columns an application sets when it enqueues.
 const APP_INSERT_COLUMNS: &str = "company_name, credit_code, org_number, report_type, priority, run_after, \
-     max_attempts, dedupe_key, metadata, batch, callback_url";
+     max_attempts, dedupe_key, metadata, batch, callback_url, reuse_within";
 
 /// Creates the two roles if missing and grants them what they need in this database.
 pub async fn grant(pool: &PgPool) -> Result<(), sqlx::Error> {

@@ -199,6 +199,18 @@ impl DocumentStore {
         Ok(stream.map(|chunk| chunk.map_err(StoreError::from)).boxed())
     }
 
+    /// Copies a stored object to `to` (a reused document gets its own object, so that
+    /// removing one row's document never removes another's).
+    pub async fn copy_object(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let DocumentStore::Objects { store, .. } = self else {
+            return Err(StoreError::NoObjectStore(from.into()));
+        };
+        store
+            .copy(&ObjectPath::from(from), &ObjectPath::from(to))
+            .await?;
+        Ok(())
+    }
+
     /// Deletes objects (documents removed by retention); missing ones are fine.
     pub async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         let DocumentStore::Objects { store, .. } = self else {

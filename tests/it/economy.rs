@@ -249,3 +249,134 @@ async fn the_daily_limit_keeps_headroom_for_retries_then_stops_creating() {
     sim.stop().await;
     db.close().await;
 }
+
+async fn insert_row(
+    db: &TestDb,
+    company: Option<&str>,
+    code: Option<&str>,
+    reuse: Option<&str>,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, credit_code, report_type, reuse_within)
+         VALUES ($1, $2, 'pdf', $3::interval) RETURNING id",
+    )
+    .bind(company)
+    .bind(code)
+    .bind(reuse)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn state(db: &TestDb, id: i64) -> String {
+    row_state(&db.pool, id).await.0
+}
+
+#[tokio::test]
+async fn a_stored_document_serves_the_same_company_and_type_again_without_a_call() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.reuse_within = Some(Duration::from_secs(7 * 24 * 3600));
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    let first = insert_row(&db, Some("小米科技有限责任公司"), None, None).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    assert_eq!(sim.stats().tasks_created, 1);
+
+    // The same company and type twice more: served from the first document.
+    let again = insert_row(&db, Some("小米科技有限责任公司"), None, None).await;
+    let third = insert_row(&db, Some("小米科技有限责任公司"), None, None).await;
+    // Another identifier for the same company is never merged on a guess; a row that
+    // opts out creates too.
+    let by_code = insert_row(&db, None, Some("91110108551385082Q"), None).await;
+    let opted_out = insert_row(&db, Some("小米科技有限责任公司"), None, Some("0")).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    w.stop().await;
+    for id in [again, third, by_code, opted_out] {
+        assert_eq!(state(&db, id).await, "succeeded");
+    }
+    assert_eq!(
+        sim.stats().tasks_created,
+        3,
+        "one paid task for the first three rows"
+    );
+    let shas: Vec<(i64, String, bool)> = sqlx::query_as(
+        "SELECT request_id, sha256, encode(sha256(content), 'hex') = sha256 FROM report_documents
+          WHERE request_id = ANY($1) ORDER BY request_id",
+    )
+    .bind(vec![first, again, third])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(shas.len(), 3, "three documents");
+    assert!(
+        shas.iter().all(|(_, sha, ok)| *ok && *sha == shas[0].1),
+        "{shas:?}"
+    );
+    let (action, actor): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT action, actor FROM report_events WHERE request_id = $1 AND state = 'succeeded'",
+    )
+    .bind(again)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(action.as_deref(), Some("reuse"));
+    assert_eq!(
+        actor,
+        Some(format!("worker: the document of request {first}"))
+    );
+    let (hits, calls): (i64, i64) = sqlx::query_as(
+        "SELECT reuse_hits, calls FROM report_ledger WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(hits, 2);
+    let stats = sim.stats();
+    assert_eq!(
+        calls as u64,
+        stats.calls_to("create") + stats.calls_to("status") + stats.calls_to("download"),
+        "reuse is not a provider call"
+    );
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_document_older_than_the_window_is_not_reused() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    // Reuse off for the deployment; the rows opt in for a day each.
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    let old = insert_row(&db, Some("华为技术有限公司"), None, Some("1 day")).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    sqlx::query("UPDATE report_requests SET finished_at = now() - interval '2 days' WHERE id = $1")
+        .bind(old)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let late = insert_row(&db, Some("华为技术有限公司"), None, Some("1 day")).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    assert_eq!(sim.stats().tasks_created, 2, "past the window: a new task");
+    let reused = insert_row(&db, Some("华为技术有限公司"), None, Some("1 day")).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    w.stop().await;
+    assert_eq!(
+        sim.stats().tasks_created,
+        2,
+        "within a row's own window: reused"
+    );
+    let source: Option<String> = sqlx::query_scalar(
+        "SELECT actor FROM report_events WHERE request_id = $1 AND action = 'reuse'",
+    )
+    .bind(reused)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        source,
+        Some(format!("worker: the document of request {late}"))
+    );
+    sim.stop().await;
+    db.close().await;
+}

@@ -34,7 +34,13 @@ fn check_demo_output(out: &Output, dir: &Path) {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
+    // Nine bought; the two served again from stored documents are the same bytes, which
+    // the export writes once.
     assert_eq!(files.len(), 9, "{files:?}");
+    assert!(
+        stdout.contains("2 of 2 served from the stored documents, 2 paid tasks saved"),
+        "{stdout}"
+    );
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         let name = f.file_name().unwrap().to_string_lossy().to_string();
@@ -104,7 +110,7 @@ async fn demo_uses_database_url_when_set() {
     check_demo_output(&out, dir.path());
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM report_documents").await,
-        9
+        11
     );
     db.close().await;
 }

@@ -1,0 +1,108 @@
+//! Reuse: serving a row from a document already stored for the same identifier and
+//! report type, with no provider call.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::{Fenced, secs};
+use crate::domain::ReportType;
+
+/// A stored document another row may reuse.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Reusable {
+    /// The row it was stored for.
+    pub request_id: i64,
+    pub sha256: String,
+    pub object_key: Option<String>,
+}
+
+/// The most recent document stored for exactly this identifier (the credit code when
+/// the row has one, else the organization code, else the company name: never a guess
+/// across them) and `kind`, finished within the row's `reuse_within` (else `default`).
+/// `None` when there is none, or reuse is off for the row.
+pub async fn find_reusable(
+    pool: &PgPool,
+    id: i64,
+    kind: ReportType,
+    default: Option<Duration>,
+) -> Result<Option<Reusable>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH me AS (
+             SELECT id, coalesce(reuse_within, $3 * interval '1 second') AS within,
+                    nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
+                    nullif(company_name, '') AS name
+               FROM report_requests WHERE id = $1)
+         SELECT d.request_id, d.sha256, d.object_key
+           FROM me
+           JOIN report_requests r ON r.id = ANY (ARRAY(
+                    SELECT c.id FROM report_requests c
+                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
+           JOIN report_documents d ON d.request_id = r.id
+          WHERE me.within > interval '0' AND r.id <> me.id
+            AND r.state = 'succeeded' AND r.report_type = $2
+            AND r.finished_at > now() - me.within
+            AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
+                     WHEN me.org IS NOT NULL THEN r.org_number = me.org
+                     ELSE r.company_name = me.name END
+          ORDER BY r.finished_at DESC LIMIT 1",
+    )
+    .bind(id)
+    .bind(kind.as_str())
+    .bind(default.map(secs))
+    .fetch_optional(pool)
+    .await
+}
+
+/// Finishes the claimed row `id` with a copy of `source`'s document (its bytes, or
+/// `object_key` for a copy of its object), recording in its event that it reused
+/// `source`. Fenced by the claim like every outcome.
+pub async fn complete_from(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    source: i64,
+    object_key: Option<&str>,
+) -> Result<Fenced, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "SELECT set_config('report_worker.actor', $1, true), set_config('report_worker.action', 'reuse', true)",
+    )
+    .bind(format!("worker: the document of request {source}"))
+    .execute(&mut *tx)
+    .await?;
+    let stored: Option<i64> = sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE report_requests r
+                SET state = 'succeeded', finished_at = now(), updated_at = now(),
+                    lease_owner = NULL, lease_expires_at = NULL, transient_errors = 0, transient_since = NULL
+              WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'queued'
+             RETURNING r.id)
+         INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256)
+         SELECT done.id, CASE WHEN $4::text IS NULL THEN s.content END, $4, s.content_type, s.file_name, s.byte_size, s.sha256
+           FROM done, report_documents s WHERE s.request_id = $3
+         RETURNING request_id",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(source)
+    .bind(object_key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if stored.is_none() {
+        tx.rollback().await?;
+        return Ok(Fenced::Lost);
+    }
+    tx.commit().await?;
+    Ok(Fenced::Written)
+}
+
+/// How many of `ids` were served by reusing a stored document.
+pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT request_id) FROM report_events WHERE request_id = ANY($1) AND action = 'reuse'",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await
+}
