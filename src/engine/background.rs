@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::domain::ReportType;
 use crate::queue;
 
 /// Wakes the claim loop on every NOTIFY; reconnects with backoff when the connection
@@ -139,10 +140,13 @@ async fn heartbeat_connection(
 /// minutes are kept there.
 const CALLS_FLUSH_EVERY: Duration = Duration::from_secs(5);
 const CALLS_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
+/// Observed generation times kept per report type.
+const GENERATION_TIMES_KEPT: i64 = 1_000;
 
 /// Adds this process's provider calls to the shared per-minute counts every few seconds
-/// (and once more at shutdown); once an hour removes minutes older than a week. A failed
-/// write keeps the counts for the next one.
+/// (and once more at shutdown); once an hour removes minutes older than a week and all
+/// but the newest observed generation times. A failed write keeps the counts for the
+/// next one.
 pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut last_prune: Option<Instant> = None;
     loop {
@@ -159,6 +163,15 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
             last_prune = Some(Instant::now());
             if let Err(e) = queue::forget_calls_before(&shared.pool, CALLS_KEPT).await {
                 tracing::warn!(error = %e, "could not remove old provider call counts");
+            }
+            // Observed generation times: learned polling reads the newest few hundred.
+            for kind in [ReportType::Pdf, ReportType::Word] {
+                if let Err(e) =
+                    queue::forget_old_generation_times(&shared.pool, kind, GENERATION_TIMES_KEPT)
+                        .await
+                {
+                    tracing::warn!(error = %e, "could not remove old generation times");
+                }
             }
         }
         if stopping {

@@ -22,8 +22,6 @@ const REFRESH_EVERY: Duration = Duration::from_secs(60);
 /// Windows shorter than this keep the fixed schedule (its seconds-long gaps would not
 /// fit).
 const SHORTEST_WINDOW: Duration = Duration::from_secs(120);
-/// Observations kept per report type (the schedule reads the newest `HISTORY`).
-const KEPT: i64 = 1_000;
 
 type Cached = (Instant, Option<Arc<Schedule>>);
 
@@ -42,6 +40,11 @@ impl Learning {
             policy,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether learned polling is on (completions then record what they observed).
+    pub(super) fn is_on(&self) -> bool {
+        self.target.is_some()
     }
 
     fn cached(&self, kind: ReportType) -> Option<Cached> {
@@ -70,9 +73,6 @@ impl Learning {
                         upper: upper as f64,
                     })
                     .collect();
-                if let Err(e) = queue::forget_old_generation_times(pool, kind, KEPT).await {
-                    tracing::debug!(error = %e, "could not trim old generation times");
-                }
                 Schedule::learn(&history, self.policy.window, target, self.policy.poll_max)
                     .map(Arc::new)
             }

@@ -765,7 +765,16 @@ impl RowTask {
             let reply = loop {
                 let sent = match spool.reader() {
                     Ok(body) => {
-                        queue::complete_streamed(pool, row.id, row.lease_token, &meta, body).await
+                        let observe = self.shared.learning.is_on();
+                        queue::complete_streamed(
+                            pool,
+                            row.id,
+                            row.lease_token,
+                            &meta,
+                            observe,
+                            body,
+                        )
+                        .await
                     }
                     Err(e) => Err(sqlx::Error::Io(e)),
                 };
@@ -804,6 +813,7 @@ impl RowTask {
             id: self.row.id,
             token: self.row.lease_token,
             document,
+            observe: self.shared.learning.is_on(),
         };
         let reply = self.shared.writer.completed(completed).await;
         drop(reservation);

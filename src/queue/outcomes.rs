@@ -134,6 +134,8 @@ pub struct Completed {
     pub id: i64,
     pub token: i64,
     pub document: Document,
+    /// Record the task's observed generation time (learned polling is on).
+    pub observe: bool,
 }
 
 /// `complete` for many rows in one statement (so one transaction): a row whose claim
@@ -141,10 +143,21 @@ pub struct Completed {
 /// `content`, or its object key in `object_key` (the object already written). Returns
 /// the ids stored.
 pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
+    // With learned polling on, each completion also records its observed generation
+    // time (from the row as it was); otherwise the statement is the plain one.
+    let observe = items.iter().any(|i| i.observe);
+    let (before, observed) = if observe {
+        (
+            "before AS (
+                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+                   FROM report_requests WHERE id = ANY($1)),",
+            format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),
+        )
+    } else {
+        ("", String::new())
+    };
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "WITH before AS (
-             SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
-               FROM report_requests WHERE id = ANY($1)),
+        "WITH {before}
          done AS (
              UPDATE report_requests r
                 SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
@@ -152,8 +165,7 @@ pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i6
                     lease_owner = NULL, lease_expires_at = NULL
                FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
-             RETURNING r.id),
-         observed AS ({OBSERVATION_SQL} RETURNING 1)
+             RETURNING r.id){observed}
          INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256)
          SELECT d.id, d.content, d.object_key, d.content_type, d.file_name, d.byte_size, d.sha256
            FROM unnest($1::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[])
@@ -190,21 +202,29 @@ pub async fn complete_streamed(
     id: i64,
     token: i64,
     meta: &DocumentMeta,
+    observe: bool,
     mut body: impl std::io::Read,
 ) -> Result<Fenced, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let (before, observed) = if observe {
+        (
+            "before AS (
+                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+                   FROM report_requests WHERE id = $1),",
+            format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),
+        )
+    } else {
+        ("", String::new())
+    };
     let done: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "WITH before AS (
-             SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
-               FROM report_requests WHERE id = $1),
+        "WITH {before}
          done AS (
              UPDATE report_requests r
                 SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
                     polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
                     lease_owner = NULL, lease_expires_at = NULL
               WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'
-             RETURNING r.id),
-         observed AS ({OBSERVATION_SQL} RETURNING 1)
+             RETURNING r.id){observed}
          SELECT id FROM done"
     )))
     .bind(id)

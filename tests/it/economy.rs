@@ -7,7 +7,7 @@ use crate::common::*;
 use report_worker::simulator::SimConfig;
 
 #[tokio::test]
-async fn every_completion_leaves_an_observed_generation_time() {
+async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig {
         generation_time: (Duration::from_millis(300), Duration::from_millis(600)),
@@ -24,7 +24,12 @@ async fn every_completion_leaves_an_observed_generation_time() {
         )
         .await;
     }
-    let w = spawn_fast_worker(&db.url, &sim).await;
+    // Learned polling on (a real window); with fewer than 50 observations the fast
+    // fixed schedule still decides when to poll.
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.poll.window = Duration::from_secs(600);
+    config.detection_target = Some(Duration::from_secs(15));
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
     wait_all_finished(&db.pool, Duration::from_secs(60)).await;
     w.stop().await;
     let rows: Vec<(String, f32, f32)> = sqlx::query_as(
@@ -376,6 +381,22 @@ async fn a_document_older_than_the_window_is_not_reused() {
     assert_eq!(
         source,
         Some(format!("worker: the document of request {late}"))
+    );
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn with_learned_polling_off_nothing_is_observed() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    enqueue(&db.pool, Some("不学"), None, None, "pdf").await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    w.stop().await;
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_generation_times").await,
+        0
     );
     sim.stop().await;
     db.close().await;

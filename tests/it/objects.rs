@@ -169,9 +169,9 @@ async fn a_crash_between_upload_and_commit_leaves_no_row_pointing_at_nothing() {
     let admin = report_worker::queue::connect(&admin_url(), 1)
         .await
         .unwrap();
-    // The completion statement (its text starts the same in both completion paths; the
-    // rest may be cut off in pg_stat_activity at track_activity_query_size).
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND query LIKE 'WITH before%'")
+    // The completion statement, by its first lines (pg_stat_activity cuts long
+    // statements at track_activity_query_size).
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND query LIKE 'WITH%' AND query LIKE '%SET state = ''succeeded''%'")
         .bind(&db.name)
         .execute(&admin)
         .await
