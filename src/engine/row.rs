@@ -308,7 +308,9 @@ impl RowTask {
     /// With reuse on (for the deployment or the row): the row is served from the most
     /// recent document stored for exactly its identifier and type within the window —
     /// a new document row (its own copy of the object in object storage), `succeeded`,
-    /// no provider call, its event naming the row it reused. `None`: create as usual.
+    /// no provider call, its event naming the row it reused. With none stored yet but an
+    /// earlier open row asking for the same, it waits for that row's task (coalescing),
+    /// looking again every `REPORT_POLL_MIN`. `None`: create as usual.
     async fn reuse(&self) -> Option<Outcome> {
         let shared = &self.shared;
         let within = match self.row.reuse_within_secs {
@@ -325,18 +327,39 @@ impl RowTask {
                 intent: Intent::Keep,
             })
         };
-        let found =
-            match queue::find_reusable(pool, row.id, row.report_type, shared.config.reuse_within)
-                .await
-            {
-                Ok(Some(found)) => found,
-                Ok(None) => return None,
-                Err(e) => {
-                    return trouble(format!(
-                        "cannot look for a document to reuse (nothing was sent): {e}"
-                    ));
-                }
-            };
+        let found = match queue::find_reusable(
+            pool,
+            row.id,
+            row.report_type,
+            shared.config.reuse_within,
+        )
+        .await
+        {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                // Nothing stored yet: if an earlier open row asks for the same, wait
+                // for its task (coalescing) instead of paying for another.
+                return match queue::coalescing_leader(pool, row.id, row.report_type).await {
+                    Ok(None) => None,
+                    Ok(Some(leader)) => Some(Outcome::Later {
+                        until: self.now()
+                            + chrono::Duration::from_std(shared.config.poll.poll_min)
+                                .unwrap_or_default(),
+                        message: format!(
+                            "waiting for request {leader}'s task: the same identifier and report type, asked for earlier (its document will be reused)"
+                        ),
+                    }),
+                    Err(e) => trouble(format!(
+                        "cannot look for a request to share a task with (nothing was sent): {e}"
+                    )),
+                };
+            }
+            Err(e) => {
+                return trouble(format!(
+                    "cannot look for a document to reuse (nothing was sent): {e}"
+                ));
+            }
+        };
         let store = &shared.config.documents;
         let key = match &found.object_key {
             None => None,

@@ -189,25 +189,33 @@ pub async fn reserve_daily_create(
     limit: i64,
     headroom: i64,
 ) -> Result<Quota, sqlx::Error> {
-    let (reserved, before): (Option<i64>, Option<i64>) = sqlx::query_as(
-        "WITH ins AS (
-             INSERT INTO report_daily_creates AS q (account, day, used)
-             SELECT $1, (now() AT TIME ZONE 'Asia/Shanghai')::date, 1 WHERE $2 - $3 >= 1
-             ON CONFLICT (account, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2 - $3
-             RETURNING used)
-         SELECT (SELECT used FROM ins),
-                (SELECT used FROM report_daily_creates
-                  WHERE account = $1 AND day = (now() AT TIME ZONE 'Asia/Shanghai')::date)",
+    let reserved: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO report_daily_creates AS q (account, day, used)
+         SELECT $1, (now() AT TIME ZONE 'Asia/Shanghai')::date, 1 WHERE $2 - $3 >= 1
+         ON CONFLICT (account, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2 - $3
+         RETURNING used",
     )
     .bind(account)
     .bind(limit)
     .bind(headroom.max(0))
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
-    let used = before.unwrap_or(0);
-    Ok(match reserved {
-        Some(used) => Quota::Reserved { used },
-        None if used >= limit => Quota::Spent { used },
-        None => Quota::Held { used },
+    if let Some(used) = reserved {
+        return Ok(Quota::Reserved { used });
+    }
+    // Not reserved: read the count again in a statement of its own (a fresh snapshot: the
+    // one above may predate a concurrent reservation that took the last place).
+    let used: Option<i64> = sqlx::query_scalar(
+        "SELECT used FROM report_daily_creates
+          WHERE account = $1 AND day = (now() AT TIME ZONE 'Asia/Shanghai')::date",
+    )
+    .bind(account)
+    .fetch_optional(pool)
+    .await?;
+    let used = used.unwrap_or(0);
+    Ok(if used >= limit {
+        Quota::Spent { used }
+    } else {
+        Quota::Held { used }
     })
 }

@@ -106,3 +106,35 @@ pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error
     .fetch_one(pool)
     .await
 }
+
+/// The open row (queued or generating) asking for exactly the same identifier and
+/// report type as `id` with the lowest id below `id`, if any: the one whose task this row
+/// waits for instead of paying for its own (coalescing). The lowest id leads, so rows
+/// claimed together agree without a lock; when the leader finishes or fails, the next
+/// one leads.
+pub async fn coalescing_leader(
+    pool: &PgPool,
+    id: i64,
+    kind: ReportType,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH me AS (
+             SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
+                    nullif(company_name, '') AS name
+               FROM report_requests WHERE id = $1)
+         SELECT r.id
+           FROM me
+           JOIN report_requests r ON r.id = ANY (ARRAY(
+                    SELECT c.id FROM report_requests c
+                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
+          WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
+            AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
+                     WHEN me.org IS NOT NULL THEN r.org_number = me.org
+                     ELSE r.company_name = me.name END
+          ORDER BY r.id LIMIT 1",
+    )
+    .bind(id)
+    .bind(kind.as_str())
+    .fetch_optional(pool)
+    .await
+}

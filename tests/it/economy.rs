@@ -401,3 +401,49 @@ async fn with_learned_polling_off_nothing_is_observed() {
     sim.stop().await;
     db.close().await;
 }
+
+#[tokio::test]
+async fn rows_asked_for_together_share_one_paid_task() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        generation_time: (Duration::from_millis(500), Duration::from_millis(800)),
+        ..SimConfig::instant()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(insert_row(&db, Some("比亚迪股份有限公司"), None, None).await);
+    }
+    // A different type is a different report: its own task.
+    let word: i64 = sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, report_type) VALUES ('比亚迪股份有限公司', 'word') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.reuse_within = Some(Duration::from_secs(7 * 24 * 3600));
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    w.stop().await;
+    for id in ids.iter().chain([&word]) {
+        assert_eq!(state(&db, *id).await, "succeeded");
+    }
+    assert_eq!(
+        sim.stats().tasks_created,
+        2,
+        "one paid task per company and type"
+    );
+    let docs = count(&db.pool, "SELECT count(*) FROM report_documents").await;
+    assert_eq!(docs, 4);
+    let reused: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM report_events WHERE request_id = ANY($1) AND action = 'reuse'",
+    )
+    .bind(&ids[1..])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reused, 2, "the later two reused the first one's document");
+    sim.stop().await;
+    db.close().await;
+}
