@@ -528,8 +528,6 @@ pub fn economy(n: usize) -> Vec<Economy> {
         .map(|i| 60.0 + 540.0 * (i as f64 + 0.5) / n as f64)
         .collect();
     let policy = PollPolicy::default();
-    let t0 = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
-    let secs = |d: chrono::DateTime<chrono::Utc>| (d - t0).num_milliseconds() as f64 / 1000.0;
     let mut out = Vec::new();
     let mut summarise = |name: &str, results: Vec<(u32, f64)>| {
         let calls = results.iter().map(|(c, _)| *c as f64).sum::<f64>() / results.len() as f64;
@@ -542,33 +540,9 @@ pub fn economy(n: usize) -> Vec<Economy> {
             detection_p95_s: pct(&delays, 0.95),
         });
     };
-    let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
-    let mut unit = move || {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        (rng_state >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let ours: Vec<(u32, f64)> = gens
-        .iter()
-        .map(|&g| {
-            let mut t = policy.first_poll_at(t0);
-            let mut calls = 2; // the create and the first poll
-            while secs(t) < g {
-                let progress = if secs(t) < 0.3 * g {
-                    Progress::Queued
-                } else {
-                    Progress::Exporting
-                };
-                match policy.next_poll_at(t0, t, progress, unit()) {
-                    Some(next) => t = next,
-                    None => break,
-                }
-                calls += 1;
-            }
-            (calls, secs(t) - g)
-        })
-        .collect();
+    let mut jitter = Xorshift(0x2545_F491_4F6C_DD1D);
+    let mut unit = move || jitter.unit();
+    let ours = fixed_policy_run(&policy, &gens, &mut unit);
     summarise(
         "report-worker default (60 s, then 25 s / 60 s queued)",
         ours,
