@@ -118,6 +118,29 @@ fn filtered(select: &str, f: &RequestFilter) -> QueryBuilder<Postgres> {
 /// BRIN index on `created_at`.
 const TIME_WINDOW_IDS: i64 = 20_000;
 
+/// Whether a page is narrowed by insert time only (no identifier, no batch, which are
+/// selective on their own): see `TIME_WINDOW_IDS`.
+fn by_time(filter: &RequestFilter) -> bool {
+    (filter.created_from.is_some() || filter.created_to.is_some())
+        && filter.identifier.is_none()
+        && filter.batch.is_none()
+}
+
+/// Runs `q` with plain index scans off, so a time range is read through the BRIN index
+/// (bitmap scans) instead of a walk down the primary key.
+async fn through_brin<T>(
+    pool: &PgPool,
+    run: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await?;
+    let out = run(&mut tx).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
 /// One page of at most `limit` rows, newest (highest id) first. Keyset pagination: a
 /// page is found through an index from its cursor, never by skipping rows.
 pub async fn list_requests(
@@ -155,10 +178,7 @@ pub async fn list_requests(
         .push_bind(limit + 1);
         q
     };
-    let by_time = (filter.created_from.is_some() || filter.created_to.is_some())
-        && filter.identifier.is_none()
-        && filter.batch.is_none();
-    let mut rows: Vec<RequestLine> = if by_time {
+    let mut rows: Vec<RequestLine> = if by_time(filter) {
         // The planner walks the primary key and filters on the time (it cannot know that
         // ids and insert times rise together): instant for recent times, a walk through
         // all newer history for old ones. So: the nearest ids first; if they do not fill
@@ -178,13 +198,10 @@ pub async fn list_requests(
         if rows.len() as i64 > limit {
             rows
         } else {
-            let mut tx = pool.begin().await?;
-            sqlx::query("SET LOCAL enable_indexscan = off")
-                .execute(&mut *tx)
-                .await?;
-            let rows = page(None).build_query_as().fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            rows
+            through_brin(pool, async |conn| {
+                page(None).build_query_as().fetch_all(conn).await
+            })
+            .await?
         }
     } else {
         page(None).build_query_as().fetch_all(pool).await?
@@ -239,10 +256,7 @@ async fn exists(
         q.push(")");
         q
     };
-    let by_time = (filter.created_from.is_some() || filter.created_to.is_some())
-        && filter.identifier.is_none()
-        && filter.batch.is_none();
-    if !by_time {
+    if !by_time(filter) {
         return query(None).build_query_scalar().fetch_one(pool).await;
     }
     // As in `list_requests`: next to the cursor first, then through the BRIN index.
@@ -258,13 +272,10 @@ async fn exists(
     {
         return Ok(true);
     }
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL enable_indexscan = off")
-        .execute(&mut *tx)
-        .await?;
-    let found = query(None).build_query_scalar().fetch_one(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(found)
+    through_brin(pool, async |conn| {
+        query(None).build_query_scalar().fetch_one(conn).await
+    })
+    .await
 }
 
 /// One request with everything a person wants to see on its page.
