@@ -128,6 +128,23 @@ pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, 
     .await
 }
 
+/// The CTEs a completion statement carries when it records the task's observed
+/// generation time: the rows as they were (`which` selects them), placed before `done`,
+/// and the observation, placed after it. Empty when not observing.
+fn observation_ctes(observe: bool, which: &str) -> (String, String) {
+    if !observe {
+        return (String::new(), String::new());
+    }
+    (
+        format!(
+            "before AS (
+                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+                   FROM report_requests WHERE {which}),"
+        ),
+        format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),
+    )
+}
+
 /// One row whose document was downloaded and verified.
 #[derive(Debug, Clone)]
 pub struct Completed {
@@ -145,17 +162,7 @@ pub struct Completed {
 pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i64>, sqlx::Error> {
     // With learned polling on, each completion also records its observed generation
     // time (from the row as it was); otherwise the statement is the plain one.
-    let observe = items.iter().any(|i| i.observe);
-    let (before, observed) = if observe {
-        (
-            "before AS (
-                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
-                   FROM report_requests WHERE id = ANY($1)),",
-            format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),
-        )
-    } else {
-        ("", String::new())
-    };
+    let (before, observed) = observation_ctes(items.iter().any(|i| i.observe), "id = ANY($1)");
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH {before}
          done AS (
@@ -206,16 +213,7 @@ pub async fn complete_streamed(
     mut body: impl std::io::Read,
 ) -> Result<Fenced, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let (before, observed) = if observe {
-        (
-            "before AS (
-                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
-                   FROM report_requests WHERE id = $1),",
-            format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),
-        )
-    } else {
-        ("", String::new())
-    };
+    let (before, observed) = observation_ctes(observe, "id = $1");
     let done: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH {before}
          done AS (
