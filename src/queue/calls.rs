@@ -127,19 +127,16 @@ pub struct SpendDay {
     pub reused: i64,
 }
 
-/// The last `days` days (today included), newest first.
+/// The last `days` days (today included), newest first: `report_ledger` summed over
+/// accounts, with the reports stored each day.
 pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sqlx::Error> {
     sqlx::query_as(
         "WITH days AS (
              SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date - g AS day FROM generate_series(0, $1 - 1) g),
-         calls AS (
-             SELECT day,
-                    sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'ok') AS paid,
-                    sum(n) FILTER (WHERE endpoint = 'create' AND outcome = 'unanswered') AS unknown,
-                    sum(n) FILTER (WHERE outcome = 'rate_limited') AS rate_limited,
-                    sum(n) FILTER (WHERE endpoint = 'reuse') AS reused,
-                    sum(n) FILTER (WHERE endpoint <> 'reuse') AS calls
-               FROM report_provider_calls_daily
+         ledger AS (
+             SELECT day, sum(paid_tasks) AS paid, sum(unknown_creates) AS unknown, sum(calls) AS calls,
+                    sum(orphans) AS orphans, sum(rate_limited) AS rate_limited, sum(reuse_hits) AS reused
+               FROM report_ledger
               WHERE day > (now() AT TIME ZONE 'Asia/Shanghai')::date - $1
               GROUP BY 1),
          stored AS (
@@ -147,20 +144,14 @@ pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sql
                FROM report_finished_minutes
               WHERE state = 'succeeded'
                 AND minute >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
-              GROUP BY 1),
-         orphans AS (
-             SELECT (created_at AT TIME ZONE 'Asia/Shanghai')::date AS day, count(*) AS orphans
-               FROM report_orphan_tasks
-              WHERE created_at >= ((now() AT TIME ZONE 'Asia/Shanghai')::date - $1 + 1) AT TIME ZONE 'Asia/Shanghai'
               GROUP BY 1)
-         SELECT d.day, coalesce(c.paid, 0)::bigint AS paid, coalesce(c.unknown, 0)::bigint AS unknown,
-                coalesce(c.calls, 0)::bigint AS calls, coalesce(s.stored, 0)::bigint AS stored,
-                coalesce(o.orphans, 0)::bigint AS orphans, coalesce(c.rate_limited, 0)::bigint AS rate_limited,
-                coalesce(c.reused, 0)::bigint AS reused
+         SELECT d.day, coalesce(l.paid, 0)::bigint AS paid, coalesce(l.unknown, 0)::bigint AS unknown,
+                coalesce(l.calls, 0)::bigint AS calls, coalesce(s.stored, 0)::bigint AS stored,
+                coalesce(l.orphans, 0)::bigint AS orphans, coalesce(l.rate_limited, 0)::bigint AS rate_limited,
+                coalesce(l.reused, 0)::bigint AS reused
            FROM days d
-           LEFT JOIN calls c ON c.day = d.day
+           LEFT JOIN ledger l ON l.day = d.day
            LEFT JOIN stored s ON s.day = d.day
-           LEFT JOIN orphans o ON o.day = d.day
           ORDER BY d.day DESC",
     )
     .bind(days)
