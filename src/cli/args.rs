@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
+use super::accounts::AccountSpec;
 use crate::config::parse_duration;
 use crate::domain::{ReportType, RequestState};
 use crate::engine::WorkerConfig;
@@ -247,12 +248,17 @@ pub struct RunArgs {
     /// The provider's base URL.
     #[arg(long, env = "UPSTREAM_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub upstream_base_url: String,
-    /// The account's client id (also sent as the apikey).
+    /// The account's client id (also sent as the apikey); or UPSTREAM_ACCOUNTS.
     #[arg(long, env = "UPSTREAM_CLIENT_ID")]
-    pub upstream_client_id: String,
+    pub upstream_client_id: Option<String>,
     /// The account's client secret.
     #[arg(long, env = "UPSTREAM_CLIENT_SECRET", hide_env_values = true)]
-    pub upstream_client_secret: Secret,
+    pub upstream_client_secret: Option<Secret>,
+    /// Several accounts pooled by this deployment: a TOML file of [[account]] entries
+    /// (id, secret_env or secret_file, qps, daily_limit, daily_headroom, weight), instead
+    /// of UPSTREAM_CLIENT_ID/SECRET/QPS/DAILY_LIMIT.
+    #[arg(long, env = "UPSTREAM_ACCOUNTS", value_name = "FILE")]
+    pub upstream_accounts: Option<std::path::PathBuf>,
     /// Calls per second for the whole account, shared by every worker process (0: no pacing).
     #[arg(long, env = "UPSTREAM_QPS", default_value_t = 5.0)]
     pub upstream_qps: f64,
@@ -367,23 +373,59 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The client's and the worker's configuration, checked for consistency.
-    pub fn configs(&self) -> anyhow::Result<(ClientConfig, WorkerConfig)> {
-        if self.upstream_client_id.trim().is_empty() {
-            anyhow::bail!("UPSTREAM_CLIENT_ID is empty");
+    /// The accounts: those of UPSTREAM_ACCOUNTS, or the one of UPSTREAM_CLIENT_ID.
+    pub fn accounts(&self) -> anyhow::Result<Vec<AccountSpec>> {
+        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
+            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
         }
-        if self.upstream_client_secret.expose().is_empty() {
-            anyhow::bail!("UPSTREAM_CLIENT_SECRET is empty");
+        if let Some(path) = &self.upstream_accounts {
+            if self.upstream_client_id.is_some() || self.upstream_client_secret.is_some() {
+                anyhow::bail!(
+                    "UPSTREAM_ACCOUNTS and UPSTREAM_CLIENT_ID/UPSTREAM_CLIENT_SECRET are both set: list every account in the file and unset the others"
+                );
+            }
+            if self.upstream_daily_limit.is_some() || self.upstream_daily_headroom.is_some() {
+                anyhow::bail!(
+                    "UPSTREAM_DAILY_LIMIT/UPSTREAM_DAILY_HEADROOM are per account with UPSTREAM_ACCOUNTS: set daily_limit and daily_headroom in the file"
+                );
+            }
+            return super::accounts::load(path, self.upstream_qps, |var| std::env::var(var).ok());
         }
+        let id = self.upstream_client_id.as_deref().unwrap_or("").trim();
+        if id.is_empty() {
+            anyhow::bail!(
+                "UPSTREAM_CLIENT_ID is not set or empty (or list accounts in UPSTREAM_ACCOUNTS)"
+            );
+        }
+        let secret = match &self.upstream_client_secret {
+            Some(s) if !s.expose().is_empty() => s.clone(),
+            _ => anyhow::bail!("UPSTREAM_CLIENT_SECRET is not set or empty"),
+        };
+        Ok(vec![AccountSpec {
+            id: id.to_string(),
+            secret,
+            qps: self.upstream_qps,
+            daily_limit: super::accounts::daily_limit(
+                self.upstream_daily_limit,
+                self.upstream_daily_headroom,
+                "UPSTREAM_DAILY_LIMIT",
+            )?,
+            weight: 1.0,
+        }])
+    }
+
+    /// The client's and the worker's configuration, checked for consistency, with the
+    /// accounts (the client is the first account's; the others' differ only in their
+    /// credentials).
+    pub fn configs(&self) -> anyhow::Result<(ClientConfig, WorkerConfig, Vec<AccountSpec>)> {
+        let accounts = self.accounts()?;
+        let first = &accounts[0];
         url::Url::parse(&self.upstream_base_url).map_err(|e| {
             anyhow::anyhow!(
                 "UPSTREAM_BASE_URL {:?} is not a URL: {e}",
                 self.upstream_base_url
             )
         })?;
-        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
-            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
-        }
         if self.worker_concurrency == 0 || self.worker_concurrency > 1024 {
             anyhow::bail!("WORKER_CONCURRENCY must be between 1 and 1024");
         }
@@ -405,8 +447,8 @@ impl RunArgs {
             );
         }
         let credentials = Credentials {
-            client_id: self.upstream_client_id.trim().to_string(),
-            client_secret: self.upstream_client_secret.clone(),
+            client_id: first.id.clone(),
+            client_secret: first.secret.clone(),
         };
         if self.upstream_download_memory < self.upstream_max_download_bytes {
             anyhow::bail!(
@@ -429,12 +471,14 @@ impl RunArgs {
             .filter(|h| !h.is_empty())
             .collect();
         client.download_memory = self.upstream_download_memory;
-        let mut worker = WorkerConfig::new(self.upstream_client_id.trim());
+        let mut worker = WorkerConfig::new(first.id.clone());
         if let Some(id) = &self.worker_id {
             worker.owner = id.clone();
         }
         worker.concurrency = self.worker_concurrency;
-        worker.qps = self.upstream_qps;
+        worker.qps = first.qps;
+        worker.daily_limit = first.daily_limit;
+        worker.reuse_within = self.report_reuse_within.filter(|d| !d.is_zero());
         worker.lease = self.worker_lease;
         worker.idle_poll = self.worker_idle_poll;
         worker.shutdown_timeout = shutdown_timeout;
@@ -457,7 +501,7 @@ impl RunArgs {
         worker.retry.budget = self.report_retry_budget;
         worker.webhooks = self.webhooks()?;
         worker.detection_target = Some(self.report_detection_target).filter(|t| !t.is_zero());
-        Ok((client, worker))
+        Ok((client, worker, accounts))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The command line: `args` holds the flags; this file dispatches each command and is
 //! the one place that turns errors into a single line on stderr and an exit status.
 
+mod accounts;
 mod args;
 
 use std::process::ExitCode;
@@ -402,7 +403,7 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
 const PROVIDER_MAX_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
-    let (client_config, mut worker_config) = args.configs()?;
+    let (client_config, mut worker_config, account_specs) = args.configs()?;
     worker_config.documents = args.store.open().await?;
     if client_config.timeout < PROVIDER_MAX_ANSWER {
         tracing::warn!(
@@ -411,7 +412,23 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
             humantime::format_duration(PROVIDER_MAX_ANSWER)
         );
     }
-    let client = Client::new(client_config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // One client per account: the same settings, each with its own credentials (and so
+    // its own token).
+    let mut accounts = Vec::new();
+    for spec in &account_specs {
+        let mut config = client_config.clone();
+        config.credentials = crate::upstream::Credentials {
+            client_id: spec.id.clone(),
+            client_secret: spec.secret.clone(),
+        };
+        accounts.push(crate::engine::AccountSetup {
+            name: spec.id.clone(),
+            client: Client::new(config).map_err(|e| anyhow::anyhow!("{e}"))?,
+            qps: spec.qps,
+            daily_limit: spec.daily_limit,
+            weight: spec.weight,
+        });
+    }
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
     // A database that is restarting is waited for, not a reason to exit.
@@ -435,7 +452,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
             addr,
             pool.clone(),
             metrics.clone(),
-            worker_config.account.clone(),
+            account_specs.iter().map(|a| a.id.clone()).collect(),
             cancel.clone(),
         )
         .await
@@ -451,7 +468,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot serve the dashboard on {addr}"))?;
         tracing::info!(%bound, "dashboard on http://{bound}/");
     }
-    Worker::new(pool.clone(), client, worker_config, metrics)
+    Worker::with_accounts(pool.clone(), accounts, worker_config, metrics)
         .run(cancel)
         .await;
     pool.close().await;
@@ -476,5 +493,98 @@ mod tests {
         ])
         .unwrap();
         assert!(!format!("{cli:?}").contains("s3cr3t-value"));
+    }
+
+    fn run_args(extra: &[&str]) -> anyhow::Result<RunArgs> {
+        let mut argv = vec![
+            "report-worker",
+            "run",
+            "--database-url",
+            "postgres://localhost/x",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(*args),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn the_daily_limit_and_reuse_settings_reach_the_worker() {
+        let args = run_args(&[
+            "--upstream-client-id",
+            "id",
+            "--upstream-client-secret",
+            "s",
+            "--upstream-daily-limit",
+            "200",
+            "--report-reuse-within",
+            "7d",
+        ])
+        .unwrap();
+        let (_, worker, accounts) = args.configs().unwrap();
+        let limit = crate::engine::DailyLimit {
+            limit: 200,
+            headroom: 10,
+        };
+        assert_eq!(worker.daily_limit, Some(limit));
+        assert_eq!(accounts[0].daily_limit, Some(limit));
+        assert_eq!(
+            worker.reuse_within,
+            Some(std::time::Duration::from_secs(7 * 86_400))
+        );
+        let off = run_args(&[
+            "--upstream-client-id",
+            "id",
+            "--upstream-client-secret",
+            "s",
+            "--report-reuse-within",
+            "0s",
+        ])
+        .unwrap();
+        let (_, worker, _) = off.configs().unwrap();
+        assert_eq!((worker.reuse_within, worker.daily_limit), (None, None));
+    }
+
+    #[test]
+    fn accounts_come_from_one_place_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("accounts.toml");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                "[[account]]\nid = \"a\"\nsecret_file = {:?}\nqps = 3\n[[account]]\nid = \"b\"\nsecret_file = {:?}\n",
+                secret.display().to_string(),
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let path = file.display().to_string();
+        let (client, worker, accounts) = run_args(&["--upstream-accounts", &path])
+            .unwrap()
+            .configs()
+            .unwrap();
+        let ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!((accounts[0].qps, accounts[1].qps), (3.0, 5.0));
+        assert_eq!(client.credentials.client_id, "a");
+        assert_eq!(worker.account, "a");
+        let both = run_args(&["--upstream-accounts", &path, "--upstream-client-id", "x"])
+            .unwrap()
+            .configs()
+            .unwrap_err();
+        assert!(both.to_string().contains("both set"), "{both}");
+        let none = run_args(&[]).unwrap().configs().unwrap_err();
+        assert!(none.to_string().contains("UPSTREAM_CLIENT_ID"), "{none}");
+        let per_account = run_args(&["--upstream-accounts", &path, "--upstream-daily-limit", "5"])
+            .unwrap()
+            .configs()
+            .unwrap_err();
+        assert!(
+            per_account.to_string().contains("daily_limit"),
+            "{per_account}"
+        );
     }
 }

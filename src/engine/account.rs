@@ -1,9 +1,10 @@
-//! The account, as every process shares it through the database: its call pacing (the
+//! An account, as every process shares it through the database: its call pacing (the
 //! QPS, spaced evenly across processes) and its stop (balance, quota, credentials…),
-//! with the probe that ends a stop.
+//! with the probe that ends a stop; and, for this process, its client (credentials and
+//! token), daily create limit and weight among several accounts.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -12,9 +13,10 @@ use tokio::time::Instant;
 
 use super::metrics::Metrics;
 use super::policy::stop_probe_delay;
+use super::{AccountSetup, DailyLimit};
 use crate::domain::StopScope;
 use crate::queue::{self, AccountStop, ClaimKinds};
-use crate::upstream::{Pacer, UpstreamError};
+use crate::upstream::{Client, Pacer, UpstreamError};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
@@ -40,6 +42,12 @@ pub(super) struct Account {
     pool: PgPool,
     /// The client id: the key of the account's pacing and stop rows.
     name: String,
+    /// The provider's API, signed in as this account.
+    pub(super) client: Client,
+    /// `UPSTREAM_DAILY_LIMIT` (or the account's `daily_limit`), if any.
+    pub(super) daily_limit: Option<DailyLimit>,
+    /// Its share of new creates among several accounts.
+    pub(super) weight: f64,
     /// The account's shared call schedule.
     pacing: Pacing,
     /// Pause before the first probe of a stopped account (then doubling, capped).
@@ -51,23 +59,35 @@ pub(super) struct Account {
 }
 
 impl Account {
-    pub(super) fn new(pool: PgPool, name: String, qps: f64, probe_base: Duration) -> Account {
+    pub(super) fn new(pool: PgPool, setup: AccountSetup, probe_base: Duration) -> Account {
+        let pacing = Pacing {
+            pool: pool.clone(),
+            name: setup.name.clone(),
+            qps: setup.qps,
+        };
+        // The client's own calls (token fetches, retries) take their slot too.
+        setup.client.set_pacer(Arc::new(pacing.clone()));
         Account {
-            pacing: Pacing {
-                pool: pool.clone(),
-                name: name.clone(),
-                qps,
-            },
+            pacing,
             pool,
-            name,
+            name: setup.name,
+            client: setup.client,
+            daily_limit: setup.daily_limit,
+            weight: if setup.weight > 0.0 && setup.weight.is_finite() {
+                setup.weight
+            } else {
+                1.0
+            },
             probe_base,
             stop_seen: Mutex::new(None),
         }
     }
 
-    /// The schedule, for the client's own calls (token fetches, retries).
-    pub(super) fn pacing(&self) -> Pacing {
-        self.pacing.clone()
+    /// Whether the account may create now, as far as its stop says (read at most every
+    /// `STOP_READ_EVERY`); an unreadable stop counts as none (the create's own answer
+    /// will tell).
+    pub(super) async fn may_create(&self) -> bool {
+        !matches!(self.stop().await, Ok(Some(_)))
     }
 
     pub(super) fn name(&self) -> &str {
@@ -200,7 +220,7 @@ impl Account {
         loop {
             self.wait_for_slot().await?;
             let r = call().await;
-            metrics.call(endpoint, outcome(&r));
+            metrics.call(&self.name, endpoint, outcome(&r));
             match r {
                 Err(UpstreamError::RateLimited { .. }) if limited < 3 => {
                     limited += 1;

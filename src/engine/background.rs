@@ -36,7 +36,9 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
                 } else {
                     if note.payload() == queue::PROBE_NOW {
                         // An operator asked for a stopped account to be probed now.
-                        shared.account.forget_stop();
+                        for account in &shared.accounts {
+                            account.forget_stop();
+                        }
                     }
                     shared.wake.notify_one();
                 }
@@ -154,10 +156,11 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
             _ = cancel.cancelled() => true,
             _ = tokio::time::sleep(CALLS_FLUSH_EVERY) => false,
         };
-        let tallies = shared.metrics.take_calls();
-        if let Err(e) = queue::record_calls(&shared.pool, &shared.config.account, &tallies).await {
-            tracing::warn!(error = %e, "could not record provider calls; kept for the next write");
-            shared.metrics.untake_calls(tallies);
+        for (account, tallies) in shared.metrics.take_calls() {
+            if let Err(e) = queue::record_calls(&shared.pool, &account, &tallies).await {
+                tracing::warn!(error = %e, "could not record provider calls; kept for the next write");
+                shared.metrics.untake_calls(&account, tallies);
+            }
         }
         if last_prune.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
             last_prune = Some(Instant::now());

@@ -1,6 +1,7 @@
 //! Prometheus metrics (through prometheus-client) and the `/metrics` + `/healthz`
 //! endpoints served on `METRICS_ADDR`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use crate::queue;
 struct CallLabels {
     endpoint: String,
     outcome: String,
+    account: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,9 +43,12 @@ pub struct Metrics {
     held: Gauge,
     leases_lost: Counter,
     webhooks: Family<OutcomeLabels, Counter>,
-    /// Calls not yet added to `report_provider_calls` (see `take_calls`).
-    unflushed: std::sync::Mutex<std::collections::HashMap<(String, String), i64>>,
+    /// Calls not yet added to `report_provider_calls` (see `take_calls`), by account,
+    /// endpoint and outcome.
+    unflushed: std::sync::Mutex<Unflushed>,
 }
+
+type Unflushed = std::collections::HashMap<(String, String, String), i64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -66,7 +71,7 @@ impl Metrics {
         let insert_to_document = Histogram::new(exponential_buckets(5.0, 2.0, 13));
         registry.register(
             "upstream_calls",
-            "Upstream calls by endpoint and outcome",
+            "Upstream calls by account, endpoint and outcome",
             calls.clone(),
         );
         registry.register(
@@ -111,41 +116,41 @@ impl Metrics {
         }
     }
 
-    pub fn call(&self, endpoint: &str, outcome: &str) {
+    pub fn call(&self, account: &str, endpoint: &str, outcome: &str) {
         self.calls
             .get_or_create(&CallLabels {
                 endpoint: endpoint.into(),
                 outcome: outcome.into(),
+                account: account.into(),
             })
             .inc();
         *self
             .unflushed()
-            .entry((endpoint.to_string(), outcome.to_string()))
+            .entry((account.into(), endpoint.into(), outcome.into()))
             .or_default() += 1;
     }
 
-    fn unflushed(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), i64>> {
+    fn unflushed(&self) -> std::sync::MutexGuard<'_, Unflushed> {
         self.unflushed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The calls counted since the last take, for `report_provider_calls`.
-    pub fn take_calls(&self) -> Vec<queue::CallTally> {
-        let mut tallies: Vec<queue::CallTally> = self
-            .unflushed()
-            .drain()
-            .map(|((e, o), n)| (e, o, n))
-            .collect();
-        tallies.sort();
-        tallies
+    /// The calls counted since the last take, by account, for `report_provider_calls`.
+    pub fn take_calls(&self) -> BTreeMap<String, Vec<queue::CallTally>> {
+        let mut by_account: BTreeMap<String, Vec<queue::CallTally>> = BTreeMap::new();
+        for ((account, e, o), n) in self.unflushed().drain() {
+            by_account.entry(account).or_default().push((e, o, n));
+        }
+        for tallies in by_account.values_mut() {
+            tallies.sort();
+        }
+        by_account
     }
 
     /// Puts back calls whose write failed (they go with the next one).
-    pub fn untake_calls(&self, tallies: Vec<queue::CallTally>) {
+    pub fn untake_calls(&self, account: &str, tallies: Vec<queue::CallTally>) {
         let mut unflushed = self.unflushed();
         for (e, o, n) in tallies {
-            *unflushed.entry((e, o)).or_default() += n;
+            *unflushed.entry((account.to_string(), e, o)).or_default() += n;
         }
     }
 
@@ -196,7 +201,8 @@ impl Metrics {
 struct Http {
     pool: PgPool,
     metrics: Arc<Metrics>,
-    account: String,
+    /// The accounts this process works with (the first is `account_stop`'s).
+    accounts: Vec<String>,
 }
 
 async fn metrics_page(State(s): State<Http>) -> Response {
@@ -214,13 +220,22 @@ async fn healthz(State(s): State<Http>) -> Response {
     let db = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(&s.pool)
         .await;
-    let stop = queue::read_stop(&s.pool, &s.account).await.ok().flatten();
+    let mut stops = serde_json::Map::new();
+    for account in &s.accounts {
+        let stop = queue::read_stop(&s.pool, account).await.ok().flatten();
+        let stop = stop.map(|s| {
+            serde_json::json!({
+                "scope": s.scope, "reason": s.reason, "error_code": s.error_code,
+                "since": s.since, "until": s.until, "next_probe": s.probe_at,
+            })
+        });
+        stops.insert(account.clone(), stop.unwrap_or(serde_json::Value::Null));
+    }
+    let first = s.accounts.first().and_then(|a| stops.get(a)).cloned();
     let body = serde_json::json!({
         "database": if db.is_ok() { "ok" } else { "unreachable" },
-        "account_stop": stop.map(|s| serde_json::json!({
-            "scope": s.scope, "reason": s.reason, "error_code": s.error_code,
-            "since": s.since, "until": s.until, "next_probe": s.probe_at,
-        })),
+        "account_stop": first.unwrap_or(serde_json::Value::Null),
+        "account_stops": stops,
     });
     let status = if db.is_ok() {
         StatusCode::OK
@@ -235,7 +250,7 @@ pub async fn serve(
     addr: SocketAddr,
     pool: PgPool,
     metrics: Arc<Metrics>,
-    account: String,
+    accounts: Vec<String>,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -246,7 +261,7 @@ pub async fn serve(
         .with_state(Http {
             pool: pool.clone(),
             metrics: metrics.clone(),
-            account,
+            accounts,
         });
     let stop = cancel.clone();
     tokio::spawn(async move {

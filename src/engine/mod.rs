@@ -51,11 +51,12 @@ use crate::upstream::Client;
 pub struct WorkerConfig {
     /// This process's name in `lease_owner` (host:pid by default).
     pub owner: String,
-    /// The account (client id) whose QPS, stop and pacing this worker shares.
+    /// The account (client id) whose QPS, stop and pacing this worker shares, with
+    /// `Worker::new` (`Worker::with_accounts` takes each account's own).
     pub account: String,
     /// Upstream calls in flight in this process.
     pub concurrency: usize,
-    /// Calls per second for the whole account; 0 turns pacing off.
+    /// Calls per second for the whole account (with `Worker::new`); 0 turns pacing off.
     pub qps: f64,
     /// How long a claim lasts without a heartbeat; a killed worker's rows come back
     /// after at most this long.
@@ -78,8 +79,9 @@ pub struct WorkerConfig {
     pub documents: DocumentStore,
     /// Webhook delivery (off unless `WEBHOOK_SECRET` is set: nothing is sent unsigned).
     pub webhooks: Option<webhooks::Webhooks>,
-    /// `UPSTREAM_DAILY_LIMIT`: creates per day (Asia/Shanghai) for the account, with the
-    /// last `headroom` of them kept for rows already paid for (retries).
+    /// `UPSTREAM_DAILY_LIMIT`: creates per day (Asia/Shanghai) for the account (with
+    /// `Worker::new`), with the last `headroom` of them kept for rows already paid for
+    /// (retries).
     pub daily_limit: Option<DailyLimit>,
     /// `REPORT_REUSE_WITHIN`: a row is served from a document stored for the same
     /// identifier and type within this long (a row's `reuse_within` overrides it).
@@ -121,6 +123,29 @@ pub struct DailyLimit {
     pub headroom: i64,
 }
 
+/// One account the worker creates and polls with: its client (credentials), the QPS
+/// its processes share, its daily create limit and its weight among several accounts
+/// (its share of new creates).
+#[derive(Clone)]
+pub struct AccountSetup {
+    pub name: String,
+    pub client: Client,
+    pub qps: f64,
+    pub daily_limit: Option<DailyLimit>,
+    pub weight: f64,
+}
+
+/// What a claimed row is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A create, made with an account chosen when it is made.
+    Create,
+    /// A poll (and download) of a task of this account.
+    Poll(usize),
+    /// The probe of this stopped account: whatever the row needs, with this account.
+    Probe(usize),
+}
+
 /// The shortest idle nap: an idle process asks the database at most ten times a second
 /// for the next due poll, whatever the queue looks like.
 const IDLE_NAP_FLOOR: Duration = Duration::from_millis(100);
@@ -135,12 +160,16 @@ pub fn pool_size(concurrency: usize) -> u32 {
 /// What the claim loop and every row task share.
 pub(crate) struct Shared {
     pool: PgPool,
-    client: Client,
     config: WorkerConfig,
     metrics: Arc<Metrics>,
     /// The frequent outcome writes, batched across rows.
     writer: Writer,
-    account: Account,
+    /// The accounts, the first being the one that polls tasks created before accounts
+    /// were recorded on rows. Never empty.
+    accounts: Vec<Account>,
+    /// Smooth weighted round robin over the accounts for new creates (one running
+    /// score per account; a std mutex, never held across an await).
+    turns: std::sync::Mutex<Vec<f64>>,
     /// Rows this process holds: what the heartbeat extends and shutdown releases.
     leases: Arc<Leases>,
     /// Wakes the claim loop: a NOTIFY arrived (or the listener reconnected).
@@ -162,23 +191,42 @@ impl Worker {
         config: WorkerConfig,
         metrics: Arc<Metrics>,
     ) -> Worker {
-        let account = Account::new(
-            pool.clone(),
-            config.account.clone(),
-            config.qps,
-            config.stop_probe_base,
-        );
-        // The client's own calls (token fetches, retries) take their slot too.
-        client.set_pacer(Arc::new(account.pacing()));
+        let account = AccountSetup {
+            name: config.account.clone(),
+            client,
+            qps: config.qps,
+            daily_limit: config.daily_limit,
+            weight: 1.0,
+        };
+        Worker::with_accounts(pool, vec![account], config, metrics)
+    }
+
+    /// A worker that pools several accounts (`UPSTREAM_ACCOUNTS`): each create goes to
+    /// an account that may create (by weight), each poll and download to the account
+    /// that created the task; pacing, stops and daily limits stay per account.
+    ///
+    /// # Panics
+    /// With no account.
+    pub fn with_accounts(
+        pool: PgPool,
+        accounts: Vec<AccountSetup>,
+        config: WorkerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Worker {
+        assert!(!accounts.is_empty(), "a worker needs an account");
+        let accounts: Vec<Account> = accounts
+            .into_iter()
+            .map(|setup| Account::new(pool.clone(), setup, config.stop_probe_base))
+            .collect();
         let learning = learning::Learning::new(config.detection_target, config.poll.clone());
         Worker {
             shared: Arc::new(Shared {
                 writer: Writer::start(pool.clone()),
                 pool,
-                client,
                 config,
                 metrics,
-                account,
+                turns: std::sync::Mutex::new(vec![0.0; accounts.len()]),
+                accounts,
                 leases: Arc::new(Leases::default()),
                 wake: Notify::new(),
                 webhook_wake: Notify::new(),
@@ -202,7 +250,8 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut db_failures = 0u32;
-        tracing::info!(owner = %shared.config.owner, concurrency = shared.config.concurrency, qps = shared.config.qps, "worker started");
+        let accounts: Vec<&str> = shared.accounts.iter().map(|a| a.name()).collect();
+        tracing::info!(owner = %shared.config.owner, concurrency = shared.config.concurrency, ?accounts, "worker started");
 
         while !cancel.is_cancelled() {
             while tasks.try_join_next().is_some() {}
@@ -235,7 +284,7 @@ impl Worker {
                 }
             };
             let got = rows.len();
-            for (row, probe) in rows {
+            for (row, role) in rows {
                 let permit = slots
                     .clone()
                     .acquire_owned()
@@ -251,7 +300,7 @@ impl Worker {
                 if let Some(job) = &row.upstream_job_id {
                     span.record("job", tracing::field::display(job));
                 }
-                let task = RowTask::new(shared.clone(), row, probe, lease, cancel.clone());
+                let task = RowTask::new(shared.clone(), row, role, lease, cancel.clone());
                 tasks.spawn(
                     async move {
                         if task.run().await {
@@ -311,28 +360,113 @@ impl Worker {
 }
 
 impl Shared {
-    /// One claim: what the account's stop allows, plus one probe row when a probe of a
-    /// stopped account is due and this process wins it. Each row comes with whether it
-    /// is the probe; also says whether polls may be claimed at all.
+    /// One claim: what the accounts' stops allow, plus one probe row for each stopped
+    /// account whose probe is due and won by this process. Each row comes with the
+    /// account it is claimed for (`None`: a create, whose account is chosen when it is
+    /// made); also says whether polls may be claimed at all.
     async fn claim_round(
         &self,
         free: usize,
-    ) -> Result<(Vec<(queue::Claimed, bool)>, bool), sqlx::Error> {
-        let plan = self.account.plan_claim().await?;
+    ) -> Result<(Vec<(queue::Claimed, Role)>, bool), sqlx::Error> {
         let (owner, lease) = (&self.config.owner, self.config.lease);
         let mut rows = Vec::new();
         let mut free = free as i64;
-        if let Some(kinds) = plan.probe {
-            let probe = queue::claim(&self.pool, owner, lease, 1, kinds).await?;
+        let mut polls_for = Vec::new();
+        let mut creates = false;
+        for (i, account) in self.accounts.iter().enumerate() {
+            let plan = account.plan_claim().await?;
+            if plan.kinds.polls {
+                polls_for.push(account.name().to_string());
+            }
+            creates |= plan.kinds.creates;
+            let Some(kinds) = plan.probe else { continue };
+            let own = [account.name().to_string()];
+            let probe = queue::claim_for(
+                &self.pool,
+                owner,
+                lease,
+                free.min(1),
+                kinds,
+                self.polls(&own),
+            )
+            .await?;
             free -= probe.len() as i64;
             if !probe.is_empty() {
-                tracing::info!(account = self.account.name(), "probing the stopped account");
+                tracing::info!(account = account.name(), "probing the stopped account");
             }
-            rows.extend(probe.into_iter().map(|r| (r, true)));
+            rows.extend(probe.into_iter().map(|r| (r, Role::Probe(i))));
         }
-        let claimed = queue::claim(&self.pool, owner, lease, free, plan.kinds).await?;
-        rows.extend(claimed.into_iter().map(|r| (r, false)));
-        Ok((rows, plan.kinds.polls))
+        let kinds = queue::ClaimKinds {
+            polls: !polls_for.is_empty(),
+            creates,
+        };
+        let claimed = queue::claim_for(
+            &self.pool,
+            owner,
+            lease,
+            free,
+            kinds,
+            self.polls(&polls_for),
+        )
+        .await?;
+        rows.extend(claimed.into_iter().map(|r| {
+            let role = match r.state {
+                crate::domain::RequestState::Queued => Role::Create,
+                _ => Role::Poll(self.account_of(&r)),
+            };
+            (r, role)
+        }));
+        Ok((rows, kinds.polls))
+    }
+
+    /// Which polls the accounts named in `names` may claim: their own tasks, and the
+    /// first account also those created before accounts were recorded. A task the
+    /// provider made for another account is never polled with these credentials (it
+    /// would be unknown to them, and lost).
+    fn polls<'a>(&self, names: &'a [String]) -> Option<queue::PollAccounts<'a>> {
+        Some(queue::PollAccounts {
+            accounts: names,
+            unrecorded: names.iter().any(|n| n == self.accounts[0].name()),
+        })
+    }
+
+    /// The account a claimed row's task belongs to: the one recorded on the row, the
+    /// first for rows from before accounts were recorded (see `polls`).
+    fn account_of(&self, row: &queue::Claimed) -> usize {
+        row.account
+            .as_deref()
+            .and_then(|name| self.accounts.iter().position(|a| a.name() == name))
+            .unwrap_or(0)
+    }
+
+    /// The accounts that may take a new create now, in the order to try them: the
+    /// smooth-weighted-round-robin winner first (so creates split by weight), then the
+    /// others by weight. Empty when every account is stopped for creates.
+    async fn create_order(&self) -> Vec<usize> {
+        let mut open = Vec::new();
+        for (i, account) in self.accounts.iter().enumerate() {
+            if account.may_create().await {
+                open.push(i);
+            }
+        }
+        if open.len() > 1 {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            let total: f64 = open.iter().map(|&i| self.accounts[i].weight).sum();
+            for &i in &open {
+                turns[i] += self.accounts[i].weight;
+            }
+            let winner = *open
+                .iter()
+                .max_by(|&&a, &&b| turns[a].total_cmp(&turns[b]))
+                .expect("not empty");
+            turns[winner] -= total;
+            open.sort_by(|&a, &b| {
+                (b == winner)
+                    .cmp(&(a == winner))
+                    .then(self.accounts[b].weight.total_cmp(&self.accounts[a].weight))
+            });
+        }
+        open
     }
 
     /// Hands back at once the rows of tasks that ended without finishing (a panic):
@@ -358,7 +492,8 @@ impl Shared {
         if !polls_allowed {
             return fallback;
         }
-        match queue::next_poll_due_in(&self.pool).await {
+        let names: Vec<String> = self.accounts.iter().map(|a| a.name().to_string()).collect();
+        match queue::next_poll_due_in(&self.pool, self.polls(&names)).await {
             Ok(Some(d)) => d.min(fallback).max(IDLE_NAP_FLOOR),
             _ => fallback,
         }

@@ -12,8 +12,8 @@
 //! answer" keeps it spent. Nothing interrupts a create on the wire, not even shutdown.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -21,10 +21,10 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use super::account::outcome;
+use super::account::{Account, outcome};
 use super::leases::LeaseFlag;
 use super::policy::Progress;
+use super::{Role, Shared};
 use crate::domain::{JobId, RequestState, StopScope};
 use crate::queue::{
     self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
@@ -95,8 +95,11 @@ enum Outcome {
 pub(super) struct RowTask {
     shared: Arc<Shared>,
     row: Claimed,
-    /// Whether this row is the probe of a stopped account.
-    probe: bool,
+    /// A create, a poll, or the probe of a stopped account.
+    role: Role,
+    /// The account this claim calls with (index into `shared.accounts`): fixed by the
+    /// claim for polls and probes, chosen by `choose_account` for creates.
+    account: OnceLock<usize>,
     /// When the row was claimed, to tell the database's time from `row.db_now`.
     claimed_at: Instant,
     /// Raised by the heartbeat when it could not extend this row's lease.
@@ -127,14 +130,19 @@ impl RowTask {
     pub(super) fn new(
         shared: Arc<Shared>,
         row: Claimed,
-        probe: bool,
+        role: Role,
         lease: LeaseFlag,
         stopping: CancellationToken,
     ) -> RowTask {
+        let account = OnceLock::new();
+        if let Role::Poll(i) | Role::Probe(i) = role {
+            let _ = account.set(i);
+        }
         RowTask {
             shared,
             row,
-            probe,
+            role,
+            account,
             claimed_at: Instant::now(),
             lease,
             stopping,
@@ -152,10 +160,15 @@ impl RowTask {
             return false;
         }
         self.settle(outcome).await;
-        if self.probe && self.answered_normally.load(Ordering::Relaxed) {
-            self.shared.account.clear_stop().await;
+        if matches!(self.role, Role::Probe(_)) && self.answered_normally.load(Ordering::Relaxed) {
+            self.account().clear_stop().await;
         }
         true
+    }
+
+    /// The account this claim calls with (the first until a create has chosen one).
+    fn account(&self) -> &Account {
+        &self.shared.accounts[self.account.get().copied().unwrap_or(0)]
     }
 
     async fn live(&self) -> Outcome {
@@ -184,20 +197,21 @@ impl RowTask {
         if let Some(outcome) = self.reuse().await {
             return outcome;
         }
-        if let Some(outcome) = self.reserve_daily_create().await {
+        if let Some(outcome) = self.choose_account().await {
             return outcome;
         }
+        let account = self.account();
         let (mut token_refused, mut rate_limited) = (false, 0);
         loop {
             // The token before the intent: a create's time budget is for the create alone.
-            if let Err(error) = shared.client.ensure_token().await {
+            if let Err(error) = account.client.ensure_token().await {
                 let intent = Intent::Keep;
                 return Outcome::Trouble { error, intent };
             }
             if self.lease.is_lost() {
                 return Outcome::LeaseLost;
             }
-            if let Some(stop) = self.unless_stopping(shared.account.wait_for_slot()).await {
+            if let Some(stop) = self.unless_stopping(account.wait_for_slot()).await {
                 if let Err(error) = stop {
                     let intent = Intent::Keep;
                     return Outcome::Trouble { error, intent };
@@ -243,8 +257,8 @@ impl RowTask {
                     return Outcome::Trouble { error, intent };
                 }
             };
-            let result = shared.client.create_task(&task).await;
-            shared.metrics.call("create", create_outcome(&result));
+            let result = account.client.create_task(&task).await;
+            (shared.metrics).call(account.name(), "create", create_outcome(&result));
             if matches!(
                 result,
                 Ok(_) | Err(CreateError::NotCreated(UpstreamError::Rejected { .. }))
@@ -276,7 +290,7 @@ impl RowTask {
                     if rate_limited < 3 =>
                 {
                     rate_limited += 1;
-                    shared.account.slow_down(None).await;
+                    account.slow_down(None).await;
                 }
                 Err(CreateError::NotCreated(UpstreamError::Rejected { code, message })) => {
                     return Outcome::Refused {
@@ -327,39 +341,42 @@ impl RowTask {
                 intent: Intent::Keep,
             })
         };
-        let found = match queue::find_reusable(
-            pool,
-            row.id,
-            row.report_type,
-            shared.config.reuse_within,
-        )
-        .await
-        {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                // Nothing stored yet: if an earlier open row asks for the same, wait
-                // for its task (coalescing) instead of paying for another.
-                return match queue::coalescing_leader(pool, row.id, row.report_type).await {
-                    Ok(None) => None,
-                    Ok(Some(leader)) => Some(Outcome::Later {
-                        until: self.now()
-                            + chrono::Duration::from_std(shared.config.poll.poll_min)
-                                .unwrap_or_default(),
-                        message: format!(
-                            "waiting for request {leader}'s task: the same identifier and report type, asked for earlier (its document will be reused)"
-                        ),
-                    }),
-                    Err(e) => trouble(format!(
-                        "cannot look for a request to share a task with (nothing was sent): {e}"
-                    )),
-                };
-            }
+        let exact = queue::find_reusable(pool, row.id, row.report_type, shared.config.reuse_within);
+        let found = match exact.await {
+            Ok(Some(found)) => (found, None),
+            Ok(None) => match self.same_company().await {
+                Ok(Some(same)) => same,
+                Ok(None) => {
+                    // Nothing stored yet: if an earlier open row asks for the same, wait
+                    // for its task (coalescing) instead of paying for another.
+                    return match queue::coalescing_leader(pool, row.id, row.report_type).await {
+                        Ok(None) => None,
+                        Ok(Some(leader)) => Some(Outcome::Later {
+                            until: self.now()
+                                + chrono::Duration::from_std(shared.config.poll.poll_min)
+                                    .unwrap_or_default(),
+                            message: format!(
+                                "waiting for request {leader}'s task: the same identifier and report type, asked for earlier (its document will be reused)"
+                            ),
+                        }),
+                        Err(e) => trouble(format!(
+                            "cannot look for a request to share a task with (nothing was sent): {e}"
+                        )),
+                    };
+                }
+                Err(e) => {
+                    return trouble(format!(
+                        "cannot look for a document of the same company to reuse (nothing was sent): {e}"
+                    ));
+                }
+            },
             Err(e) => {
                 return trouble(format!(
                     "cannot look for a document to reuse (nothing was sent): {e}"
                 ));
             }
         };
+        let (found, why) = found;
         let store = &shared.config.documents;
         let key = match &found.object_key {
             None => None,
@@ -381,15 +398,18 @@ impl RowTask {
             row.lease_token,
             found.request_id,
             key.as_deref(),
+            why.as_deref(),
         )
         .await
         {
             Ok(Fenced::Written) => {
-                shared.metrics.call("reuse", "hit");
+                let primary = shared.accounts[0].name();
+                shared.metrics.call(primary, "reuse", "hit");
                 shared.metrics.finished("succeeded");
                 tracing::info!(
                     outcome = "succeeded",
                     reused = found.request_id,
+                    same_company = why.as_deref(),
                     "served from the document of an earlier request: no provider call"
                 );
                 Some(Outcome::Written)
@@ -399,26 +419,97 @@ impl RowTask {
         }
     }
 
-    /// With `UPSTREAM_DAILY_LIMIT`: one create of today's quota, or why not. A row that
-    /// never had a task waits for tomorrow once only the headroom is left (kept for
+    /// A document of the same company asked for by another identifier, when the
+    /// provider's file names confirm the two are one company; with why, for the event.
+    async fn same_company(&self) -> Result<Option<(queue::Reusable, Option<String>)>, sqlx::Error> {
+        let (shared, row) = (&self.shared, &self.row);
+        let same = queue::find_reusable_same_company(
+            &shared.pool,
+            row.id,
+            row.report_type,
+            shared.config.reuse_within,
+        )
+        .await?;
+        Ok(same.map(|s| {
+            let why = format!(
+                "the same company by the provider's file names: {} {} is {} (confirmed, seen {} times), as is {} {}",
+                s.own_kind.replace('_', " "),
+                s.own_value,
+                s.company,
+                s.observations,
+                s.source_kind.replace('_', " "),
+                s.source_value,
+            );
+            (s.reusable(), Some(why))
+        }))
+    }
+
+    /// Chooses the account this create goes to (a probe's is its stopped account): the
+    /// first in `create_order` that has today's quota. `Some`: no account can create
+    /// now, and why.
+    async fn choose_account(&self) -> Option<Outcome> {
+        let order = match self.role {
+            Role::Probe(i) | Role::Poll(i) => vec![i],
+            Role::Create => self.shared.create_order().await,
+        };
+        let mut why = None;
+        for &i in &order {
+            match self.reserve_daily_create(&self.shared.accounts[i]).await {
+                None => {
+                    let _ = self.account.set(i);
+                    return None;
+                }
+                Some(outcome) => why = Some((i, outcome)),
+            }
+        }
+        let Some((i, why)) = why else {
+            return Some(Outcome::Later {
+                until: self.now() + chrono::Duration::seconds(1),
+                message: "every account is stopped for creates".into(),
+            });
+        };
+        // The last account's reason stands for all. With several accounts, quota stops
+        // were recorded as they were met: the row just goes back to the queue.
+        let _ = self.account.set(i);
+        match why {
+            Outcome::Trouble {
+                error: error @ UpstreamError::AccountStop { .. },
+                ..
+            } if self.shared.accounts.len() > 1 => Some(Outcome::Later {
+                until: self.now() + chrono::Duration::seconds(1),
+                message: error.to_string(),
+            }),
+            why => Some(why),
+        }
+    }
+
+    /// With a daily limit on `account`: one create of today's quota, or why not. A row
+    /// that never had a task waits for tomorrow once only the headroom is left (kept for
     /// retries of rows already paid for); when the quota is spent, creating stops for
     /// every process until the provider's midnight. Counted before the create is sent:
-    /// a create that then makes no task still used its place (the safe side).
-    async fn reserve_daily_create(&self) -> Option<Outcome> {
+    /// a create that then makes no task still used its place (the safe side). With
+    /// several accounts, an account whose quota is spent is stopped here and the next
+    /// one is tried.
+    async fn reserve_daily_create(&self, account: &Account) -> Option<Outcome> {
         let shared = &self.shared;
-        let quota = shared.config.daily_limit?;
+        let quota = account.daily_limit?;
         let headroom = if self.row.attempts == 0 {
             quota.headroom
         } else {
             0
         };
-        let account = &shared.config.account;
         let until = crate::upstream::next_shanghai_midnight(self.now());
-        match queue::reserve_daily_create(&shared.pool, account, quota.limit, headroom).await {
+        let name = account.name();
+        let limit_name = if shared.accounts.len() == 1 {
+            "UPSTREAM_DAILY_LIMIT".to_string()
+        } else {
+            format!("the daily_limit of account {name}")
+        };
+        match queue::reserve_daily_create(&shared.pool, name, quota.limit, headroom).await {
             Ok(queue::Quota::Reserved { .. }) => None,
             Ok(queue::Quota::Held { used }) => {
                 let message = format!(
-                    "waiting for tomorrow's quota: {used} of UPSTREAM_DAILY_LIMIT {} creates used today (Asia/Shanghai); the last {} are kept for retries of rows already paid for",
+                    "waiting for tomorrow's quota: {used} of {limit_name} {} creates used today (Asia/Shanghai); the last {} are kept for retries of rows already paid for",
                     quota.limit, quota.headroom
                 );
                 tracing::info!("{message}");
@@ -428,12 +519,21 @@ impl RowTask {
                 let error = UpstreamError::AccountStop {
                     code: 67200007,
                     reason: format!(
-                        "UPSTREAM_DAILY_LIMIT reached: {used} of {} creates used today (Asia/Shanghai); creating resumes after the provider's midnight",
+                        "{limit_name} reached: {used} of {} creates used today (Asia/Shanghai); creating resumes after the provider's midnight",
                         quota.limit
                     ),
                     until: Some(until + chrono::Duration::minutes(3)),
                     scope: StopScope::Create,
                 };
+                if shared.accounts.len() > 1 {
+                    let message = error.to_string();
+                    let cause = queue::StopCause {
+                        request_id: self.row.id,
+                        endpoint: "create",
+                        answer: &message,
+                    };
+                    account.record_stop(&error, true, cause).await;
+                }
                 Some(Outcome::Trouble {
                     error,
                     intent: Intent::Keep,
@@ -456,11 +556,13 @@ impl RowTask {
             .learning
             .first_poll_delay(&shared.pool, self.row.report_type)
             .await;
+        let account = self.account();
         let begin = Begin {
             id: self.row.id,
             token: self.row.lease_token,
             owner: shared.config.owner.clone(),
-            budget: shared.client.config().timeout + CREATE_MARGIN,
+            account: account.name().to_string(),
+            budget: account.client.config().timeout + CREATE_MARGIN,
             adopt_within: policy.window,
             first_poll,
         };
@@ -479,7 +581,7 @@ impl RowTask {
         if self.lease.is_lost() {
             return Outcome::LeaseLost;
         }
-        let client = &self.shared.client;
+        let client = &self.account().client;
         let status = (|| self.paced("status", || client.task_status(&job)))
             .retry(immediate_retries())
             .when(|e| matches!(e, UpstreamError::Transient { .. }));
@@ -540,13 +642,13 @@ impl RowTask {
     /// object storage, not the metered API: no pacing; they are idempotent, so
     /// transient trouble is retried at once a couple of times.
     async fn download(&self, job: &JobId, url: &str) -> Outcome {
-        let shared = &self.shared;
+        let (shared, account) = (&self.shared, self.account());
         let result = (|| async {
-            let r = shared
+            let r = account
                 .client
                 .download(url, self.row.report_type, Some(job))
                 .await;
-            shared.metrics.call("download", outcome(&r));
+            (shared.metrics).call(account.name(), "download", outcome(&r));
             r
         })
         .retry(immediate_retries())
@@ -638,7 +740,7 @@ impl RowTask {
             } => {
                 // One task the provider does not know costs that task; several within
                 // minutes mean the account is misconfigured: stop it instead.
-                match self.shared.account.others_lost_to(404).await {
+                match self.account().others_lost_to(404).await {
                     Some(others) if others >= 2 => {
                         let error = UpstreamError::stop_all(
                             404,
@@ -737,7 +839,7 @@ impl RowTask {
             request_id: self.row.id,
             job_id: job.clone(),
             started_at: Some(started_at),
-            account: shared.config.account.clone(),
+            account: self.account().name().to_string(),
             report_type: self.row.report_type,
             reason,
         };
@@ -976,10 +1078,7 @@ impl RowTask {
             answer,
         };
         let on_create = endpoint == "create";
-        self.shared
-            .account
-            .record_stop(stop, on_create, cause)
-            .await;
+        self.account().record_stop(stop, on_create, cause).await;
     }
 
     /// The create's answer could not be written to the row (cancelled or taken over):
@@ -1000,8 +1099,10 @@ impl RowTask {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
-        let shared = &self.shared;
-        let r = shared.account.paced(&shared.metrics, endpoint, call).await;
+        let r = self
+            .account()
+            .paced(&self.shared.metrics, endpoint, call)
+            .await;
         if matches!(r, Ok(_) | Err(UpstreamError::Rejected { .. })) {
             self.answered_normally.store(true, Ordering::Relaxed);
         }

@@ -260,15 +260,19 @@ async fn body(
 }
 
 /// Asks again for two reports the batch bought (the same company and report type) and
-/// waits for them: with reuse on they are served from the stored documents, with no
-/// provider call. Returns their ids.
+/// for one it bought under another identifier (小米's Word report, now by its
+/// organization code, which the batch only bought as a PDF: the provider's file names
+/// say both identifiers are 小米), and waits for them: with reuse on they are served
+/// from the stored documents, with no provider call. Returns their ids.
 async fn ask_again(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
+    let again: [Sample; 3] = [
+        (Some("小米科技有限责任公司"), None, None, ReportType::Pdf),
+        (Some("华为技术有限公司"), None, None, ReportType::Pdf),
+        (None, None, Some("5513850T82"), ReportType::Word),
+    ];
     let mut ids = Vec::new();
-    for (i, name) in ["小米科技有限责任公司", "华为技术有限公司"]
-        .into_iter()
-        .enumerate()
-    {
-        let r = NewRequest::new(Some(name), None, None, ReportType::Pdf)
+    for (i, (name, code, org, kind)) in again.into_iter().enumerate() {
+        let r = NewRequest::new(name, code, org, kind)
             .and_then(|r| r.with_dedupe_key(Some(&format!("demo:again:{i}"))))
             .map_err(anyhow::Error::msg)?;
         ids.push(queue::enqueue(pool, &r).await?.id());
@@ -288,7 +292,7 @@ async fn ask_again(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
     }
     let saved = queue::reused_among(pool, &ids).await?;
     println!(
-        "Asked again for 小米科技有限责任公司 and 华为技术有限公司 (PDF), REPORT_REUSE_WITHIN=7d: {saved} of 2 served from the stored documents, {saved} paid tasks saved."
+        "Asked again for 小米科技有限责任公司 and 华为技术有限公司 (PDF), and for 小米's Word report by its organization code 5513850T82 (bought by name and credit code only: the provider's file names confirm all three are 小米), REPORT_REUSE_WITHIN=7d: {saved} of 3 served from the stored documents, {saved} paid tasks saved."
     );
     Ok(ids)
 }

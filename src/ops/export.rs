@@ -158,6 +158,7 @@ pub async fn export(
         indicatif::ProgressBar::hidden()
     };
     let mut summary = ExportSummary::default();
+    let mut suffixed: std::collections::HashMap<(String, String), PathBuf> = Default::default();
     let mut after = 0;
     // A second connection fetches contents while the listing streams on the first.
     let mut content_conn = pool.acquire().await?;
@@ -172,7 +173,18 @@ pub async fn export(
                 ReportType::Word
             };
             let name = sanitize_file_name(&row.file_name, kind, None);
-            let (path, present) = target(&dir, &name, row.request_id, &row.sha256);
+            // The same name and bytes as a file this export already placed under a
+            // suffix (a reused document whose source shares its name with another
+            // file): skipped. Only suffixed files are remembered, so the memory is
+            // bounded by the name collisions, not by the documents.
+            let key = (name.clone(), row.sha256.clone());
+            let (path, present) = match suffixed.get(&key) {
+                Some(path) => (path.clone(), true),
+                None => target(&dir, &name, row.request_id, &row.sha256),
+            };
+            if path.file_name() != Some(std::ffi::OsStr::new(&name)) {
+                suffixed.insert(key, path.clone());
+            }
             // Belt and braces: whatever the name, the file's folder is DIR itself.
             if path.parent() != Some(dir.as_path()) {
                 continue;

@@ -33,6 +33,9 @@ pub struct Claimed {
     pub created_at: DateTime<Utc>,
     /// The row's own reuse window in seconds (`reuse_within`), if it set one.
     pub reuse_within_secs: Option<f64>,
+    /// The account the row's current task was created with (`None` before any create,
+    /// or for tasks created before accounts were recorded).
+    pub account: Option<String>,
     pub db_now: DateTime<Utc>,
 }
 
@@ -62,16 +65,39 @@ impl ClaimKinds {
     };
 }
 
-/// Claims up to `limit` rows that are due: generating rows whose poll is due first
-/// (they keep paid tasks inside their window), then queued rows by priority, run_after,
-/// id. `FOR UPDATE SKIP LOCKED` lets any number of workers claim side by side; the
-/// claim commits at once, and the row is then worked under its lease.
+/// Which polls a claim may take: those of tasks created with one of `accounts`, and
+/// those of tasks with no account recorded (created before accounts were) when
+/// `unrecorded`. A task can only be polled by the account that created it.
+#[derive(Debug, Clone, Copy)]
+pub struct PollAccounts<'a> {
+    pub accounts: &'a [String],
+    pub unrecorded: bool,
+}
+
+/// Claims up to `limit` rows that are due, whatever account created their task (see
+/// `claim_for`).
 pub async fn claim(
     pool: &PgPool,
     owner: &str,
     lease: Duration,
     limit: i64,
     kinds: ClaimKinds,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    claim_for(pool, owner, lease, limit, kinds, None).await
+}
+
+/// Claims up to `limit` rows that are due: generating rows whose poll is due first
+/// (they keep paid tasks inside their window), then queued rows by priority, run_after,
+/// id. `FOR UPDATE SKIP LOCKED` lets any number of workers claim side by side; the
+/// claim commits at once, and the row is then worked under its lease. With `polls`,
+/// only the polls those accounts may make.
+pub async fn claim_for(
+    pool: &PgPool,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+    kinds: ClaimKinds,
+    polls: Option<PollAccounts<'_>>,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     if limit <= 0 || kinds == ClaimKinds::NONE {
         return Ok(Vec::new());
@@ -81,6 +107,7 @@ pub async fn claim(
              SELECT id FROM report_requests
               WHERE $4 AND state = 'generating' AND next_poll_at <= now()
                 AND (lease_expires_at IS NULL OR lease_expires_at < now())
+                AND ($6::text[] IS NULL OR account = ANY($6) OR (account IS NULL AND $7))
               ORDER BY next_poll_at, id
               LIMIT $3 FOR UPDATE SKIP LOCKED),
          creates AS (
@@ -100,13 +127,16 @@ pub async fn claim(
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
                    r.upstream_created_at, r.polls, r.transient_errors, r.transient_since,
                    r.bad_downloads, r.batch, r.created_at,
-                   extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, now() AS db_now",
+                   extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, r.account,
+                   now() AS db_now",
     )
     .bind(owner)
     .bind(secs(lease))
     .bind(limit)
     .bind(kinds.polls)
     .bind(kinds.creates)
+    .bind(polls.map(|p| p.accounts))
+    .bind(polls.is_none_or(|p| p.unrecorded))
     .fetch_all(pool)
     .await
 }
@@ -115,13 +145,19 @@ pub async fn claim(
 /// generating rows whose poll is not held by another process (their lease has expired
 /// or there is none). `None` when there is no such row. Reads the first entries of the
 /// generating index in order, stopping at the first unleased one.
-pub async fn next_poll_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+pub async fn next_poll_due_in(
+    pool: &PgPool,
+    polls: Option<PollAccounts<'_>>,
+) -> Result<Option<Duration>, sqlx::Error> {
     let secs: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM (next_poll_at - now()))::float8
            FROM report_requests
           WHERE state = 'generating' AND (lease_expires_at IS NULL OR lease_expires_at < now())
+            AND ($1::text[] IS NULL OR account = ANY($1) OR (account IS NULL AND $2))
           ORDER BY next_poll_at LIMIT 1",
     )
+    .bind(polls.map(|p| p.accounts))
+    .bind(polls.is_none_or(|p| p.unrecorded))
     .fetch_optional(pool)
     .await?;
     Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))

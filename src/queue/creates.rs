@@ -75,12 +75,14 @@ impl TryFrom<BeginRow> for CreateIntent {
 
 /// One row's request for a create intent. `budget` is how long the create may take
 /// from now; orphans younger than `adopt_within` are adopted; an adopted task is first
-/// polled `first_poll` after its creation.
+/// polled `first_poll` after its creation. `account` is the account about to create (it
+/// is written to the row with the intent: only it may poll the task).
 #[derive(Debug, Clone)]
 pub struct Begin {
     pub id: i64,
     pub token: i64,
     pub owner: String,
+    pub account: String,
     pub budget: Duration,
     pub adopt_within: Duration,
     pub first_poll: Duration,
@@ -88,11 +90,13 @@ pub struct Begin {
 
 /// The create intent: one guarded statement before any create is sent (the function
 /// `report_begin_create` in the migrations).
+#[allow(clippy::too_many_arguments)]
 pub async fn begin_create(
     pool: &PgPool,
     id: i64,
     token: i64,
     owner: &str,
+    account: &str,
     budget: Duration,
     adopt_within: Duration,
     first_poll: Duration,
@@ -101,6 +105,7 @@ pub async fn begin_create(
         id,
         token,
         owner: owner.to_string(),
+        account: account.to_string(),
         budget,
         adopt_within,
         first_poll,
@@ -122,7 +127,7 @@ pub async fn begin_create_batch(
     };
     let rows: Vec<BeginRow> = sqlx::query_as(
         "SELECT id, outcome, attempts, unanswered, job_id, started_at, wait_until
-           FROM report_begin_create_batch($1, $2, $3, $4, $5, $6)",
+           FROM report_begin_create_batch($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
@@ -130,6 +135,7 @@ pub async fn begin_create_batch(
     .bind(secs(first.budget))
     .bind(secs(first.adopt_within))
     .bind(secs(first.first_poll))
+    .bind(items.iter().map(|i| i.account.as_str()).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
     rows.into_iter()

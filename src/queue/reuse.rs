@@ -54,6 +54,91 @@ pub async fn find_reusable(
     .await
 }
 
+/// Why a document of another identifier is the same company's: the provider's file
+/// names say both identifiers are `company` (confirmed: see the migration
+/// `…14_identities.sql`), the row's own identifier having been seen `observations` times.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SameCompany {
+    pub request_id: i64,
+    pub sha256: String,
+    pub object_key: Option<String>,
+    /// The source row's identifier: its kind (company_name, credit_code, org_number)
+    /// and value.
+    pub source_kind: String,
+    pub source_value: String,
+    /// The row's own identifier, and how often the provider named its company.
+    pub own_kind: String,
+    pub own_value: String,
+    pub company: String,
+    pub observations: i32,
+}
+
+impl SameCompany {
+    pub fn reusable(&self) -> Reusable {
+        Reusable {
+            request_id: self.request_id,
+            sha256: self.sha256.clone(),
+            object_key: self.object_key.clone(),
+        }
+    }
+}
+
+/// Like `find_reusable`, across identifiers: the most recent document, within the
+/// window, of a row that named the company another way, when the provider's own file
+/// names confirm both identifiers are the same company (`report_identity_company`).
+/// Only for rows that name the company one way (with several identifiers, which one
+/// the provider goes by is undocumented).
+pub async fn find_reusable_same_company(
+    pool: &PgPool,
+    id: i64,
+    kind: ReportType,
+    default: Option<Duration>,
+) -> Result<Option<SameCompany>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH me AS (
+             SELECT id, coalesce(reuse_within, $3 * interval '1 second') AS within,
+                    CASE WHEN nullif(company_name, '') IS NOT NULL THEN 'company_name'
+                         WHEN nullif(credit_code, '') IS NOT NULL THEN 'credit_code'
+                         ELSE 'org_number' END AS kind,
+                    coalesce(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) AS value
+               FROM report_requests
+              WHERE id = $1
+                AND num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) = 1),
+         company AS (
+             SELECT me.*, report_identity_company(me.kind, me.value) AS name,
+                    (SELECT observations FROM report_identities i
+                      WHERE i.kind = me.kind AND i.value = me.value
+                      ORDER BY observations DESC LIMIT 1) AS observations
+               FROM me),
+         same AS (
+             SELECT i.kind, i.value, c.name, c.observations, c.within, c.id AS me,
+                    c.kind AS own_kind, c.value AS own_value
+               FROM company c JOIN report_identities i ON i.company_name = c.name
+              WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name)
+         SELECT d.request_id, d.sha256, d.object_key, s.kind AS source_kind,
+                s.value AS source_value, s.own_kind, s.own_value, s.name AS company,
+                s.observations
+           FROM same s
+           JOIN report_requests r ON r.id = ANY (ARRAY(
+                    SELECT c.id FROM report_requests c
+                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+           JOIN report_documents d ON d.request_id = r.id
+          WHERE s.within > interval '0' AND r.id <> s.me
+            AND r.state = 'succeeded' AND r.report_type = $2
+            AND r.finished_at > now() - s.within
+            AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
+            AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
+                            WHEN 'credit_code' THEN r.credit_code = s.value
+                            ELSE r.org_number = s.value END
+          ORDER BY r.finished_at DESC LIMIT 1",
+    )
+    .bind(id)
+    .bind(kind.as_str())
+    .bind(default.map(secs))
+    .fetch_optional(pool)
+    .await
+}
+
 /// Finishes the claimed row `id` with a copy of `source`'s document (its bytes, or
 /// `object_key` for a copy of its object), recording in its event that it reused
 /// `source`. Fenced by the claim like every outcome.
@@ -63,12 +148,17 @@ pub async fn complete_from(
     token: i64,
     source: i64,
     object_key: Option<&str>,
+    why: Option<&str>,
 ) -> Result<Fenced, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let actor = match why {
+        Some(why) => format!("worker: the document of request {source} ({why})"),
+        None => format!("worker: the document of request {source}"),
+    };
     sqlx::query(
         "SELECT set_config('report_worker.actor', $1, true), set_config('report_worker.action', 'reuse', true)",
     )
-    .bind(format!("worker: the document of request {source}"))
+    .bind(actor)
     .execute(&mut *tx)
     .await?;
     let stored: Option<i64> = sqlx::query_scalar(

@@ -92,14 +92,15 @@ pub(super) async fn token(State(s): State<AppState>, headers: HeaderMap, body: B
         })
         .and_then(|b| String::from_utf8(b).ok());
     let grant_ok = String::from_utf8_lossy(&body).contains("grant_type=client_credentials");
-    let valid = creds
+    let client = creds
         .as_deref()
         .and_then(|c| c.split_once(':'))
-        .is_some_and(|(id, secret)| id == s.config.client_id && secret == s.config.client_secret);
-    if !valid || !grant_ok {
+        .filter(|(id, secret)| s.config.knows(id, secret))
+        .map(|(id, _)| id.to_string());
+    let (Some(client), true) = (client, grant_ok) else {
         s.count("token:67200003".into());
         return envelope_error(67200003);
-    }
+    };
     let (token, ttl) = {
         let mut inner = s.lock();
         let token: String = (0..32)
@@ -110,7 +111,7 @@ pub(super) async fn token(State(s): State<AppState>, headers: HeaderMap, body: B
         inner.tokens.insert(
             token.clone(),
             TokenInfo {
-                client_id: s.config.client_id.clone(),
+                client_id: client,
                 expires: Instant::now() + ttl,
             },
         );
@@ -146,9 +147,11 @@ pub(super) async fn create(
     body: Bytes,
 ) -> Response {
     let arrived = std::time::SystemTime::now();
-    let (slow, then) = match s.gate("create", &headers, &query) {
+    let (client, slow, then) = match s.gate("create", &headers, &query) {
         Gate::Answer(r) => return r,
-        Gate::Pass { slow, then, .. } => (slow, then),
+        Gate::Pass {
+            client, slow, then, ..
+        } => (client, slow, then),
     };
     // Like the real provider, the task exists as soon as the request is accepted; the
     // answer takes its time (and a client that gives up waiting has still paid).
@@ -193,7 +196,7 @@ pub(super) async fn create(
     .unwrap_or_default();
     let job_id = {
         let mut inner = s.lock();
-        if let Some(b) = inner.balance_left.as_mut() {
+        if let Some(b) = inner.balance_left.get_mut(&client) {
             *b = b.saturating_sub(1);
         }
         let step = inner.rng.random_range(1..4096u64);
@@ -219,17 +222,20 @@ pub(super) async fn create(
                 company,
                 report_type,
                 created_on,
+                owner: client.clone(),
             },
         );
         inner.stats.tasks_created += 1;
+        inner
+            .stats
+            .accounts
+            .entry(client.clone())
+            .or_default()
+            .tasks_created += 1;
         inner.first_create.entry(key.clone()).or_insert(arrived);
         *inner.stats.tasks_per_company.entry(key).or_default() += 1;
         let outcome = then.as_ref().map_or("ok".to_string(), Fault::outcome);
-        *inner
-            .stats
-            .calls
-            .entry(format!("create:{outcome}"))
-            .or_default() += 1;
+        inner.count_for(&client, format!("create:{outcome}"));
         id
     };
     tokio::time::sleep(latency).await;
@@ -245,11 +251,14 @@ pub(super) async fn status(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let (slow, job_failed) = match s.gate("status", &headers, &query) {
+    let (client, slow, job_failed) = match s.gate("status", &headers, &query) {
         Gate::Answer(r) => return r,
         Gate::Pass {
-            slow, job_failed, ..
-        } => (slow, job_failed),
+            client,
+            slow,
+            job_failed,
+            ..
+        } => (client, slow, job_failed),
     };
     if let Some(d) = slow {
         tokio::time::sleep(d).await;
@@ -267,12 +276,13 @@ pub(super) async fn status(
         .unwrap_or("127.0.0.1")
         .to_string();
     let mut inner = s.lock();
-    let Some(job) = inner.jobs.get_mut(&job_id) else {
-        *inner
-            .stats
-            .calls
-            .entry("status:68300004".into())
-            .or_default() += 1;
+    // Another account's task is as unknown as one that never existed.
+    let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.owner == client) else {
+        let foreign = inner.jobs.contains_key(&job_id);
+        inner.count_for(&client, "status:68300004".into());
+        if foreign {
+            inner.count_for(&client, "status:another_accounts_job".into());
+        }
         return envelope_error(68300004);
     };
     if job_failed {

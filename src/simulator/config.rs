@@ -60,6 +60,61 @@ pub struct SimConfig {
     /// its day (Asia/Shanghai), which the daily limit counts.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub clock_offset_secs: i64,
+    /// More accounts, each ID:SECRET[:QPS] (repeat the flag): every account has its own
+    /// tokens, QPS window and tasks (a task is known only to the account that created
+    /// it); the daily limit and balance are each account's own too.
+    #[arg(long = "account", value_name = "ID:SECRET[:QPS]", value_parser = parse_sim_account)]
+    pub accounts: Vec<SimAccount>,
+}
+
+/// An account of the simulated provider besides the main one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimAccount {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Its own QPS limit (none: unlimited).
+    pub qps: Option<u32>,
+}
+
+fn parse_sim_account(s: &str) -> Result<SimAccount, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(id), Some(secret)) = (parts.next(), parts.next()) else {
+        return Err(format!("expected ID:SECRET[:QPS], got {s:?}"));
+    };
+    if id.is_empty() || secret.is_empty() {
+        return Err(format!("expected ID:SECRET[:QPS], got {s:?}"));
+    }
+    let qps = parts
+        .next()
+        .map(|q| q.parse::<u32>().map_err(|e| format!("QPS {q:?}: {e}")))
+        .transpose()?;
+    Ok(SimAccount {
+        client_id: id.into(),
+        client_secret: secret.into(),
+        qps,
+    })
+}
+
+impl SimConfig {
+    /// The QPS limit of `client` (the main account's, or one of `accounts`).
+    pub(super) fn qps_of(&self, client: &str) -> Option<u32> {
+        if client == self.client_id {
+            return self.qps;
+        }
+        self.accounts
+            .iter()
+            .find(|a| a.client_id == client)
+            .and_then(|a| a.qps)
+    }
+
+    /// Whether `id:secret` is one of the simulator's accounts.
+    pub(super) fn knows(&self, id: &str, secret: &str) -> bool {
+        (id == self.client_id && secret == self.client_secret)
+            || self
+                .accounts
+                .iter()
+                .any(|a| a.client_id == id && a.client_secret == secret)
+    }
 }
 
 impl Default for SimConfig {
@@ -79,6 +134,7 @@ impl Default for SimConfig {
             seed: None,
             doc_size: 300_000,
             clock_offset_secs: 0,
+            accounts: Vec::new(),
         }
     }
 }
@@ -166,6 +222,9 @@ pub struct Injection {
     pub fault: Fault,
     #[serde(default = "one")]
     pub count: u32,
+    /// Only calls of this account (client id); any account's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 pub(super) fn one() -> u32 {
@@ -182,9 +241,21 @@ pub struct SimStats {
     pub tasks_per_company: BTreeMap<String, u64>,
     /// sha256 of every document served, by job id.
     pub documents: BTreeMap<String, String>,
-    /// The most metered calls accepted within any one-second window.
+    /// The most metered calls accepted within any one-second window of one account.
     pub max_calls_in_one_second: usize,
     pub token_fetches: u64,
+    /// The same counters for each account (client id).
+    pub accounts: BTreeMap<String, AccountStats>,
+}
+
+/// One account's counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AccountStats {
+    /// Its calls by `endpoint:outcome`.
+    pub calls: BTreeMap<String, u64>,
+    pub tasks_created: u64,
+    /// The most of its metered calls accepted within any one-second window.
+    pub max_calls_in_one_second: usize,
 }
 
 impl SimStats {

@@ -19,7 +19,7 @@ mod cos;
 pub mod documents;
 mod state;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use self::api::credit_code_checksum_ok;
-pub use self::config::{Endpoint, Fault, Injection, SimConfig, SimStats};
+pub use self::config::{AccountStats, Endpoint, Fault, Injection, SimAccount, SimConfig, SimStats};
 use self::state::{AppState, Inner, Job, Shared, shanghai_today};
 use crate::domain::ReportType;
 use crate::upstream::client::{CREATE_PATH, STATUS_PATH, TOKEN_PATH};
@@ -69,7 +69,6 @@ impl Simulator {
         let signing_key: String = (0..16)
             .map(|_| format!("{:x}", rng.random_range(0..16u8)))
             .collect();
-        let balance_left = config.balance;
         let today = shanghai_today(config.clock_offset_secs);
         let shared = Arc::new(Shared {
             config,
@@ -80,10 +79,10 @@ impl Simulator {
                 jobs: HashMap::new(),
                 // Like the provider's: 64-bit ids far above 2^53.
                 next_job_id: 1_579_434_053_399_035_904,
-                window: VecDeque::new(),
+                windows: HashMap::new(),
                 day: today,
-                day_calls: 0,
-                balance_left,
+                day_calls: HashMap::new(),
+                balance_left: HashMap::new(),
                 outage: None,
                 injections: Vec::new(),
                 stats: SimStats::default(),
@@ -118,6 +117,24 @@ impl Simulator {
 
     pub fn config(&self) -> &SimConfig {
         &self.shared.config
+    }
+
+    /// How a client reaches this simulator with one of its extra accounts (`accounts`).
+    pub fn client_config_for(&self, client_id: &str) -> Option<crate::upstream::ClientConfig> {
+        let account = self
+            .shared
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.client_id == client_id)?;
+        let credentials = crate::upstream::Credentials {
+            client_id: account.client_id.clone(),
+            client_secret: crate::upstream::Secret::new(account.client_secret.clone()),
+        };
+        Some(crate::upstream::ClientConfig::new(
+            self.base_url(),
+            credentials,
+        ))
     }
 
     /// How a client reaches this simulator with its account.
@@ -169,6 +186,7 @@ impl Simulator {
                     company: format!("预置企业{i}"),
                     report_type,
                     created_on: created_on.clone(),
+                    owner: self.shared.config.client_id.clone(),
                 };
                 inner.jobs.insert(id, job);
                 id

@@ -29,6 +29,8 @@ pub(super) struct Job {
     pub(super) report_type: ReportType,
     /// The date printed in the report (fixed at creation, so re-downloads match).
     pub(super) created_on: String,
+    /// The account that created it: no other account can see it.
+    pub(super) owner: String,
 }
 
 pub(super) struct TokenInfo {
@@ -43,11 +45,13 @@ pub(super) struct Inner {
     pub(super) tokens: HashMap<String, TokenInfo>,
     pub(super) jobs: HashMap<u64, Job>,
     pub(super) next_job_id: u64,
-    /// Accepted metered calls in the last second: the QPS window.
-    pub(super) window: VecDeque<Instant>,
+    /// Accepted metered calls in the last second, per account: the QPS windows.
+    pub(super) windows: HashMap<String, VecDeque<Instant>>,
     pub(super) day: NaiveDate,
-    pub(super) day_calls: u64,
-    pub(super) balance_left: Option<u64>,
+    /// Metered calls today, per account (the daily limit is each account's).
+    pub(super) day_calls: HashMap<String, u64>,
+    /// Creates each account can still pay for (each starts with `balance`).
+    pub(super) balance_left: HashMap<String, u64>,
     pub(super) outage: Option<i32>,
     pub(super) injections: Vec<Injection>,
     pub(super) stats: SimStats,
@@ -97,8 +101,26 @@ impl Shared {
     }
 }
 
+impl Inner {
+    /// Counts a call of `client` under `key` (`endpoint:outcome`), in the totals and in
+    /// the account's own counters.
+    pub(super) fn count_for(&mut self, client: &str, key: String) {
+        *self
+            .stats
+            .accounts
+            .entry(client.to_string())
+            .or_default()
+            .calls
+            .entry(key.clone())
+            .or_default() += 1;
+        *self.stats.calls.entry(key).or_default() += 1;
+    }
+}
+
 pub(super) enum Gate {
     Pass {
+        /// The account the call was made with.
+        client: String,
         slow: Option<Duration>,
         job_failed: bool,
         /// A fault that strikes after the work is done (a create's lost answer).
@@ -141,11 +163,7 @@ impl Shared {
             }
         };
         let answer = |inner: &mut Inner, outcome: String, response: Response| {
-            *inner
-                .stats
-                .calls
-                .entry(format!("{endpoint}:{outcome}"))
-                .or_default() += 1;
+            inner.count_for(&client, format!("{endpoint}:{outcome}"));
             Gate::Answer(response)
         };
         match query.get("apikey").map(String::as_str) {
@@ -164,7 +182,8 @@ impl Shared {
         let mut job_failed = false;
         let mut then = None;
         let injected = inner.take_injection(|i| {
-            i.endpoint == Endpoint::Any && endpoint != "download" || i.endpoint_name() == endpoint
+            (i.endpoint == Endpoint::Any && endpoint != "download" || i.endpoint_name() == endpoint)
+                && i.client.as_ref().is_none_or(|c| *c == client)
         });
         match injected {
             Some(Fault::Slow { millis }) => slow = Some(Duration::from_millis(millis)),
@@ -177,34 +196,43 @@ impl Shared {
             }
             None => {}
         }
-        // QPS: a sliding one-second window over accepted calls.
-        while inner
-            .window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            inner.window.pop_front();
-        }
+        // QPS: a sliding one-second window over the account's accepted calls.
+        let in_window = {
+            let window = inner.windows.entry(client.clone()).or_default();
+            while window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                window.pop_front();
+            }
+            window.len()
+        };
         if self
             .config
-            .qps
-            .is_some_and(|qps| inner.window.len() >= qps as usize)
+            .qps_of(&client)
+            .is_some_and(|qps| in_window >= qps as usize)
         {
             return answer(&mut inner, "67200002".into(), envelope_error(67200002));
         }
         let today = shanghai_today(self.config.clock_offset_secs);
         if inner.day != today {
             inner.day = today;
-            inner.day_calls = 0;
+            inner.day_calls.clear();
         }
+        let day_calls = inner.day_calls.get(&client).copied().unwrap_or(0);
         if self
             .config
             .daily_limit
-            .is_some_and(|limit| inner.day_calls >= limit)
+            .is_some_and(|limit| day_calls >= limit)
         {
             return answer(&mut inner, "67200007".into(), envelope_error(67200007));
         }
-        if endpoint == "create" && inner.balance_left == Some(0) {
+        let balance = self.config.balance;
+        let balance_left = *inner
+            .balance_left
+            .entry(client.clone())
+            .or_insert(balance.unwrap_or(0));
+        if endpoint == "create" && balance.is_some() && balance_left == 0 {
             return answer(&mut inner, "67200005".into(), envelope_error(67200005));
         }
         if self.config.fault_rate > 0.0
@@ -233,11 +261,15 @@ impl Shared {
                 }
             }
         }
-        inner.window.push_back(now);
-        let in_window = inner.window.len();
+        let window = inner.windows.entry(client.clone()).or_default();
+        window.push_back(now);
+        let in_window = window.len();
         inner.stats.max_calls_in_one_second = inner.stats.max_calls_in_one_second.max(in_window);
-        inner.day_calls += 1;
+        let own = inner.stats.accounts.entry(client.clone()).or_default();
+        own.max_calls_in_one_second = own.max_calls_in_one_second.max(in_window);
+        *inner.day_calls.entry(client.clone()).or_default() += 1;
         Gate::Pass {
+            client,
             slow,
             job_failed,
             then,

@@ -447,3 +447,131 @@ async fn rows_asked_for_together_share_one_paid_task() {
     sim.stop().await;
     db.close().await;
 }
+
+async fn insert_by(db: &TestDb, column: &str, value: &str, kind: &str) -> i64 {
+    let sql =
+        format!("INSERT INTO report_requests ({column}, report_type) VALUES ($1, $2) RETURNING id");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(value)
+        .bind(kind)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn confidence(db: &TestDb, kind: &str, value: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT company_name, confidence FROM report_identity_links
+          WHERE kind = $1 AND value = $2 ORDER BY company_name",
+    )
+    .bind(kind)
+    .bind(value)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn identifiers_the_providers_file_names_confirm_as_one_company_share_documents() {
+    const NAME: &str = "小米科技有限责任公司";
+    const CODE: &str = "91110108551385082Q";
+    const ORG: &str = "5513850T82";
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    let mut config = fast_worker_config(&sim.config().client_id);
+    config.reuse_within = Some(Duration::from_secs(7 * 24 * 3600));
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    let finished = |n: u64| {
+        let sim = &sim;
+        let pool = &db.pool;
+        async move {
+            wait_all_finished(pool, Duration::from_secs(30)).await;
+            assert_eq!(sim.stats().tasks_created, n);
+        }
+    };
+
+    // By credit code first: the provider names the report after 小米, but its name has
+    // not come back under itself yet — a link, not a certainty.
+    insert_by(&db, "credit_code", CODE, "pdf").await;
+    finished(1).await;
+    assert_eq!(
+        confidence(&db, "credit_code", CODE).await,
+        [(NAME.to_string(), "unconfirmed".to_string())]
+    );
+    // So the name's PDF is bought, not guessed from the credit code's.
+    insert_by(&db, "company_name", NAME, "pdf").await;
+    finished(2).await;
+    assert_eq!(
+        confidence(&db, "credit_code", CODE).await,
+        [(NAME.to_string(), "confirmed".to_string())]
+    );
+    // An organization code nothing is known of yet: bought too.
+    insert_by(&db, "org_number", ORG, "pdf").await;
+    finished(3).await;
+
+    // A Word report by name; then by credit code and by organization code, served from
+    // it with no call, each event saying why.
+    let word = insert_by(&db, "company_name", NAME, "word").await;
+    finished(4).await;
+    // The organization code has once come back as another company too: conflicting,
+    // never merged, its Word report is bought.
+    sqlx::query(
+        "INSERT INTO report_identities (kind, value, company_name, last_request)
+         VALUES ('org_number', $1, '另一家公司', 0)",
+    )
+    .bind(ORG)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let by_org = insert_by(&db, "org_number", ORG, "word").await;
+    finished(5).await;
+    let by_code = insert_by(&db, "credit_code", CODE, "word").await;
+    finished(5).await;
+    w.stop().await;
+    assert_eq!(
+        confidence(&db, "org_number", ORG).await,
+        [
+            ("另一家公司".to_string(), "conflicting".to_string()),
+            (NAME.to_string(), "conflicting".to_string())
+        ]
+    );
+    let events: Vec<(i64, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT request_id, action, actor FROM report_events
+          WHERE request_id = ANY($1) AND state = 'succeeded' ORDER BY request_id",
+    )
+    .bind(vec![by_org, by_code])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(events[0].1, None, "the conflicting org code bought its own");
+    assert_eq!(events[1].1.as_deref(), Some("reuse"));
+    let actor = events[1].2.clone().unwrap();
+    assert!(
+        actor.starts_with(&format!("worker: the document of request {word} ("))
+            && actor.contains(&format!(
+                "credit code {CODE} is {NAME} (confirmed, seen 1 times)"
+            )),
+        "{actor}"
+    );
+    let same: (String, String) = sqlx::query_as(
+        "SELECT a.sha256, b.sha256 FROM report_documents a, report_documents b
+          WHERE a.request_id = $1 AND b.request_id = $2",
+    )
+    .bind(word)
+    .bind(by_code)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(same.0, same.1, "the same bytes");
+    // A reuse copy teaches nothing (it would only repeat what made it).
+    let seen: i32 = sqlx::query_scalar(
+        "SELECT observations FROM report_identities WHERE kind = 'credit_code' AND value = $1",
+    )
+    .bind(CODE)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(seen, 1);
+    sim.stop().await;
+    db.close().await;
+}

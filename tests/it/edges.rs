@@ -11,6 +11,7 @@ fn injection(endpoint: Endpoint, fault: Fault, count: u32) -> Injection {
         endpoint,
         fault,
         count,
+        client: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! Everything runs against real PostgreSQL (TEST_DATABASE_URL) and the simulator over
 //! real HTTP on port 0.
 
+mod accounts;
 mod apps;
 mod browser;
 mod cli;

@@ -38,7 +38,7 @@ fn check_demo_output(out: &Output, dir: &Path) {
     // the export writes once.
     assert_eq!(files.len(), 9, "{files:?}");
     assert!(
-        stdout.contains("2 of 2 served from the stored documents, 2 paid tasks saved"),
+        stdout.contains("3 of 3 served from the stored documents, 3 paid tasks saved"),
         "{stdout}"
     );
     for f in &files {
@@ -110,7 +110,8 @@ async fn demo_uses_database_url_when_set() {
     check_demo_output(&out, dir.path());
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM report_documents").await,
-        11
+        12,
+        "nine bought, three served again from them"
     );
     db.close().await;
 }

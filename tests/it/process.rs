@@ -453,7 +453,10 @@ async fn metrics_and_health_are_served() {
     })
     .await;
     assert!(
-        page.contains("report_worker_upstream_calls_total{endpoint=\"create\",outcome=\"ok\"} 1"),
+        page.contains(&format!(
+            "report_worker_upstream_calls_total{{endpoint=\"create\",outcome=\"ok\",account=\"{}\"}} 1",
+            sim.config().client_id
+        )),
         "{page}"
     );
     assert!(
@@ -470,6 +473,9 @@ async fn metrics_and_health_are_served() {
         .unwrap();
     assert_eq!(health["database"], "ok");
     assert!(health["account_stop"].is_null());
+    let stops = health["account_stops"].as_object().unwrap();
+    assert_eq!(stops.len(), 1, "{health}");
+    assert!(stops[&sim.config().client_id].is_null(), "{health}");
     child.kill().unwrap();
     child.wait().unwrap();
     sim.stop().await;

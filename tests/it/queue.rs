@@ -59,6 +59,7 @@ async fn claims_are_exclusive_ordered_and_fenced() {
         high,
         high_row.lease_token,
         "a",
+        "acct",
         Duration::from_secs(30),
         Duration::from_secs(600),
         Duration::ZERO,
@@ -312,6 +313,7 @@ async fn begin(db: &TestDb, row: &queue::Claimed, owner: &str) -> queue::CreateI
         row.id,
         row.lease_token,
         owner,
+        "acct",
         Duration::from_secs(30),
         Duration::from_secs(600),
         Duration::from_secs(60),
@@ -533,6 +535,7 @@ async fn one_batch_of_intents_decides_each_row_on_its_own() {
                 r.lease_token
             },
             owner: "a".into(),
+            account: "acct".into(),
             budget: Duration::from_secs(30),
             adopt_within: Duration::from_secs(600),
             first_poll: Duration::ZERO,
@@ -565,7 +568,7 @@ async fn one_batch_of_intents_decides_each_row_on_its_own() {
 #[tokio::test]
 async fn an_idle_worker_waits_only_for_polls_it_could_claim() {
     let db = TestDb::new().await;
-    assert_eq!(queue::next_poll_due_in(&db.pool).await.unwrap(), None);
+    assert_eq!(queue::next_poll_due_in(&db.pool, None).await.unwrap(), None);
     // Polls due now but held by another process: nothing for this one to wake for.
     sqlx::query(
         "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id, upstream_created_at, next_poll_at, lease_owner, lease_expires_at)
@@ -575,7 +578,7 @@ async fn an_idle_worker_waits_only_for_polls_it_could_claim() {
     .execute(&db.pool)
     .await
     .unwrap();
-    assert_eq!(queue::next_poll_due_in(&db.pool).await.unwrap(), None);
+    assert_eq!(queue::next_poll_due_in(&db.pool, None).await.unwrap(), None);
     // One not held, due in 30 s: that is the next thing to wake for.
     sqlx::query(
         "INSERT INTO report_requests (company_name, report_type, state, attempts, upstream_job_id, upstream_created_at, next_poll_at)
@@ -584,7 +587,10 @@ async fn an_idle_worker_waits_only_for_polls_it_could_claim() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let due = queue::next_poll_due_in(&db.pool).await.unwrap().unwrap();
+    let due = queue::next_poll_due_in(&db.pool, None)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         due > Duration::from_secs(28) && due <= Duration::from_secs(30),
         "{due:?}"

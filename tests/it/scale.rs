@@ -96,6 +96,7 @@ async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
                     row.id,
                     row.lease_token,
                     owner,
+                    "acct",
                     Duration::from_secs(30),
                     Duration::from_secs(600),
                     Duration::ZERO,

@@ -12,6 +12,7 @@ fn create_fault(fault: &Fault, count: u32) -> Injection {
         endpoint: Endpoint::Create,
         fault: fault.clone(),
         count,
+        client: None,
     }
 }
 

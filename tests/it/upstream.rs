@@ -59,6 +59,7 @@ fn inject(sim: &report_worker::simulator::Simulator, endpoint: Endpoint, fault: 
         endpoint,
         fault,
         count,
+        client: None,
     });
 }
 

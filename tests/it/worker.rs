@@ -78,6 +78,7 @@ async fn permanent_refusals_fail_at_once() {
             endpoint: Endpoint::Create,
             fault: Fault::Code { code },
             count: 1,
+            client: None,
         });
         enqueue(&db.pool, Some(&format!("c{code}")), None, None, "word").await;
         wait_all_finished(&db.pool, Duration::from_secs(10)).await;
@@ -184,6 +185,7 @@ async fn job_status_3_creates_a_new_task() {
         endpoint: Endpoint::Status,
         fault: Fault::JobFailed,
         count: 1,
+        client: None,
     });
     let id = enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
     let w = spawn_fast_worker(&db.url, &sim).await;
@@ -249,6 +251,7 @@ async fn an_html_page_served_as_the_report_is_never_stored() {
         endpoint: Endpoint::Download,
         fault: Fault::Html,
         count: 4,
+        client: None,
     });
     let id = enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
     let w = spawn_fast_worker(&db.url, &sim).await;
