@@ -454,7 +454,12 @@ impl RowTask {
         };
         let mut why = None;
         for &i in &order {
-            match self.reserve_daily_create(&self.shared.accounts[i]).await {
+            let account = &self.shared.accounts[i];
+            let refused = match self.reserve_daily_create(account).await {
+                None => self.take_from_balance(account).await,
+                refused => refused,
+            };
+            match refused {
                 None => {
                     let _ = self.account.set(i);
                     return None;
@@ -542,6 +547,57 @@ impl RowTask {
             Err(e) => Some(Outcome::Trouble {
                 error: UpstreamError::transient(format!(
                     "cannot reserve today's create (nothing was sent): {e}"
+                )),
+                intent: Intent::Keep,
+            }),
+        }
+    }
+
+    /// With a known balance for `account` (`report_set_balance`): one task of it, or
+    /// why not. Like the daily limit: a row that never had a task waits once only the
+    /// headroom is left (for a top-up, which brings it forward), and at 0 creating stops
+    /// for the account, with no call, until the next `report_set_balance`.
+    async fn take_from_balance(&self, account: &Account) -> Option<Outcome> {
+        let name = account.name();
+        let retry = self.row.attempts > 0;
+        match queue::take_from_balance(&self.shared.pool, name, retry).await {
+            Ok(queue::Balance::Untracked | queue::Balance::Taken { .. }) => None,
+            Ok(queue::Balance::Held { remaining }) => {
+                let message = format!(
+                    "waiting for a top-up of account {name}: {remaining} tasks of its known balance left, kept for retries of rows already paid for (report_set_balance)"
+                );
+                tracing::info!("{message}");
+                Some(Outcome::Later {
+                    until: self.now() + chrono::Duration::minutes(10),
+                    message,
+                })
+            }
+            Ok(queue::Balance::Spent) => {
+                let error = UpstreamError::AccountStop {
+                    code: 67200005,
+                    reason: format!(
+                        "known balance of account {name} used up: creating resumes after report_set_balance('{name}', tasks)"
+                    ),
+                    until: None,
+                    scope: StopScope::Create,
+                };
+                if self.shared.accounts.len() > 1 {
+                    let message = error.to_string();
+                    let cause = queue::StopCause {
+                        request_id: self.row.id,
+                        endpoint: "create",
+                        answer: &message,
+                    };
+                    account.record_stop(&error, true, cause).await;
+                }
+                Some(Outcome::Trouble {
+                    error,
+                    intent: Intent::Keep,
+                })
+            }
+            Err(e) => Some(Outcome::Trouble {
+                error: UpstreamError::transient(format!(
+                    "cannot take a task from the known balance (nothing was sent): {e}"
                 )),
                 intent: Intent::Keep,
             }),

@@ -57,6 +57,15 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
         today.rate_limited,
         today.calls
     )?;
+    let balances = queue::known_balances(pool)
+        .await
+        .context("reading report_account_balance")?;
+    for (account, remaining, headroom) in balances {
+        writeln!(
+            out,
+            "known balance of {account}: {remaining} tasks ({headroom} kept for retries)"
+        )?;
+    }
     if stops.is_empty() {
         writeln!(out, "account stop: none")?;
     }

@@ -219,3 +219,57 @@ pub async fn reserve_daily_create(
         Quota::Held { used }
     })
 }
+
+/// What taking one task from the account's known balance found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// No balance is known for the account (`report_set_balance` never called).
+    Untracked,
+    /// Taken: `remaining` tasks are left.
+    Taken { remaining: i64 },
+    /// Only the part kept for retries of rows already paid for is left.
+    Held { remaining: i64 },
+    /// Nothing is left.
+    Spent,
+}
+
+/// Takes one task from `account`'s known balance (`report_account_balance`), leaving
+/// its headroom to retries unless `retry`. One statement: processes never overshoot.
+pub async fn take_from_balance(
+    pool: &PgPool,
+    account: &str,
+    retry: bool,
+) -> Result<Balance, sqlx::Error> {
+    let taken: Option<i64> = sqlx::query_scalar(
+        "UPDATE report_account_balance SET remaining = remaining - 1
+          WHERE account = $1 AND remaining > CASE WHEN $2 THEN 0 ELSE headroom END
+         RETURNING remaining",
+    )
+    .bind(account)
+    .bind(retry)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(remaining) = taken {
+        return Ok(Balance::Taken { remaining });
+    }
+    // A fresh snapshot, as for the daily count.
+    let remaining: Option<i64> =
+        sqlx::query_scalar("SELECT remaining FROM report_account_balance WHERE account = $1")
+            .bind(account)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match remaining {
+        None => Balance::Untracked,
+        Some(0) => Balance::Spent,
+        Some(remaining) => Balance::Held { remaining },
+    })
+}
+
+/// Every known balance: account, tasks remaining, tasks kept for retries.
+pub async fn known_balances(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account, remaining, headroom FROM report_account_balance ORDER BY account",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use report_worker::simulator::SimConfig;
+use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 
 #[tokio::test]
 async fn every_completion_leaves_an_observed_generation_time_when_learning() {
@@ -572,6 +572,125 @@ async fn identifiers_the_providers_file_names_confirm_as_one_company_share_docum
     .await
     .unwrap();
     assert_eq!(seen, 1);
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_known_balance_keeps_headroom_for_retries_then_stops_until_topped_up() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    let account = sim.config().client_id.clone();
+    let set_balance = |tasks: i64, headroom: i64| {
+        let (pool, account) = (&db.pool, account.clone());
+        async move {
+            sqlx::query("SELECT report_set_balance($1, $2, $3)")
+                .bind(account)
+                .bind(tasks)
+                .bind(headroom)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    };
+    let remaining =
+        || async { count(&db.pool, "SELECT remaining FROM report_account_balance").await };
+    set_balance(5, 2).await;
+    // One task fails at the provider: its row needs a second task (a retry).
+    sim.inject(Injection {
+        endpoint: Endpoint::Status,
+        fault: Fault::JobFailed,
+        count: 1,
+        client: None,
+    });
+    for i in 0..6 {
+        enqueue(&db.pool, Some(&format!("余额{i}")), None, None, "pdf").await;
+    }
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    // 5 known, 2 kept for retries: three new rows get a task, the retry takes one of
+    // the two kept, three rows wait for a top-up.
+    wait_for(
+        "three done and three waiting",
+        Duration::from_secs(30),
+        || async {
+            let done = count(
+                &db.pool,
+                "SELECT count(*) FROM report_requests WHERE state = 'succeeded'",
+            )
+            .await;
+            let waiting = count(
+                &db.pool,
+                "SELECT count(*) FROM report_requests WHERE state = 'queued'
+                AND last_error LIKE 'waiting for a top-up of account %'",
+            )
+            .await;
+            (done == 3 && waiting == 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(sim.stats().tasks_created, 4);
+    assert_eq!(remaining().await, 1);
+
+    // Topped up to one task with nothing kept: the waiting rows come forward, one gets
+    // it, then creating stops for the account with no call made.
+    set_balance(1, 0).await;
+    wait_for(
+        "the known balance stops creating",
+        Duration::from_secs(30),
+        || async {
+            let stopped = count(
+                &db.pool,
+                "SELECT count(*) FROM report_account_stops WHERE error_code = 67200005
+                AND scope = 'create' AND reason LIKE 'known balance of account % used up%'",
+            )
+            .await;
+            let done = count(
+                &db.pool,
+                "SELECT count(*) FROM report_requests WHERE state = 'succeeded'",
+            )
+            .await;
+            (stopped == 1 && done == 4).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(sim.stats().tasks_created, 5);
+    assert_eq!(
+        sim.stats().calls("create:67200005"),
+        0,
+        "our count stopped first"
+    );
+    let status = report_worker::ops::status::status_text(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        status.contains(&format!(
+            "known balance of {account}: 0 tasks (0 kept for retries)"
+        )),
+        "{status}"
+    );
+
+    // A real top-up lifts the stop; every row finishes.
+    set_balance(10, 0).await;
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    w.stop().await;
+    assert_eq!(sim.stats().tasks_created, 7);
+    assert_eq!(remaining().await, 8);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_account_stops").await,
+        0
+    );
+    let done = count(
+        &db.pool,
+        "SELECT count(*) FROM report_requests WHERE state = 'succeeded'",
+    )
+    .await;
+    assert_eq!(done, 6);
+    let events = count(
+        &db.pool,
+        "SELECT count(*) FROM report_events WHERE action = 'set_balance' AND account IS NOT NULL",
+    )
+    .await;
+    assert_eq!(events, 3);
     sim.stop().await;
     db.close().await;
 }
