@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::policy::{PollPolicy, Progress};
-use super::schedule::{HISTORY, Observation, Schedule};
+use super::schedule::{HISTORY, Observation, Schedule, Waiting};
 use crate::domain::ReportType;
 use crate::queue;
 
@@ -68,9 +68,13 @@ impl Learning {
             Ok(rows) => {
                 let history: Vec<Observation> = rows
                     .into_iter()
-                    .map(|(lower, upper)| Observation {
+                    .map(|(lower, upper, waiting_secs, queue_num)| Observation {
                         lower: lower as f64,
                         upper: upper as f64,
+                        waiting: waiting_secs.map(|at| Waiting {
+                            at: at as f64,
+                            queue_num: queue_num.unwrap_or(0).into(),
+                        }),
                     })
                     .collect();
                 Schedule::learn(&history, self.policy.window, target, self.policy.poll_max)
@@ -97,7 +101,9 @@ impl Learning {
     }
 
     /// The next poll of a task of `kind` created at `created`, after a "not ready"
-    /// answer at `now`; `None` when its window is over.
+    /// answer at `now` (with `queue_num` when it said the task is still queued); `None`
+    /// when its window is over.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn next_poll_at(
         &self,
         pool: &PgPool,
@@ -105,13 +111,14 @@ impl Learning {
         created: DateTime<Utc>,
         now: DateTime<Utc>,
         progress: Progress,
+        queue_num: Option<i64>,
         unit: f64,
     ) -> Option<DateTime<Utc>> {
         let Some(s) = self.schedule(pool, kind).await else {
             return self.policy.next_poll_at(created, now, progress, unit);
         };
         let elapsed = (now - created).num_milliseconds() as f64 / 1000.0;
-        let next = s.next_after(elapsed)?;
+        let next = s.next_after_answer(elapsed, queue_num)?;
         Some(created + chrono::Duration::milliseconds((next * 1000.0) as i64))
     }
 }

@@ -54,8 +54,12 @@ enum Outcome {
         unanswered: i32,
         started_at: DateTime<Utc>,
     },
-    /// The task is not ready yet: poll again at this time (a snooze, not an attempt).
-    NotReady { next_poll_at: DateTime<Utc> },
+    /// The task is not ready yet: poll again at this time (a snooze, not an attempt);
+    /// `queued`: the provider said it is still queued, with this many jobs ahead.
+    NotReady {
+        next_poll_at: DateTime<Utc>,
+        queued: Option<i64>,
+    },
     /// The report is downloaded and verified: store it and finish the row. (Its
     /// memory stays reserved until it is stored.)
     Downloaded(Downloaded),
@@ -530,19 +534,7 @@ impl RowTask {
                     until: Some(until + chrono::Duration::minutes(3)),
                     scope: StopScope::Create,
                 };
-                if shared.accounts.len() > 1 {
-                    let message = error.to_string();
-                    let cause = queue::StopCause {
-                        request_id: self.row.id,
-                        endpoint: "create",
-                        answer: &message,
-                    };
-                    account.record_stop(&error, true, cause).await;
-                }
-                Some(Outcome::Trouble {
-                    error,
-                    intent: Intent::Keep,
-                })
+                Some(self.stop_creating(account, error).await)
             }
             Err(e) => Some(Outcome::Trouble {
                 error: UpstreamError::transient(format!(
@@ -581,19 +573,7 @@ impl RowTask {
                     until: None,
                     scope: StopScope::Create,
                 };
-                if self.shared.accounts.len() > 1 {
-                    let message = error.to_string();
-                    let cause = queue::StopCause {
-                        request_id: self.row.id,
-                        endpoint: "create",
-                        answer: &message,
-                    };
-                    account.record_stop(&error, true, cause).await;
-                }
-                Some(Outcome::Trouble {
-                    error,
-                    intent: Intent::Keep,
-                })
+                Some(self.stop_creating(account, error).await)
             }
             Err(e) => Some(Outcome::Trouble {
                 error: UpstreamError::transient(format!(
@@ -601,6 +581,25 @@ impl RowTask {
                 )),
                 intent: Intent::Keep,
             }),
+        }
+    }
+
+    /// `account` may not create (a quota of ours is spent): with several accounts its
+    /// stop is recorded now, so `choose_account` can go on to the next one; with one,
+    /// `settle` records it.
+    async fn stop_creating(&self, account: &Account, error: UpstreamError) -> Outcome {
+        if self.shared.accounts.len() > 1 {
+            let message = error.to_string();
+            let cause = queue::StopCause {
+                request_id: self.row.id,
+                endpoint: "create",
+                answer: &message,
+            };
+            account.record_stop(&error, true, cause).await;
+        }
+        Outcome::Trouble {
+            error,
+            intent: Intent::Keep,
         }
     }
 
@@ -644,12 +643,15 @@ impl RowTask {
         let Some(status) = self.unless_stopping(status).await else {
             return Outcome::Interrupted;
         };
-        let progress = match status {
+        let (progress, queued) = match status {
             Ok(TaskStatus::Ready { download_url }) => {
                 return self.download(&job, &download_url).await;
             }
-            Ok(TaskStatus::Waiting { .. }) => Progress::Queued,
-            Ok(TaskStatus::Exporting) => Progress::Exporting,
+            // A queued answer without a queue_num still says the export has not begun.
+            Ok(TaskStatus::Waiting { queue_num }) => {
+                (Progress::Queued, Some(queue_num.unwrap_or(0).max(0)))
+            }
+            Ok(TaskStatus::Exporting) => (Progress::Exporting, None),
             Ok(TaskStatus::Failed { cause }) => {
                 return Outcome::TaskLost {
                     code: None,
@@ -679,11 +681,15 @@ impl RowTask {
                 created,
                 self.now(),
                 progress,
+                queued,
                 unit(),
             )
             .await;
         match next {
-            Some(next_poll_at) => Outcome::NotReady { next_poll_at },
+            Some(next_poll_at) => Outcome::NotReady {
+                next_poll_at,
+                queued,
+            },
             None => Outcome::TaskLost {
                 code: None,
                 why: format!(
@@ -757,11 +763,15 @@ impl RowTask {
                     self.forget_create(started_at).await;
                 }
             }
-            Outcome::NotReady { next_poll_at } => {
+            Outcome::NotReady {
+                next_poll_at,
+                queued,
+            } => {
                 let snoozed = Snoozed {
                     id: self.row.id,
                     token: self.row.lease_token,
                     next_poll_at,
+                    queued: queued.map(|q| q.min(i32::MAX as i64) as i32),
                 };
                 let reply = self.shared.writer.snoozed(snoozed).await;
                 self.fenced("snooze", reply);

@@ -23,6 +23,16 @@
 //! after (the smallest `lower`… but at least the smallest `upper` minus a gap: nothing
 //! earlier is plausible), and the last poll is at the window's end.
 //!
+//! `queue_num`: a task the provider still calls queued (`job_status` 0) has not started
+//! exporting, so it is further from ready than its age alone says, and more so with more
+//! jobs ahead. Each observation keeps the last such answer (when, and `queue_num`); for
+//! each `q`, the schedule learns a floor: the 5th percentile of the time from a "queued,
+//! at least `q` ahead" answer to the last "not ready" answer of the same task (a lower
+//! bound of the time still needed, so the floor errs early). After such an answer the
+//! next poll is not before that floor. Floors need `MIN_QUEUE_HISTORY` observations with
+//! at least `q` ahead; without them, or when the provider sends no `queue_num`, the
+//! schedule goes by age alone.
+//!
 //! Until `MIN_HISTORY` observations exist the fixed policy is used: with fewer, the tails
 //! (where the schedule decides whether to poll at all) rest on a handful of tasks. The
 //! history is the most recent `HISTORY` observations, so a provider that slows down is
@@ -41,13 +51,30 @@ pub const HISTORY: usize = 200;
 const TARGET_MARGIN: f64 = 0.9;
 /// The shortest gap between two polls.
 pub const MIN_GAP: f64 = 5.0;
+/// Observations whose task was still queued with at least `q` jobs ahead needed before
+/// the floor for `q` is used (its 5th percentile then rests on one or two of them).
+pub const MIN_QUEUE_HISTORY: usize = 30;
+/// The share of tasks a queue floor may find ready before it (and so notice late).
+const QUEUE_QUANTILE: f64 = 0.05;
+/// Floors are learned for `queue_num` 0 to this; more ahead uses this one's.
+const MAX_QUEUE: usize = 16;
 
 /// One finished task: not ready `lower` seconds after its create, ready `upper` seconds
-/// after it (`lower` 0 when the first poll found it ready).
+/// after it (`lower` 0 when the first poll found it ready), and its last "queued"
+/// answer, if any.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Observation {
     pub lower: f64,
     pub upper: f64,
+    pub waiting: Option<Waiting>,
+}
+
+/// A "queued at the provider" answer (`job_status` 0): `at` seconds after the create,
+/// with `queue_num` jobs ahead (0 when the answer did not say).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Waiting {
+    pub at: f64,
+    pub queue_num: i64,
 }
 
 /// A poll schedule: times after the create, in seconds, increasing, the last one at the
@@ -58,6 +85,9 @@ pub struct Schedule {
     /// What the schedule expects on the distribution it was computed from.
     pub expected_calls: f64,
     pub expected_median_delay: f64,
+    /// For `queue_num` 0..=`MAX_QUEUE`: how long a task answering "queued" with at least
+    /// that many ahead still needs, at the least (see the module's text).
+    queue_floors: Vec<Option<f64>>,
 }
 
 impl Schedule {
@@ -102,7 +132,33 @@ impl Schedule {
                 hi = mid;
             }
         }
+        best.queue_floors = queue_floors(history);
         Some(best)
+    }
+
+    /// How long a task that answered "queued" with `queue_num` ahead still needs at the
+    /// least, when enough history says so. A task with `q` ahead also has every smaller
+    /// number ahead, so the floors learned for those apply to it too: the largest of
+    /// them (more ahead never lowers the floor; larger numbers without enough history of
+    /// their own borrow the ones below).
+    pub fn queue_floor(&self, queue_num: i64) -> Option<f64> {
+        let q = (queue_num.max(0) as usize).min(MAX_QUEUE);
+        self.queue_floors
+            .get(..=q)?
+            .iter()
+            .flatten()
+            .copied()
+            .reduce(f64::max)
+    }
+
+    /// The next poll after a "not ready" answer `elapsed` seconds after the create that
+    /// said the task was still queued with `queue_num` ahead (`None`: exporting): the
+    /// schedule's next poll, but not before the task's queue floor.
+    pub fn next_after_answer(&self, elapsed: f64, queue_num: Option<i64>) -> Option<f64> {
+        let next = self.next_after(elapsed)?;
+        let end = *self.polls.last()?;
+        let floor = queue_num.and_then(|q| self.queue_floor(q)).unwrap_or(0.0);
+        Some(next.max(elapsed + floor).min(end))
     }
 
     /// The poll times, seconds after the create.
@@ -131,6 +187,29 @@ impl Schedule {
             .unwrap_or(end);
         Some(next.min(end))
     }
+}
+
+/// The queue floors of `history`: for each `q`, the `QUEUE_QUANTILE` of the time from a
+/// "queued, at least `q` ahead" answer to the task's last "not ready" answer, when at
+/// least `MIN_QUEUE_HISTORY` tasks answered so.
+fn queue_floors(history: &[Observation]) -> Vec<Option<f64>> {
+    (0..=MAX_QUEUE)
+        .map(|q| {
+            let mut still: Vec<f64> = history
+                .iter()
+                .filter_map(|o| {
+                    let w = o.waiting?;
+                    (w.queue_num >= q as i64).then_some((o.lower - w.at).max(0.0))
+                })
+                .collect();
+            if still.len() < MIN_QUEUE_HISTORY {
+                return None;
+            }
+            still.sort_by(f64::total_cmp);
+            let i = ((still.len() - 1) as f64 * QUEUE_QUANTILE).floor() as usize;
+            Some(still[i])
+        })
+        .collect()
 }
 
 /// The density of generation times on one-second bins `[i, i+1)`, from interval-censored
@@ -214,6 +293,7 @@ fn place(f: &[f64], earliest: f64, window: f64, max_gap: f64, mu: f64) -> Schedu
         polls,
         expected_calls: calls,
         expected_median_delay: median,
+        queue_floors: Vec::new(),
     }
 }
 
@@ -276,6 +356,7 @@ mod tests {
                 Observation {
                     lower: last,
                     upper: p.min(600.0),
+                    waiting: None,
                 }
             })
             .collect()
@@ -341,7 +422,101 @@ mod tests {
         assert!(s.first() >= 140.0 - MIN_GAP - 10.0, "{}", s.first());
     }
 
+    /// Tasks queued for their first 30 % with up to 5 ahead (as the simulator), polled
+    /// every `grid` seconds from 60: the observations with their last "queued" answer.
+    fn observed_with_queue(times: &[f64], grid: f64) -> Vec<Observation> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let ahead = (i % 6) as f64;
+                let (mut last, mut p, mut waiting) = (0.0, 60.0, None);
+                while p < t {
+                    if p < 0.3 * t {
+                        let q = (ahead * (1.0 - p / (0.3 * t))).ceil() as i64;
+                        waiting = Some(Waiting {
+                            at: p,
+                            queue_num: q,
+                        });
+                    }
+                    last = p;
+                    p += grid;
+                }
+                Observation {
+                    lower: last,
+                    upper: p.min(600.0),
+                    waiting,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_queued_answer_holds_the_next_poll_back_by_what_the_queue_still_takes() {
+        let history = observed_with_queue(&lognormal(200, 180.0, 0.35, 11), 10.0);
+        let s = Schedule::learn(&history, WINDOW, TARGET, MAX_GAP).unwrap();
+        // Queued tasks have at least the 70 % exporting share ahead of them: the floor
+        // is well above the schedule's gaps; more ahead never lowers it (the last
+        // "queued" answer mostly has 0 or 1 ahead: larger numbers borrow the floor below).
+        let f0 = s.queue_floor(0).unwrap();
+        assert!(f0 >= 40.0, "{f0}");
+        let f3 = s.queue_floor(3).unwrap();
+        assert!(f3 >= f0, "{f0} {f3}");
+        assert_eq!(s.queue_floor(99), s.queue_floor(16));
+        // Never sooner than the floor, never after the window, never before the
+        // schedule's own next poll.
+        let t = 100.0;
+        let next = s.next_after_answer(t, Some(0)).unwrap();
+        assert!(next >= t + f0 && next >= s.next_after(t).unwrap(), "{next}");
+        assert_eq!(s.next_after_answer(590.0, Some(5)), Some(600.0));
+        // Exporting: the schedule as it is.
+        assert_eq!(s.next_after_answer(t, None), s.next_after(t));
+        // And no floor without enough queued observations.
+        let few: Vec<Observation> = history
+            .iter()
+            .enumerate()
+            .map(|(i, o)| Observation {
+                waiting: if i < MIN_QUEUE_HISTORY - 1 {
+                    o.waiting
+                } else {
+                    None
+                },
+                ..*o
+            })
+            .collect();
+        let s = Schedule::learn(&few, WINDOW, TARGET, MAX_GAP).unwrap();
+        assert_eq!(s.queue_floor(0), None);
+    }
+
     proptest! {
+        #[test]
+        fn queue_floors_are_lower_bounds_of_what_the_history_saw(
+            times in proptest::collection::vec(60.0f64..600.0, MIN_HISTORY..300),
+            grid in 5.0f64..60.0,
+            q in 0i64..20,
+        ) {
+            let history = observed_with_queue(&times, grid);
+            let s = Schedule::learn(&history, WINDOW, TARGET, MAX_GAP).unwrap();
+            if let Some(floor) = s.queue_floor(q) {
+                // At most 5 % of the tasks that were queued with at least q ahead were
+                // found ready sooner after that answer than the floor.
+                let seen: Vec<f64> = history.iter().filter_map(|o| {
+                    let w = o.waiting?;
+                    (w.queue_num >= q.min(16)).then_some(o.upper - w.at)
+                }).collect();
+                let sooner = seen.iter().filter(|d| **d < floor).count();
+                prop_assert!(sooner as f64 <= 0.05 * seen.len() as f64 + 1.0, "{} of {}", sooner, seen.len());
+                prop_assert!(floor >= 0.0);
+                // The next poll is never before it, never past the window.
+                for t in [60.0, 200.0, 590.0] {
+                    if let Some(n) = s.next_after_answer(t, Some(q)) {
+                        prop_assert!(n <= 600.0);
+                        prop_assert!(n >= (t + floor).min(600.0) - 1e-9);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn schedules_are_well_formed(
             times in proptest::collection::vec(60.0f64..600.0, MIN_HISTORY..300),

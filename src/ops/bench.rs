@@ -566,14 +566,40 @@ pub fn economy(n: usize) -> Vec<Economy> {
         );
         summarise(
             &format!("learned, {name}"),
-            learned_run(&policy, DEFAULT_DETECTION_TARGET, gens, &mut unit),
+            learned_run(&policy, DEFAULT_DETECTION_TARGET, gens, false, &mut unit),
+        );
+        summarise(
+            &format!("learned with queue_num, {name}"),
+            learned_run(&policy, DEFAULT_DETECTION_TARGET, gens, true, &mut unit),
         );
     }
     summarise(
         "learned with a 12.5 s target, uniform 1–10 min",
-        learned_run(&policy, Duration::from_millis(12_500), &uniform, &mut unit),
+        learned_run(
+            &policy,
+            Duration::from_millis(12_500),
+            &uniform,
+            false,
+            &mut unit,
+        ),
     );
-    let learned = learned_run(&policy, DEFAULT_DETECTION_TARGET, &shifted, &mut unit);
+    summarise(
+        "learned with queue_num, 12.5 s target, uniform 1–10 min",
+        learned_run(
+            &policy,
+            Duration::from_millis(12_500),
+            &uniform,
+            true,
+            &mut unit,
+        ),
+    );
+    let learned = learned_run(
+        &policy,
+        DEFAULT_DETECTION_TARGET,
+        &shifted,
+        false,
+        &mut unit,
+    );
     let half = n / 2;
     summarise(
         "learned, median 3 → 5 min: the 200 reports after the shift",
@@ -650,26 +676,46 @@ fn fixed_policy_run(
 }
 
 /// (calls, detection delay) of each report under learned polling, learning as it goes.
+/// The provider is modelled as the simulator is: queued for the first 30 % of a task,
+/// with 0–5 jobs ahead at first, counting down; with `queue`, the schedule uses those
+/// `queue_num` answers.
 fn learned_run(
     policy: &PollPolicy,
     target: Duration,
     gens: &[f64],
+    queue: bool,
     unit: &mut impl FnMut() -> f64,
 ) -> Vec<(u32, f64)> {
-    use crate::engine::schedule::{HISTORY, Observation, Schedule};
+    use crate::engine::schedule::{HISTORY, Observation, Schedule, Waiting};
     let mut history: std::collections::VecDeque<Observation> = Default::default();
     let mut schedule: Option<Schedule> = None;
     let mut out = Vec::with_capacity(gens.len());
+    let mut ahead = Xorshift(0xD1B5_4A32_D192_ED03);
     for (i, &g) in gens.iter().enumerate() {
         if i % 20 == 0 {
             let recent: Vec<Observation> = history.iter().copied().collect();
             schedule = Schedule::learn(&recent, policy.window, target, policy.poll_max);
         }
-        let (calls, ready_at, last_not_ready) = match &schedule {
+        let first_ahead = (ahead.unit() * 6.0).floor();
+        let queued_at =
+            |t: f64| (t < 0.3 * g).then(|| (first_ahead * (1.0 - t / (0.3 * g))).ceil() as i64);
+        let (calls, ready_at, last_not_ready, waiting) = match &schedule {
             Some(s) => {
-                let (mut t, mut last, mut calls) = (s.first(), 0.0, 2);
+                let (mut t, mut last, mut calls, mut waiting) = (s.first(), 0.0, 2, None);
                 while t < g {
-                    match s.next_after(t) {
+                    let queued = queued_at(t);
+                    if let Some(q) = queued {
+                        waiting = Some(Waiting {
+                            at: t,
+                            queue_num: q,
+                        });
+                    }
+                    let next = if queue {
+                        s.next_after_answer(t, queued)
+                    } else {
+                        s.next_after(t)
+                    };
+                    match next {
                         Some(next) => {
                             last = t;
                             t = next;
@@ -678,7 +724,7 @@ fn learned_run(
                         None => break,
                     }
                 }
-                (calls, t, last)
+                (calls, t, last, waiting)
             }
             None => {
                 let (calls, delay) = fixed_policy_run(policy, &[g], unit)[0];
@@ -687,6 +733,7 @@ fn learned_run(
                     calls,
                     g + delay,
                     (g + delay - policy.poll_min.as_secs_f64()).max(0.0),
+                    None,
                 )
             }
         };
@@ -694,6 +741,7 @@ fn learned_run(
         history.push_back(Observation {
             lower: last_not_ready,
             upper: ready_at,
+            waiting,
         });
         if history.len() > HISTORY {
             history.pop_front();

@@ -6,15 +6,18 @@ use sqlx::PgPool;
 
 use crate::domain::ReportType;
 
-/// The most recent `limit` observations of `kind`: (not ready at, ready at), seconds
-/// after the create.
+/// One observation: not ready at, ready at, last "queued" answer at (seconds after the
+/// create) and its `queue_num`.
+pub type GenerationTime = (f32, f32, Option<f32>, Option<i32>);
+
+/// The most recent `limit` observations of `kind`.
 pub async fn recent_generation_times(
     pool: &PgPool,
     kind: ReportType,
     limit: i64,
-) -> Result<Vec<(f32, f32)>, sqlx::Error> {
+) -> Result<Vec<GenerationTime>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT lower_secs, upper_secs FROM report_generation_times
+        "SELECT lower_secs, upper_secs, waiting_secs, queue_num FROM report_generation_times
           WHERE report_type = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(kind.as_str())
@@ -45,14 +48,17 @@ pub async fn forget_old_generation_times(
 /// The observation a completing row leaves, as SQL over the row as it was before the
 /// completion (`b`): not ready at its last "not ready" answer of this task (0 when the
 /// first poll found it ready), ready at the poll that found it so (`next_poll_at`, the
-/// moment the schedule asked for).
+/// moment the schedule asked for), and its last "queued" answer of this task, if any.
 pub(super) const OBSERVATION_SQL: &str = "
-    INSERT INTO report_generation_times (report_type, lower_secs, upper_secs)
+    INSERT INTO report_generation_times (report_type, lower_secs, upper_secs, waiting_secs, queue_num)
     SELECT b.report_type,
            CASE WHEN b.last_polled_at > b.upstream_created_at
                 THEN extract(epoch FROM b.last_polled_at - b.upstream_created_at) ELSE 0 END,
            greatest(extract(epoch FROM b.next_poll_at - b.upstream_created_at),
                     CASE WHEN b.last_polled_at > b.upstream_created_at
-                         THEN extract(epoch FROM b.last_polled_at - b.upstream_created_at) ELSE 0 END)
+                         THEN extract(epoch FROM b.last_polled_at - b.upstream_created_at) ELSE 0 END),
+           CASE WHEN b.last_waiting_at > b.upstream_created_at
+                THEN extract(epoch FROM b.last_waiting_at - b.upstream_created_at) END,
+           CASE WHEN b.last_waiting_at > b.upstream_created_at THEN b.last_queue_num END
       FROM before b JOIN done ON done.id = b.id
      WHERE b.upstream_created_at IS NOT NULL AND b.next_poll_at IS NOT NULL";

@@ -109,6 +109,9 @@ pub struct Snoozed {
     pub id: i64,
     pub token: i64,
     pub next_poll_at: DateTime<Utc>,
+    /// The answer said the task is still queued, with this many jobs ahead (0 when it
+    /// did not say): kept for learned polling's queue floors.
+    pub queued: Option<i32>,
 }
 
 /// `snooze_poll` for many rows in one statement; returns the ids still held.
@@ -116,14 +119,17 @@ pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, 
     sqlx::query_scalar(
         "UPDATE report_requests r
             SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), last_polled_at = now()
-           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS b (id, token, next_poll_at)
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), last_polled_at = now(),
+                last_waiting_at = CASE WHEN b.queued IS NULL THEN r.last_waiting_at ELSE now() END,
+                last_queue_num = coalesce(b.queued, r.last_queue_num)
+           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::int[]) AS b (id, token, next_poll_at, queued)
           WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
          RETURNING r.id",
     )
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.next_poll_at).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.queued).collect::<Vec<_>>())
     .fetch_all(pool)
     .await
 }
@@ -138,7 +144,8 @@ fn observation_ctes(observe: bool, which: &str) -> (String, String) {
     (
         format!(
             "before AS (
-                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at
+                 SELECT id, report_type, upstream_created_at, last_polled_at, next_poll_at,
+                        last_waiting_at, last_queue_num
                    FROM report_requests WHERE {which}),"
         ),
         format!(", observed AS ({OBSERVATION_SQL} RETURNING 1)"),

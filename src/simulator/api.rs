@@ -330,11 +330,7 @@ pub(super) async fn status(
             .append_pair("response-content-disposition", &disposition);
         (2, Some(0), Some(link.to_string()), None)
     };
-    *inner
-        .stats
-        .calls
-        .entry(format!("status:ok:{job_status}"))
-        .or_default() += 1;
+    inner.count_for(&client, format!("status:ok:{job_status}"));
     ok(json!({
         "job_id": job_id,
         "queue_num": queue_num,

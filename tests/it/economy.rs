@@ -47,6 +47,22 @@ async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     }
     // Tasks polled more than once know when they were last not ready.
     assert!(rows.iter().any(|r| r.1 > 0.0), "{rows:?}");
+    // The simulator keeps a task queued for its first 30 % (90–180 ms here): tasks
+    // polled while queued keep their last "queued" answer and its queue_num, before
+    // their last "not ready".
+    let queued: Vec<(f32, Option<f32>, Option<i32>)> = sqlx::query_as(
+        "SELECT lower_secs, waiting_secs, queue_num FROM report_generation_times ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(queued.iter().any(|q| q.1.is_some()), "{queued:?}");
+    for (lower, waiting, queue_num) in &queued {
+        assert_eq!(waiting.is_some(), queue_num.is_some(), "{queued:?}");
+        if let (Some(at), Some(q)) = (waiting, queue_num) {
+            assert!(*at <= *lower + 1e-3 && *at < 2.0 && *q >= 0, "{queued:?}");
+        }
+    }
     sim.stop().await;
     db.close().await;
 }
