@@ -360,7 +360,7 @@ impl RowTask {
                                 + chrono::Duration::from_std(shared.config.poll.poll_min)
                                     .unwrap_or_default(),
                             message: format!(
-                                "waiting for request {leader}'s task: the same identifier and report type, asked for earlier (its document will be reused)"
+                                "waiting for request {leader}'s task: the same company and report type, asked for earlier (its document will be reused)"
                             ),
                         }),
                         Err(e) => trouble(format!(

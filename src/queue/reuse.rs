@@ -197,11 +197,12 @@ pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error
     .await
 }
 
-/// The open row (queued or generating) asking for exactly the same identifier and
-/// report type as `id` with the lowest id below `id`, if any: the one whose task this row
-/// waits for instead of paying for its own (coalescing). The lowest id leads, so rows
-/// claimed together agree without a lock; when the leader finishes or fails, the next
-/// one leads.
+/// The open row (queued or generating) asking for the same report type and the same
+/// company as `id` — exactly the same identifier, or another identifier the provider's
+/// file names confirm as the same company (`report_identity_company`) — with the lowest
+/// id below `id`, if any: the one whose task this row waits for instead of paying for
+/// its own (coalescing). The lowest id leads, so rows claimed together agree without a
+/// lock; when the leader finishes or fails, the next one leads.
 pub async fn coalescing_leader(
     pool: &PgPool,
     id: i64,
@@ -210,18 +211,44 @@ pub async fn coalescing_leader(
     sqlx::query_scalar(
         "WITH me AS (
              SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
-                    nullif(company_name, '') AS name
-               FROM report_requests WHERE id = $1)
-         SELECT r.id
-           FROM me
-           JOIN report_requests r ON r.id = ANY (ARRAY(
-                    SELECT c.id FROM report_requests c
-                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
-          WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
-            AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
-                     WHEN me.org IS NOT NULL THEN r.org_number = me.org
-                     ELSE r.company_name = me.name END
-          ORDER BY r.id LIMIT 1",
+                    nullif(company_name, '') AS name,
+                    num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) = 1 AS single
+               FROM report_requests WHERE id = $1),
+         exact AS (
+             SELECT r.id
+               FROM me
+               JOIN report_requests r ON r.id = ANY (ARRAY(
+                        SELECT c.id FROM report_requests c
+                         WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
+              WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
+                AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
+                         WHEN me.org IS NOT NULL THEN r.org_number = me.org
+                         ELSE r.company_name = me.name END
+              ORDER BY r.id LIMIT 1),
+         company AS (
+             SELECT report_identity_company(
+                        CASE WHEN me.name IS NOT NULL THEN 'company_name'
+                             WHEN me.code IS NOT NULL THEN 'credit_code' ELSE 'org_number' END,
+                        coalesce(me.name, me.code, me.org)) AS name
+               FROM me WHERE me.single),
+         same AS (
+             SELECT i.kind, i.value
+               FROM company c JOIN report_identities i ON i.company_name = c.name
+              WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name),
+         linked AS (
+             SELECT r.id
+               FROM same s
+               JOIN report_requests r ON r.id = ANY (ARRAY(
+                        SELECT c.id FROM report_requests c
+                         WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+              WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
+                AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
+                AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
+                                WHEN 'credit_code' THEN r.credit_code = s.value
+                                ELSE r.org_number = s.value END
+              ORDER BY r.id LIMIT 1)
+         SELECT min(id) FROM (SELECT id FROM exact UNION ALL SELECT id FROM linked) l
+         HAVING count(*) > 0",
     )
     .bind(id)
     .bind(kind.as_str())
