@@ -54,6 +54,35 @@ pub async fn find_reusable(
     .await
 }
 
+/// CTEs over row `$1`: `company` (its one identifier's kind and value, and the company
+/// the provider's file names confirm it is, if any; no row when it names the company
+/// several ways) and `same` (every identifier confirmed as that company).
+const SAME_COMPANY: &str = "
+    company AS (
+        SELECT kind, value, report_identity_company(kind, value) AS name
+          FROM (SELECT CASE WHEN nullif(company_name, '') IS NOT NULL THEN 'company_name'
+                            WHEN nullif(credit_code, '') IS NOT NULL THEN 'credit_code'
+                            ELSE 'org_number' END AS kind,
+                       coalesce(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) AS value
+                  FROM report_requests
+                 WHERE id = $1
+                   AND num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) = 1) me),
+    same AS (
+        SELECT i.kind, i.value
+          FROM company c JOIN report_identities i ON i.company_name = c.name
+         WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name)";
+
+/// Joins `r`: the rows that name the company one way, by an identifier `s` of `same`
+/// (found through the identifier GIN index).
+const ROWS_OF_SAME: &str = "
+    JOIN report_requests r ON r.id = ANY (ARRAY(
+             SELECT c.id FROM report_requests c
+              WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+     AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
+     AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
+                     WHEN 'credit_code' THEN r.credit_code = s.value
+                     ELSE r.org_number = s.value END";
+
 /// Why a document of another identifier is the same company's: the provider's file
 /// names say both identifiers are `company` (confirmed: see the migration
 /// `…14_identities.sql`), the row's own identifier having been seen `observations` times.
@@ -94,44 +123,27 @@ pub async fn find_reusable_same_company(
     kind: ReportType,
     default: Option<Duration>,
 ) -> Result<Option<SameCompany>, sqlx::Error> {
-    sqlx::query_as(
-        "WITH me AS (
-             SELECT id, coalesce(reuse_within, $3 * interval '1 second') AS within,
-                    CASE WHEN nullif(company_name, '') IS NOT NULL THEN 'company_name'
-                         WHEN nullif(credit_code, '') IS NOT NULL THEN 'credit_code'
-                         ELSE 'org_number' END AS kind,
-                    coalesce(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) AS value
-               FROM report_requests
-              WHERE id = $1
-                AND num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) = 1),
-         company AS (
-             SELECT me.*, report_identity_company(me.kind, me.value) AS name,
-                    (SELECT observations FROM report_identities i
-                      WHERE i.kind = me.kind AND i.value = me.value
-                      ORDER BY observations DESC LIMIT 1) AS observations
-               FROM me),
-         same AS (
-             SELECT i.kind, i.value, c.name, c.observations, c.within, c.id AS me,
-                    c.kind AS own_kind, c.value AS own_value
-               FROM company c JOIN report_identities i ON i.company_name = c.name
-              WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name)
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH {SAME_COMPANY},
+         company_seen AS (
+             SELECT c.*, (SELECT observations FROM report_identities i
+                           WHERE i.kind = c.kind AND i.value = c.value
+                           ORDER BY observations DESC LIMIT 1) AS observations
+               FROM company c)
          SELECT d.request_id, d.sha256, d.object_key, s.kind AS source_kind,
-                s.value AS source_value, s.own_kind, s.own_value, s.name AS company,
-                s.observations
-           FROM same s
-           JOIN report_requests r ON r.id = ANY (ARRAY(
-                    SELECT c.id FROM report_requests c
-                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+                s.value AS source_value, c.kind AS own_kind, c.value AS own_value,
+                c.name AS company, c.observations
+           FROM company_seen c
+          CROSS JOIN same s
+          CROSS JOIN (SELECT coalesce(reuse_within, $3 * interval '1 second') AS within
+                        FROM report_requests WHERE id = $1) w
+           {ROWS_OF_SAME}
            JOIN report_documents d ON d.request_id = r.id
-          WHERE s.within > interval '0' AND r.id <> s.me
+          WHERE w.within > interval '0' AND r.id <> $1
             AND r.state = 'succeeded' AND r.report_type = $2
-            AND r.finished_at > now() - s.within
-            AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
-            AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
-                            WHEN 'credit_code' THEN r.credit_code = s.value
-                            ELSE r.org_number = s.value END
-          ORDER BY r.finished_at DESC LIMIT 1",
-    )
+            AND r.finished_at > now() - w.within
+          ORDER BY r.finished_at DESC LIMIT 1"
+    )))
     .bind(id)
     .bind(kind.as_str())
     .bind(default.map(secs))
@@ -208,11 +220,10 @@ pub async fn coalescing_leader(
     id: i64,
     kind: ReportType,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
-                    nullif(company_name, '') AS name,
-                    num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) = 1 AS single
+                    nullif(company_name, '') AS name
                FROM report_requests WHERE id = $1),
          exact AS (
              SELECT r.id
@@ -225,31 +236,16 @@ pub async fn coalescing_leader(
                          WHEN me.org IS NOT NULL THEN r.org_number = me.org
                          ELSE r.company_name = me.name END
               ORDER BY r.id LIMIT 1),
-         company AS (
-             SELECT report_identity_company(
-                        CASE WHEN me.name IS NOT NULL THEN 'company_name'
-                             WHEN me.code IS NOT NULL THEN 'credit_code' ELSE 'org_number' END,
-                        coalesce(me.name, me.code, me.org)) AS name
-               FROM me WHERE me.single),
-         same AS (
-             SELECT i.kind, i.value
-               FROM company c JOIN report_identities i ON i.company_name = c.name
-              WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name),
+         {SAME_COMPANY},
          linked AS (
              SELECT r.id
                FROM same s
-               JOIN report_requests r ON r.id = ANY (ARRAY(
-                        SELECT c.id FROM report_requests c
-                         WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+               {ROWS_OF_SAME}
               WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
-                AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
-                AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
-                                WHEN 'credit_code' THEN r.credit_code = s.value
-                                ELSE r.org_number = s.value END
               ORDER BY r.id LIMIT 1)
          SELECT min(id) FROM (SELECT id FROM exact UNION ALL SELECT id FROM linked) l
-         HAVING count(*) > 0",
-    )
+         HAVING count(*) > 0"
+    )))
     .bind(id)
     .bind(kind.as_str())
     .fetch_optional(pool)
