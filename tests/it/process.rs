@@ -572,3 +572,80 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
     sim.stop().await;
     db.close().await;
 }
+
+#[tokio::test]
+async fn run_pools_the_accounts_listed_in_upstream_accounts() {
+    use report_worker::simulator::SimAccount;
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        accounts: vec![SimAccount {
+            client_id: "second-client".into(),
+            client_secret: "second-secret".into(),
+            qps: None,
+        }],
+        ..SimConfig::instant()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("second");
+    std::fs::write(&secret_file, "second-secret\n").unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        format!(
+            "[[account]]\nid = {:?}\nsecret_env = \"FIRST_SECRET\"\nweight = 1\n\n\
+             [[account]]\nid = \"second-client\"\nsecret_file = {:?}\nweight = 10\ndaily_limit = 2\n",
+            sim.config().client_id,
+            secret_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    for i in 0..8 {
+        enqueue(&db.pool, Some(&format!("多账户{i}")), None, None, "pdf").await;
+    }
+    let mut child = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("UPSTREAM_BASE_URL", sim.base_url())
+            .env("UPSTREAM_ACCOUNTS", &accounts)
+            .env("FIRST_SECRET", &sim.config().client_secret)
+            .env("UPSTREAM_QPS", "0")
+            .env("REPORT_FIRST_POLL", "200ms")
+            .env("REPORT_POLL_MIN", "200ms")
+            .env("REPORT_POLL_MAX", "300ms")
+            .env("WORKER_IDLE_POLL", "200ms")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd.spawn().expect("the worker starts")
+    };
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(succeeded(&db).await, 8);
+    // The second account is tried first (weight 10 to 1) until its daily limit of 2 is
+    // used; then it stops for creates and the first takes the rest.
+    let stats = sim.stats();
+    let tasks = |a: &str| stats.accounts.get(a).map_or(0, |s| s.tasks_created);
+    assert_eq!(tasks("second-client"), 2, "{stats:?}");
+    assert_eq!(tasks(&sim.config().client_id), 6, "{stats:?}");
+    assert_eq!(stats.calls("status:another_accounts_job"), 0);
+    let stop: (String, Option<i32>, String) =
+        sqlx::query_as("SELECT account, error_code, scope FROM report_account_stops")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stop,
+        (
+            "second-client".to_string(),
+            Some(67200007),
+            "create".to_string()
+        )
+    );
+    sim.stop().await;
+    db.close().await;
+}
