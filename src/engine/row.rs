@@ -345,35 +345,36 @@ impl RowTask {
                 intent: Intent::Keep,
             })
         };
-        let exact = queue::find_reusable(pool, row.id, row.report_type, shared.config.reuse_within);
-        let found = match exact.await {
-            Ok(Some(found)) => (found, None),
-            Ok(None) => match self.same_company().await {
-                Ok(Some(same)) => same,
-                Ok(None) => {
-                    // Nothing stored yet: if an earlier open row asks for the same, wait
-                    // for its task (coalescing) instead of paying for another.
-                    return match queue::coalescing_leader(pool, row.id, row.report_type).await {
-                        Ok(None) => None,
-                        Ok(Some(leader)) => Some(Outcome::Later {
+        let looked = match self.stored_document().await {
+            Ok(None) => {
+                // Nothing stored yet: if an earlier open row asks for the same, wait for
+                // its task (coalescing) instead of paying for another.
+                match queue::coalescing_leader(pool, row.id, row.report_type).await {
+                    Ok(Some(leader)) => {
+                        return Some(Outcome::Later {
                             until: self.now()
                                 + chrono::Duration::from_std(shared.config.poll.poll_min)
                                     .unwrap_or_default(),
                             message: format!(
                                 "waiting for request {leader}'s task: the same company and report type, asked for earlier (its document will be reused)"
                             ),
-                        }),
-                        Err(e) => trouble(format!(
+                        });
+                    }
+                    // No leader now: one that finished between the two looks has stored
+                    // its document by now, so look once more before paying.
+                    Ok(None) => self.stored_document().await,
+                    Err(e) => {
+                        return trouble(format!(
                             "cannot look for a request to share a task with (nothing was sent): {e}"
-                        )),
-                    };
+                        ));
+                    }
                 }
-                Err(e) => {
-                    return trouble(format!(
-                        "cannot look for a document of the same company to reuse (nothing was sent): {e}"
-                    ));
-                }
-            },
+            }
+            looked => looked,
+        };
+        let found = match looked {
+            Ok(Some(found)) => found,
+            Ok(None) => return None,
             Err(e) => {
                 return trouble(format!(
                     "cannot look for a document to reuse (nothing was sent): {e}"
@@ -420,6 +421,20 @@ impl RowTask {
             }
             Ok(Fenced::Lost) => Some(Outcome::LeaseLost),
             Err(e) => trouble(format!("cannot store the reused document: {e}")),
+        }
+    }
+
+    /// The document this row may be served from: one stored for exactly its identifier
+    /// and type, else one of the same company under another identifier the provider's
+    /// file names confirm; with why, for the event, in the second case.
+    async fn stored_document(
+        &self,
+    ) -> Result<Option<(queue::Reusable, Option<String>)>, sqlx::Error> {
+        let (shared, row) = (&self.shared, &self.row);
+        let within = shared.config.reuse_within;
+        match queue::find_reusable(&shared.pool, row.id, row.report_type, within).await? {
+            Some(found) => Ok(Some((found, None))),
+            None => self.same_company().await,
         }
     }
 

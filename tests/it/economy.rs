@@ -9,8 +9,10 @@ use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 #[tokio::test]
 async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     let db = TestDb::new().await;
+    // Long enough that the first polls find tasks still queued (the first 30 %: 0.45 to
+    // 0.6 s), even on a loaded machine.
     let sim = start_sim(SimConfig {
-        generation_time: (Duration::from_millis(300), Duration::from_millis(600)),
+        generation_time: (Duration::from_millis(1500), Duration::from_millis(2000)),
         ..SimConfig::instant()
     })
     .await;
@@ -41,13 +43,13 @@ async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     assert_eq!(rows.len(), 6, "{rows:?}");
     assert_eq!(rows.iter().filter(|r| r.0 == "pdf").count(), 3);
     for (_, lower, upper) in &rows {
-        // Ready after at least the simulator's 0.3 s, noticed within the fast polls.
-        assert!(*upper >= 0.3 && *upper < 10.0, "{rows:?}");
+        // Ready after at least the simulator's 1.5 s, noticed within the fast polls.
+        assert!(*upper >= 1.5 && *upper < 15.0, "{rows:?}");
         assert!(lower <= upper, "{rows:?}");
     }
     // Tasks polled more than once know when they were last not ready.
     assert!(rows.iter().any(|r| r.1 > 0.0), "{rows:?}");
-    // The simulator keeps a task queued for its first 30 % (90–180 ms here): tasks
+    // The simulator keeps a task queued for its first 30 % (0.45–0.6 s here): tasks
     // polled while queued keep their last "queued" answer and its queue_num, before
     // their last "not ready".
     let queued: Vec<(f32, Option<f32>, Option<i32>)> = sqlx::query_as(
@@ -60,7 +62,7 @@ async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     for (lower, waiting, queue_num) in &queued {
         assert_eq!(waiting.is_some(), queue_num.is_some(), "{queued:?}");
         if let (Some(at), Some(q)) = (waiting, queue_num) {
-            assert!(*at <= *lower + 1e-3 && *at < 2.0 && *q >= 0, "{queued:?}");
+            assert!(*at <= *lower + 1e-3 && *at < 5.0 && *q >= 0, "{queued:?}");
         }
     }
     sim.stop().await;
@@ -507,7 +509,13 @@ async fn identifiers_the_providers_file_names_confirm_as_one_company_share_docum
         let pool = &db.pool;
         async move {
             wait_all_finished(pool, Duration::from_secs(30)).await;
-            assert_eq!(sim.stats().tasks_created, n);
+            // Each row's history, to say why when the count is off.
+            let history: Vec<(i64, String, Option<String>)> =
+                sqlx::query_as("SELECT request_id, state, error FROM report_events ORDER BY id")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            assert_eq!(sim.stats().tasks_created, n, "{history:#?}");
         }
     };
 
