@@ -63,37 +63,32 @@ SELECT i.kind, i.value, i.company_name, i.observations, i.first_seen, i.last_see
             ELSE 'unconfirmed' END AS confidence
   FROM report_identities i;
 
--- Learning: with each stored document that was downloaded (not a reuse copy), from a
--- request that named the company one way only (with several identifiers, which one the
--- provider went by is undocumented: nothing is learned).
+-- Learning: with each statement that stores downloaded documents (not reuse copies),
+-- from the requests that named the company one way only (with several identifiers,
+-- which one the provider went by is undocumented: nothing is learned). One upsert per
+-- statement (the worker stores documents in batches), in key order so that concurrent
+-- batches never wait on each other in a cycle.
 CREATE OR REPLACE FUNCTION report_documents_learn_identity() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_company text;
-    v_kind    text;
-    v_value   text;
 BEGIN
     IF coalesce(current_setting('report_worker.action', true), '') = 'reuse' THEN
         RETURN NULL;
     END IF;
-    v_company := report_company_in_file_name(NEW.file_name);
-    IF v_company IS NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT CASE WHEN num_nonnulls(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, '')) <> 1 THEN NULL
-                WHEN nullif(company_name, '') IS NOT NULL THEN 'company_name'
-                WHEN nullif(credit_code, '') IS NOT NULL THEN 'credit_code'
-                ELSE 'org_number' END,
-           coalesce(nullif(company_name, ''), nullif(credit_code, ''), nullif(org_number, ''))
-      INTO v_kind, v_value
-      FROM report_requests WHERE id = NEW.request_id;
-    IF v_kind IS NULL THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO report_identities AS r (kind, value, company_name, last_request)
-    VALUES (v_kind, v_value, v_company, NEW.request_id)
+    INSERT INTO report_identities AS r (kind, value, company_name, observations, last_request)
+    SELECT kind, value, company, count(*), max(request_id)
+      FROM (SELECT CASE WHEN nullif(q.company_name, '') IS NOT NULL THEN 'company_name'
+                        WHEN nullif(q.credit_code, '') IS NOT NULL THEN 'credit_code'
+                        ELSE 'org_number' END AS kind,
+                   coalesce(nullif(q.company_name, ''), nullif(q.credit_code, ''), nullif(q.org_number, '')) AS value,
+                   report_company_in_file_name(n.file_name) AS company, n.request_id
+              FROM new_documents n JOIN report_requests q ON q.id = n.request_id
+             WHERE num_nonnulls(nullif(q.company_name, ''), nullif(q.credit_code, ''), nullif(q.org_number, '')) = 1) s
+     WHERE company IS NOT NULL
+     GROUP BY kind, value, company
+     ORDER BY kind, value, company
     ON CONFLICT (kind, value, company_name) DO UPDATE
-       SET observations = r.observations + 1, last_seen = now(), last_request = EXCLUDED.last_request;
+       SET observations = r.observations + EXCLUDED.observations, last_seen = now(),
+           last_request = EXCLUDED.last_request;
     RETURN NULL;
 END $$;
 
@@ -119,4 +114,5 @@ ON CONFLICT (kind, value, company_name) DO NOTHING;
 DROP TRIGGER IF EXISTS report_documents_learn_identity ON report_documents;
 CREATE TRIGGER report_documents_learn_identity
     AFTER INSERT ON report_documents
-    FOR EACH ROW EXECUTE FUNCTION report_documents_learn_identity();
+    REFERENCING NEW TABLE AS new_documents
+    FOR EACH STATEMENT EXECUTE FUNCTION report_documents_learn_identity();

@@ -28,6 +28,10 @@ const PACING_MARGIN: f64 = 1.02;
 /// when a stop begins meet it themselves, so this only delays the next claims a little.
 const STOP_READ_EVERY: Duration = Duration::from_millis(250);
 
+/// How stale a process's knowledge of whether the account has a known balance may be:
+/// a `report_set_balance` on an account that had none takes effect within this long.
+const BALANCE_READ_EVERY: Duration = Duration::from_secs(5);
+
 /// What the claim loop may take now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ClaimPlan {
@@ -56,6 +60,9 @@ pub(super) struct Account {
     /// `STOP_READ_EVERY` instead of once per claim. A std mutex, never held across an
     /// await; cleared whenever this process records or lifts a stop.
     stop_seen: Mutex<Option<(Instant, Option<AccountStop>)>>,
+    /// Whether a balance is known for the account (`report_set_balance`), as last read:
+    /// without one, creates skip the balance statement altogether.
+    balance_seen: Mutex<Option<(Instant, bool)>>,
 }
 
 impl Account {
@@ -80,7 +87,26 @@ impl Account {
             },
             probe_base,
             stop_seen: Mutex::new(None),
+            balance_seen: Mutex::new(None),
         }
+    }
+
+    /// Whether creates must take from a known balance, read at most every
+    /// `BALANCE_READ_EVERY`; when it cannot be read, yes (the statement that takes
+    /// tells the truth).
+    pub(super) async fn balance_known(&self) -> bool {
+        let seen = *self.balance_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, known)) = seen
+            && at.elapsed() < BALANCE_READ_EVERY
+        {
+            return known;
+        }
+        let known = queue::balance_known(&self.pool, &self.name)
+            .await
+            .unwrap_or(true);
+        *self.balance_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), known));
+        known
     }
 
     /// Whether the account may create now, as far as its stop says (read at most every

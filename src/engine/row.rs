@@ -565,6 +565,9 @@ impl RowTask {
     /// headroom is left (for a top-up, which brings it forward), and at 0 creating stops
     /// for the account, with no call, until the next `report_set_balance`.
     async fn take_from_balance(&self, account: &Account) -> Option<Outcome> {
+        if !account.balance_known().await {
+            return None;
+        }
         let name = account.name();
         let retry = self.row.attempts > 0;
         match queue::take_from_balance(&self.shared.pool, name, retry).await {

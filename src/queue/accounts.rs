@@ -273,3 +273,11 @@ pub async fn known_balances(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, sq
     .fetch_all(pool)
     .await
 }
+
+/// Whether a balance is known for `account` (`report_set_balance` was called).
+pub async fn balance_known(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM report_account_balance WHERE account = $1)")
+        .bind(account)
+        .fetch_one(pool)
+        .await
+}
