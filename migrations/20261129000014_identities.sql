@@ -6,11 +6,15 @@
 -- across identifiers is allowed only between identifiers whose company is *confirmed*
 -- (see report_identity_company). Safe to run twice by hand.
 
--- The company in a provider's file name: the name before the first '_' of the name
--- without its extension ('小米科技有限责任公司_企业创新能力报告.pdf' → '小米科技有限责任公司').
+-- The company in a provider's file name: the name without its extension, up to its one
+-- '_' ('小米科技有限责任公司_企业创新能力报告.pdf' → '小米科技有限责任公司'). With more than
+-- one '_' it is not known which ends the company (a character the stored name's
+-- sanitiser replaced, or another naming): NULL, nothing is learned.
 CREATE OR REPLACE FUNCTION report_company_in_file_name(p_file_name text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT nullif(btrim(split_part(regexp_replace(p_file_name, '\.[A-Za-z0-9]{1,5}$', ''), '_', 1)), '')
+    SELECT CASE WHEN cardinality(string_to_array(stem, '_')) <= 2
+                THEN nullif(btrim(split_part(stem, '_', 1)), '') END
+      FROM (SELECT regexp_replace(p_file_name, '\.[A-Za-z0-9]{1,5}$', '') AS stem) f
 $$;
 
 CREATE TABLE IF NOT EXISTS report_identities (

@@ -601,6 +601,23 @@ async fn identifiers_the_providers_file_names_confirm_as_one_company_share_docum
     .await
     .unwrap();
     assert_eq!(seen, 1);
+    // The company is read up to the file name's one '_'; with several it is not known
+    // which ends the company (a sanitised character, another naming): nothing is read.
+    let read: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT report_company_in_file_name(f) FROM unnest($1::text[]) WITH ORDINALITY AS t (f, n) ORDER BY n",
+    )
+    .bind(vec![
+        "小米科技有限责任公司_企业创新能力报告.pdf",
+        "A_B公司_企业创新能力报告.docx",
+        "只有名字.pdf",
+    ])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        read,
+        [Some(NAME.to_string()), None, Some("只有名字".to_string())]
+    );
     sim.stop().await;
     db.close().await;
 }
