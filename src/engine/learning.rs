@@ -101,24 +101,26 @@ impl Learning {
     }
 
     /// The next poll of a task of `kind` created at `created`, after a "not ready"
-    /// answer at `now` (with `queue_num` when it said the task is still queued); `None`
-    /// when its window is over.
-    #[allow(clippy::too_many_arguments)]
+    /// answer at `now`: `queued` with the jobs ahead when it said the task is still
+    /// queued, `None` when exporting. `None` when its window is over.
     pub(super) async fn next_poll_at(
         &self,
         pool: &PgPool,
         kind: ReportType,
         created: DateTime<Utc>,
         now: DateTime<Utc>,
-        progress: Progress,
-        queue_num: Option<i64>,
+        queued: Option<i64>,
         unit: f64,
     ) -> Option<DateTime<Utc>> {
         let Some(s) = self.schedule(pool, kind).await else {
+            let progress = match queued {
+                Some(_) => Progress::Queued,
+                None => Progress::Exporting,
+            };
             return self.policy.next_poll_at(created, now, progress, unit);
         };
         let elapsed = (now - created).num_milliseconds() as f64 / 1000.0;
-        let next = s.next_after_answer(elapsed, queue_num)?;
+        let next = s.next_after_answer(elapsed, queued)?;
         Some(created + chrono::Duration::milliseconds((next * 1000.0) as i64))
     }
 }

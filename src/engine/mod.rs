@@ -361,9 +361,9 @@ impl Worker {
 
 impl Shared {
     /// One claim: what the accounts' stops allow, plus one probe row for each stopped
-    /// account whose probe is due and won by this process. Each row comes with the
-    /// account it is claimed for (`None`: a create, whose account is chosen when it is
-    /// made); also says whether polls may be claimed at all.
+    /// account whose probe is due and won by this process. Each row comes with its role
+    /// (a create's account is chosen when it is made); also says whether polls may be
+    /// claimed at all.
     async fn claim_round(
         &self,
         free: usize,
@@ -387,7 +387,7 @@ impl Shared {
                 lease,
                 free.min(1),
                 kinds,
-                self.polls(&own),
+                Some(self.polls(&own)),
             )
             .await?;
             free -= probe.len() as i64;
@@ -406,7 +406,7 @@ impl Shared {
             lease,
             free,
             kinds,
-            self.polls(&polls_for),
+            Some(self.polls(&polls_for)),
         )
         .await?;
         rows.extend(claimed.into_iter().map(|r| {
@@ -423,11 +423,11 @@ impl Shared {
     /// first account also those created before accounts were recorded. A task the
     /// provider made for another account is never polled with these credentials (it
     /// would be unknown to them, and lost).
-    fn polls<'a>(&self, names: &'a [String]) -> Option<queue::PollAccounts<'a>> {
-        Some(queue::PollAccounts {
+    fn polls<'a>(&self, names: &'a [String]) -> queue::PollAccounts<'a> {
+        queue::PollAccounts {
             accounts: names,
             unrecorded: names.iter().any(|n| n == self.accounts[0].name()),
-        })
+        }
     }
 
     /// The account a claimed row's task belongs to: the one recorded on the row, the
@@ -493,7 +493,7 @@ impl Shared {
             return fallback;
         }
         let names: Vec<String> = self.accounts.iter().map(|a| a.name().to_string()).collect();
-        match queue::next_poll_due_in(&self.pool, self.polls(&names)).await {
+        match queue::next_poll_due_in(&self.pool, Some(self.polls(&names))).await {
             Ok(Some(d)) => d.min(fallback).max(IDLE_NAP_FLOOR),
             _ => fallback,
         }

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::account::{Account, outcome};
 use super::leases::LeaseFlag;
-use super::policy::Progress;
 use super::{Role, Shared};
 use crate::domain::{JobId, RequestState, StopScope};
 use crate::queue::{
@@ -661,15 +660,13 @@ impl RowTask {
         let Some(status) = self.unless_stopping(status).await else {
             return Outcome::Interrupted;
         };
-        let (progress, queued) = match status {
+        let queued = match status {
             Ok(TaskStatus::Ready { download_url }) => {
                 return self.download(&job, &download_url).await;
             }
             // A queued answer without a queue_num still says the export has not begun.
-            Ok(TaskStatus::Waiting { queue_num }) => {
-                (Progress::Queued, Some(queue_num.unwrap_or(0).max(0)))
-            }
-            Ok(TaskStatus::Exporting) => (Progress::Exporting, None),
+            Ok(TaskStatus::Waiting { queue_num }) => Some(queue_num.unwrap_or(0).max(0)),
+            Ok(TaskStatus::Exporting) => None,
             Ok(TaskStatus::Failed { cause }) => {
                 return Outcome::TaskLost {
                     code: None,
@@ -698,7 +695,6 @@ impl RowTask {
                 self.row.report_type,
                 created,
                 self.now(),
-                progress,
                 queued,
                 unit(),
             )

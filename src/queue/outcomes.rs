@@ -152,6 +152,13 @@ fn observation_ctes(observe: bool, which: &str) -> (String, String) {
     )
 }
 
+/// What a completion sets on a generating row (the poll that found the report ready
+/// counts), for both completion statements.
+const SUCCEEDED: &str =
+    "state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
+                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
+                    lease_owner = NULL, lease_expires_at = NULL";
+
 /// One row whose document was downloaded and verified.
 #[derive(Debug, Clone)]
 pub struct Completed {
@@ -174,9 +181,7 @@ pub async fn complete_batch(pool: &PgPool, items: &[Completed]) -> Result<Vec<i6
         "WITH {before}
          done AS (
              UPDATE report_requests r
-                SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
-                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
-                    lease_owner = NULL, lease_expires_at = NULL
+                SET {SUCCEEDED}
                FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
              RETURNING r.id){observed}
@@ -225,9 +230,7 @@ pub async fn complete_streamed(
         "WITH {before}
          done AS (
              UPDATE report_requests r
-                SET state = 'succeeded', finished_at = now(), updated_at = now(), next_poll_at = NULL,
-                    polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
-                    lease_owner = NULL, lease_expires_at = NULL
+                SET {SUCCEEDED}
               WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'
              RETURNING r.id){observed}
          SELECT id FROM done"
