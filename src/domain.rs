@@ -281,6 +281,9 @@ pub struct Document {
     pub sha256: String,
     pub byte_size: u64,
     pub body: DocumentBody,
+    /// The company the provider's file name names, read before the name was made safe
+    /// to store; `None` when making it safe changed it (it teaches nothing then).
+    pub provider_company: Option<String>,
 }
 
 /// Where a document's bytes are.

@@ -278,9 +278,15 @@ pub struct RunArgs {
     /// Bytes of documents all downloads of this process may hold in memory at once.
     #[arg(long, env = "UPSTREAM_DOWNLOAD_MEMORY", default_value_t = 512 * 1024 * 1024)]
     pub upstream_download_memory: u64,
-    /// How long one upstream task may take before it is given up.
+    /// How long one upstream task is expected to take at most: the poll schedule aims
+    /// within it (at least REPORT_FIRST_POLL).
     #[arg(long, env = "REPORT_WINDOW", default_value = "10m", value_parser = parse_duration)]
     pub report_window: Duration,
+    /// How long a task the provider still calls waiting or exporting is polled (every
+    /// REPORT_POLL_MAX past REPORT_WINDOW) before it is given up and kept as an orphan
+    /// (at least REPORT_WINDOW).
+    #[arg(long, env = "REPORT_GIVE_UP_AFTER", default_value = "30m", value_parser = parse_duration)]
+    pub report_give_up_after: Duration,
     /// First poll of a new task (nothing is ready before the provider's 1 minute minimum).
     #[arg(long, env = "REPORT_FIRST_POLL", default_value = "60s", value_parser = parse_duration)]
     pub report_first_poll: Duration,
@@ -316,6 +322,20 @@ pub struct RunArgs {
     /// How long a row keeps retrying transient errors before it fails.
     #[arg(long, env = "REPORT_RETRY_BUDGET", default_value = "24h", value_parser = parse_duration)]
     pub report_retry_budget: Duration,
+    /// Pause after a row's first transient error (doubling after each, with jitter).
+    #[arg(long, env = "REPORT_RETRY_MIN", default_value = "2s", value_parser = parse_duration)]
+    pub report_retry_min: Duration,
+    /// Longest pause between two tries after transient errors.
+    #[arg(long, env = "REPORT_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub report_retry_max: Duration,
+    /// Pause before a row's next upstream task after one was lost or got no answer
+    /// (doubling with each task, up to REPORT_RETRY_MAX).
+    #[arg(long, env = "REPORT_NEW_TASK_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub report_new_task_after: Duration,
+    /// Pause before the first probe of a stopped account (doubling after each, capped
+    /// at 15 minutes).
+    #[arg(long, env = "UPSTREAM_STOP_PROBE", default_value = "30s", value_parser = parse_duration)]
+    pub upstream_stop_probe: Duration,
     /// Upstream calls in flight in this process.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
     pub worker_concurrency: usize,
@@ -370,6 +390,10 @@ pub struct RunArgs {
     pub dashboard_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub dashboard: DashboardAccess,
+    /// Check every setting, print the configuration `run` would work with (as JSON,
+    /// without secrets) and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl RunArgs {
@@ -428,9 +452,6 @@ impl RunArgs {
         })?;
         if self.worker_concurrency == 0 || self.worker_concurrency > 1024 {
             anyhow::bail!("WORKER_CONCURRENCY must be between 1 and 1024");
-        }
-        if self.report_poll_min.is_zero() || self.report_poll_min > self.report_poll_max {
-            anyhow::bail!("REPORT_POLL_MIN must be above zero and at most REPORT_POLL_MAX");
         }
         if self.upstream_timeout.is_zero() || self.worker_lease < Duration::from_secs(1) {
             anyhow::bail!("UPSTREAM_TIMEOUT and WORKER_LEASE must be positive (lease at least 1s)");
@@ -497,8 +518,22 @@ impl RunArgs {
             poll_min: self.report_poll_min,
             poll_max: self.report_poll_max,
             window: self.report_window,
+            give_up_after: self.report_give_up_after,
         };
-        worker.retry.budget = self.report_retry_budget;
+        worker.poll.check().map_err(anyhow::Error::msg)?;
+        if self.report_retry_min.is_zero() || self.report_retry_min > self.report_retry_max {
+            anyhow::bail!("REPORT_RETRY_MIN must be above zero and at most REPORT_RETRY_MAX");
+        }
+        if self.report_new_task_after.is_zero() || self.upstream_stop_probe.is_zero() {
+            anyhow::bail!("REPORT_NEW_TASK_AFTER and UPSTREAM_STOP_PROBE must be above zero");
+        }
+        worker.retry = crate::engine::policy::RetryPolicy {
+            base: self.report_retry_min,
+            cap: self.report_retry_max,
+            budget: self.report_retry_budget,
+            new_task_base: self.report_new_task_after,
+        };
+        worker.stop_probe_base = self.upstream_stop_probe;
         worker.webhooks = self.webhooks()?;
         worker.detection_target = Some(self.report_detection_target).filter(|t| !t.is_zero());
         Ok((client, worker, accounts))
@@ -506,6 +541,127 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// The configuration `run` works with, as `run --check-config` prints it: every
+    /// setting after parsing and checking, durations as written (`30s`), never a secret
+    /// (only whether one is set).
+    pub fn effective(&self) -> anyhow::Result<serde_json::Value> {
+        let (client, worker, accounts) = self.configs()?;
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let od = |o: Option<Duration>| o.map(d);
+        let accounts: Vec<serde_json::Value> = accounts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "id": a.id,
+                    "qps": a.qps,
+                    "daily_limit": a.daily_limit.map(|l| l.limit),
+                    "daily_headroom": a.daily_limit.map(|l| l.headroom),
+                    "weight": a.weight,
+                })
+            })
+            .collect();
+        let retention = &worker.retention;
+        let webhooks = worker.webhooks.as_ref().map(|w| {
+            serde_json::json!({
+                "timeout": d(w.policy.timeout),
+                "retry_min": d(w.policy.base),
+                "max_attempts": w.policy.max_attempts,
+            })
+        });
+        Ok(serde_json::json!({
+            "accounts": accounts,
+            "upstream": {
+                "base_url": client.base_url,
+                "timeout": d(client.timeout),
+                "max_download_bytes": client.max_download_bytes,
+                "download_timeout": d(client.download_timeout),
+                "download_hosts": client.download_hosts,
+                "download_memory": client.download_memory,
+                "stop_probe": d(worker.stop_probe_base),
+            },
+            "poll": {
+                "first_poll": d(worker.poll.first_poll),
+                "poll_min": d(worker.poll.poll_min),
+                "poll_max": d(worker.poll.poll_max),
+                "window": d(worker.poll.window),
+                "give_up_after": d(worker.poll.give_up_after),
+                "detection_target": od(worker.detection_target),
+            },
+            "retry": {
+                "min": d(worker.retry.base),
+                "max": d(worker.retry.cap),
+                "budget": d(worker.retry.budget),
+                "new_task_after": d(worker.retry.new_task_base),
+                "download_tries": worker.download_tries,
+            },
+            "reuse_within": od(worker.reuse_within),
+            "worker": {
+                "owner": worker.owner,
+                "concurrency": worker.concurrency,
+                "lease": d(worker.lease),
+                "idle_poll": d(worker.idle_poll),
+                "shutdown_timeout": d(worker.shutdown_timeout),
+                "startup_timeout": od(self.worker_startup_timeout),
+                "metrics_addr": self.metrics_addr.map(|a| a.to_string()),
+            },
+            "retention": {
+                "finished": od(retention.finished),
+                "documents_only": retention.documents_only,
+                "events": od(retention.events),
+                "every": d(retention.every),
+            },
+            "webhooks": webhooks,
+            "dashboard": {
+                "addr": self.dashboard_addr.map(|a| a.to_string()),
+                "token_set": self.dashboard.token.is_some(),
+                "refresh": d(self.dashboard.refresh),
+            },
+            "document_store": self.store.document_store,
+        }))
+    }
+
+    /// One client per account, each with the shared settings of `client` and its own
+    /// credentials (so its own token): the accounts as the engine takes them.
+    pub fn account_setups(
+        client: &ClientConfig,
+        specs: &[AccountSpec],
+    ) -> anyhow::Result<Vec<crate::engine::AccountSetup>> {
+        specs
+            .iter()
+            .map(|spec| {
+                let mut config = client.clone();
+                config.credentials = Credentials {
+                    client_id: spec.id.clone(),
+                    client_secret: spec.secret.clone(),
+                };
+                Ok(crate::engine::AccountSetup {
+                    name: spec.id.clone(),
+                    client: crate::upstream::Client::new(config)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    qps: spec.qps,
+                    daily_limit: spec.daily_limit,
+                    weight: spec.weight,
+                })
+            })
+            .collect()
+    }
+
+    /// `run`'s arguments from `args` (what follows `report-worker run`), through the
+    /// same parser as the command line (with the environment as fallback, as there).
+    pub fn parse_from<I, T>(args: I) -> anyhow::Result<RunArgs>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = ["report-worker".into(), "run".into()]
+            .into_iter()
+            .chain(args.into_iter().map(Into::into));
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(*args),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
     fn webhooks(&self) -> anyhow::Result<Option<crate::engine::webhooks::Webhooks>> {
         let Some(secret) = &self.webhook_secret else {
             return Ok(None);

@@ -14,7 +14,6 @@ use crate::domain::{NewRequest, ReportType};
 use crate::engine::Worker;
 use crate::ops::status::status_text;
 use crate::queue;
-use crate::upstream::Client;
 
 /// Entry point of the binary. Usage errors and failures print one line on stderr.
 pub fn main() -> ExitCode {
@@ -403,6 +402,10 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
 const PROVIDER_MAX_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        println!("{}", serde_json::to_string_pretty(&args.effective()?)?);
+        return Ok(());
+    }
     let (client_config, mut worker_config, account_specs) = args.configs()?;
     worker_config.documents = args.store.open().await?;
     if client_config.timeout < PROVIDER_MAX_ANSWER {
@@ -412,23 +415,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
             humantime::format_duration(PROVIDER_MAX_ANSWER)
         );
     }
-    // One client per account: the same settings, each with its own credentials (and so
-    // its own token).
-    let mut accounts = Vec::new();
-    for spec in &account_specs {
-        let mut config = client_config.clone();
-        config.credentials = crate::upstream::Credentials {
-            client_id: spec.id.clone(),
-            client_secret: spec.secret.clone(),
-        };
-        accounts.push(crate::engine::AccountSetup {
-            name: spec.id.clone(),
-            client: Client::new(config).map_err(|e| anyhow::anyhow!("{e}"))?,
-            qps: spec.qps,
-            daily_limit: spec.daily_limit,
-            weight: spec.weight,
-        });
-    }
+    let accounts = RunArgs::account_setups(&client_config, &account_specs)?;
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
     // A database that is restarting is waited for, not a reason to exit.
@@ -496,17 +483,9 @@ mod tests {
     }
 
     fn run_args(extra: &[&str]) -> anyhow::Result<RunArgs> {
-        let mut argv = vec![
-            "report-worker",
-            "run",
-            "--database-url",
-            "postgres://localhost/x",
-        ];
+        let mut argv = vec!["--database-url", "postgres://localhost/x"];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv)?.command {
-            Command::Run(args) => Ok(*args),
-            _ => unreachable!("parsed as run"),
-        }
+        RunArgs::parse_from(argv)
     }
 
     #[test]

@@ -297,6 +297,7 @@ async fn overview(
         latencies: queue::latencies(pool).await?,
         webhooks: queue::delivery_counts(pool).await?,
         account_events: queue::account_events(pool, 5).await?,
+        unpolled: queue::unpolled_accounts(pool).await?,
     };
     let stops = queue::account_stops(pool).await?;
     Ok(pages::overview(&v, &stops, notice(&params), &data).into_response())

@@ -26,6 +26,9 @@ pub(super) struct Overview {
     pub latencies: Latencies,
     pub webhooks: DeliveryCounts,
     pub account_events: Vec<AccountEvent>,
+    /// Accounts whose generating rows no running worker can poll: (account, rows, when
+    /// the oldest poll was due).
+    pub unpolled: Vec<(Option<String>, i64, chrono::DateTime<Utc>)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -282,6 +285,15 @@ pub(super) fn overview(
     }
     by_pair.sort_by(|a, b| a.0.cmp(&b.0));
     let body = html! {
+        @for (account, rows, oldest) in &d.unpolled {
+            section.banner role="alert" {
+                h2 { "No running worker polls account " code { (account.as_deref().unwrap_or("(none recorded)")) } }
+                p {
+                    (rows) " generating rows wait for it, the oldest poll due since " (time(*oldest))
+                    ". Is the account still in a worker's UPSTREAM_ACCOUNTS? After REPORT_GIVE_UP_AFTER they are released: their tasks are kept in report_orphan_tasks and new ones are bought."
+                }
+            }
+        }
         section aria-labelledby="states" {
             h2 #states { "Requests by state" }
             ul.cards {

@@ -145,13 +145,41 @@ const CALLS_KEPT: Duration = Duration::from_secs(8 * 24 * 3600);
 /// Observed generation times kept per report type.
 const GENERATION_TIMES_KEPT: i64 = 1_000;
 
+/// How often a process releases the rows no running worker can poll.
+const RELEASE_UNPOLLED_EVERY: Duration = Duration::from_secs(60);
+
 /// Adds this process's provider calls to the shared per-minute counts every few seconds
-/// (and once more at shutdown); once an hour removes minutes older than a week and all
-/// but the newest observed generation times. A failed write keeps the counts for the
-/// next one.
+/// (and once more at shutdown), and says which accounts it polls with
+/// (`report_workers`); once a minute releases generating rows no running worker has
+/// polled for `REPORT_GIVE_UP_AFTER`; once an hour removes minutes older than a week and
+/// all but the newest observed generation times. A failed write keeps the counts for
+/// the next one.
 pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut last_prune: Option<Instant> = None;
+    let mut last_release = Instant::now();
+    let names: Vec<String> = shared
+        .accounts
+        .iter()
+        .map(|a| a.name().to_string())
+        .collect();
+    let owner = &shared.config.owner;
     loop {
+        if let Err(e) = queue::worker_seen(&shared.pool, owner, &names, true).await {
+            tracing::warn!(error = %e, "could not record this worker in report_workers");
+        }
+        let release_every = RELEASE_UNPOLLED_EVERY.min(shared.config.poll.give_up_after / 2);
+        if last_release.elapsed() >= release_every {
+            last_release = Instant::now();
+            let give_up = shared.config.poll.give_up_after;
+            match queue::release_unpolled(&shared.pool, give_up).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    rows = n,
+                    "released generating rows no running worker polls (their account is in no worker's configuration): their tasks are kept in report_orphan_tasks"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not release unpolled rows"),
+            }
+        }
         let stopping = tokio::select! {
             _ = cancel.cancelled() => true,
             _ = tokio::time::sleep(CALLS_FLUSH_EVERY) => false,
@@ -178,6 +206,9 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
             }
         }
         if stopping {
+            if let Err(e) = queue::worker_gone(&shared.pool, owner).await {
+                tracing::warn!(error = %e, "could not remove this worker from report_workers");
+            }
             return;
         }
     }

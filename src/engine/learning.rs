@@ -102,7 +102,8 @@ impl Learning {
 
     /// The next poll of a task of `kind` created at `created`, after a "not ready"
     /// answer at `now`: `queued` with the jobs ahead when it said the task is still
-    /// queued, `None` when exporting. `None` when its window is over.
+    /// queued, `None` when exporting. Past the window (where a learned schedule ends),
+    /// every `poll_max` until the give-up; `None` then.
     pub(super) async fn next_poll_at(
         &self,
         pool: &PgPool,
@@ -120,7 +121,9 @@ impl Learning {
             return self.policy.next_poll_at(created, now, progress, unit);
         };
         let elapsed = (now - created).num_milliseconds() as f64 / 1000.0;
-        let next = s.next_after_answer(elapsed, queued)?;
-        Some(created + chrono::Duration::milliseconds((next * 1000.0) as i64))
+        match s.next_after_answer(elapsed, queued) {
+            Some(next) => Some(created + chrono::Duration::milliseconds((next * 1000.0) as i64)),
+            None => self.policy.next_poll_past_window(created, now, unit),
+        }
     }
 }

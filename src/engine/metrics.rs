@@ -232,10 +232,22 @@ async fn healthz(State(s): State<Http>) -> Response {
         stops.insert(account.clone(), stop.unwrap_or(serde_json::Value::Null));
     }
     let first = s.accounts.first().and_then(|a| stops.get(a)).cloned();
+    // Generating rows no running worker can poll (their account is in no worker's
+    // configuration): each account with how many rows wait for it.
+    let unpolled: serde_json::Map<String, serde_json::Value> = queue::unpolled_accounts(&s.pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(account, rows, _)| {
+            let name = account.unwrap_or_else(|| "(none recorded)".into());
+            (name, serde_json::Value::from(rows))
+        })
+        .collect();
     let body = serde_json::json!({
         "database": if db.is_ok() { "ok" } else { "unreachable" },
         "account_stop": first.unwrap_or(serde_json::Value::Null),
         "account_stops": stops,
+        "unpolled_accounts": unpolled,
     });
     let status = if db.is_ok() {
         StatusCode::OK

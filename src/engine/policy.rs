@@ -8,9 +8,11 @@
 //! (60 s) while the provider still reports it queued (`job_status` 0): a queued task is
 //! minutes from done. For generation times spread evenly over 1–10 minutes, even spacing
 //! is what minimises the detection delay for a given number of calls; 25 s gives a
-//! median delay of about 12.5 s for about 11 calls per report (BENCHMARKS.md). The last
-//! poll is placed exactly at the end of the window, so a task is never given up on
-//! without having been asked at the deadline.
+//! median delay of about 12.5 s for about 11 calls per report (BENCHMARKS.md). A poll is
+//! placed exactly at the end of the window. A task the provider still calls waiting or
+//! exporting there is not given up: it was paid for, and a new one would pay again and
+//! queue behind it. It is polled every `poll_max` until `give_up_after` (30 min), and
+//! only then given up (and kept as an orphan, in case the provider finishes it later).
 
 use std::time::Duration;
 
@@ -24,8 +26,12 @@ pub struct PollPolicy {
     pub first_poll: Duration,
     pub poll_min: Duration,
     pub poll_max: Duration,
-    /// How long one upstream task may take before it is given up.
+    /// How long one upstream task is expected to take at most: the schedule aims its
+    /// polls within it (`REPORT_WINDOW`).
     pub window: Duration,
+    /// How long a task the provider still calls waiting or exporting is polled (every
+    /// `poll_max` past the window) before it is given up (`REPORT_GIVE_UP_AFTER`).
+    pub give_up_after: Duration,
 }
 
 impl Default for PollPolicy {
@@ -35,6 +41,7 @@ impl Default for PollPolicy {
             poll_min: Duration::from_secs(25),
             poll_max: Duration::from_secs(60),
             window: Duration::from_secs(600),
+            give_up_after: Duration::from_secs(1800),
         }
     }
 }
@@ -68,8 +75,59 @@ impl PollPolicy {
         created + chrono(self.first_poll_delay())
     }
 
-    /// The next poll after a "not ready" answer at `now`, or `None` when the window has
-    /// run out and the task must be given up. Jitter (±10 %) spreads a batch created
+    /// Settings that could only burn money, refused before anything runs: a window or
+    /// a give-up shorter than the first poll gives every task up before it is asked
+    /// about (and buys another), a give-up shorter than the window ends tasks the
+    /// schedule still expects, and a zero poll interval polls without pause.
+    pub fn check(&self) -> Result<(), String> {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        if self.poll_min.is_zero() || self.poll_min > self.poll_max {
+            return Err("REPORT_POLL_MIN must be above zero and at most REPORT_POLL_MAX".into());
+        }
+        if self.first_poll.is_zero() {
+            return Err("REPORT_FIRST_POLL must be above zero".into());
+        }
+        if self.window < self.first_poll {
+            return Err(format!(
+                "REPORT_WINDOW ({}) is shorter than REPORT_FIRST_POLL ({}): every task would be given up before it is first asked about, and paid for again",
+                d(self.window),
+                d(self.first_poll)
+            ));
+        }
+        if self.give_up_after < self.window {
+            return Err(format!(
+                "REPORT_GIVE_UP_AFTER ({}) is shorter than REPORT_WINDOW ({}): tasks would be given up, and paid for again, while the schedule still expects them",
+                d(self.give_up_after),
+                d(self.window)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a task created at `created` is past `give_up_after` at `now`.
+    pub fn given_up(&self, created: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        now >= created + chrono(self.give_up_after)
+    }
+
+    /// After a "not ready" answer at `now` past the window: every `poll_max` (±10 %)
+    /// until the give-up, the last poll on it; `None` at or after it.
+    pub fn next_poll_past_window(
+        &self,
+        created: DateTime<Utc>,
+        now: DateTime<Utc>,
+        unit: f64,
+    ) -> Option<DateTime<Utc>> {
+        if self.given_up(created, now) {
+            return None;
+        }
+        let give_up = created + chrono(self.give_up_after);
+        Some((now + chrono(jittered(self.poll_max, 0.1, unit))).min(give_up))
+    }
+
+    /// The next poll after a "not ready" answer at `now`, or `None` when the task has
+    /// been polled for `give_up_after` and is given up. Within the window: every
+    /// `poll_min` while exporting, `poll_max` while queued, the last one on the
+    /// window's end; past it, every `poll_max`. Jitter (±10 %) spreads a batch created
     /// together over time, so their polls do not arrive in bursts.
     pub fn next_poll_at(
         &self,
@@ -80,7 +138,7 @@ impl PollPolicy {
     ) -> Option<DateTime<Utc>> {
         let deadline = created + chrono(self.window);
         if now >= deadline {
-            return None;
+            return self.next_poll_past_window(created, now, unit);
         }
         let base = match progress {
             Progress::Queued => self.poll_max,
@@ -225,8 +283,50 @@ mod tests {
             p.next_poll_at(t(0), t(590), Progress::Exporting, 0.5),
             Some(t(600))
         );
-        // At or after the deadline: give up.
-        assert_eq!(p.next_poll_at(t(0), t(600), Progress::Exporting, 0.5), None);
+        // At or after the window's end, a task that is still waiting or exporting is
+        // polled every poll_max until the give-up, the last poll on it.
+        assert_eq!(
+            p.next_poll_at(t(0), t(600), Progress::Exporting, 0.5),
+            Some(t(660))
+        );
+        assert_eq!(
+            p.next_poll_at(t(0), t(1790), Progress::Queued, 0.5),
+            Some(t(1800))
+        );
+        // At or after the give-up: given up.
+        assert_eq!(
+            p.next_poll_at(t(0), t(1800), Progress::Exporting, 0.5),
+            None
+        );
+    }
+
+    #[test]
+    fn settings_that_only_burn_money_are_refused() {
+        assert_eq!(PollPolicy::default().check(), Ok(()));
+        let zero_window = PollPolicy {
+            window: Duration::ZERO,
+            ..PollPolicy::default()
+        };
+        let e = zero_window.check().unwrap_err();
+        assert!(
+            e.starts_with("REPORT_WINDOW (0s) is shorter than REPORT_FIRST_POLL (1m)"),
+            "{e}"
+        );
+        let early_give_up = PollPolicy {
+            give_up_after: Duration::from_secs(300),
+            ..PollPolicy::default()
+        };
+        assert!(
+            early_give_up
+                .check()
+                .unwrap_err()
+                .contains("REPORT_GIVE_UP_AFTER (5m)")
+        );
+        let no_pause = PollPolicy {
+            poll_min: Duration::ZERO,
+            ..PollPolicy::default()
+        };
+        assert!(no_pause.check().is_err());
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! lease expired or that a person cancelled is never overwritten.
 //!
 //! Read top to bottom: `run` → `live` → `create` / `poll` → `download` → `settle` →
-//! `record_task` / `store` / `fail` / `new_task_later` / `retry_later`.
+//! `record_task` / `store` / `fail` / `lose_task` / `retry_later`.
 //!
-//! Spending: a create is a paid report. Before one is sent, `begin_create` commits the
-//! attempt and the intent in one guarded statement (no row, no call); afterwards the
-//! answer settles the intent: a job id is recorded (or kept as an orphan if the row is
-//! no longer ours), "certainly not created" gives the attempt back, and "no usable
-//! answer" keeps it spent. Nothing interrupts a create on the wire, not even shutdown.
+//! Spending: a create is a paid report. Its token is fetched first; then `begin_create`
+//! commits the attempt and the intent in one guarded statement (no row, no call), and
+//! the create goes out only if it can still be answered within the intent's deadline.
+//! The answer settles the intent: a job id is recorded (or kept as an orphan if the row
+//! is no longer ours), an answer that proves no task was made gives the attempt back,
+//! and anything else keeps it spent. Nothing interrupts a create on the wire, not even
+//! shutdown. A task that was paid for is kept while the provider may still finish it:
+//! polled past the window until `REPORT_GIVE_UP_AFTER`, and even then kept as an orphan.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,15 +29,16 @@ use super::leases::LeaseFlag;
 use super::{Role, Shared};
 use crate::domain::{JobId, RequestState, StopScope};
 use crate::queue::{
-    self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, Orphan, OrphanFate,
-    Retry, Snoozed, WriteError,
+    self, Begin, Claimed, Completed, CreateIntent, Created, Fenced, Intent, LostTask, Orphan,
+    OrphanFate, Retry, Reused, Snoozed, Stored, WriteError,
 };
 use crate::store::DocumentStore;
 use crate::upstream::client::CreateTask;
 use crate::upstream::{CreateError, Downloaded, TaskStatus, UpstreamError};
 
 /// Time a create may take beyond the HTTP timeout before a claimer that meets its
-/// intent (after a cancel and retry) stops waiting for its answer.
+/// intent (after a cancel and retry) stops waiting for its answer. A create whose intent
+/// took longer than this to commit is not sent at all: it could outlive its deadline.
 const CREATE_MARGIN: Duration = Duration::from_secs(5);
 
 /// What one step of a row's life came to.
@@ -61,13 +65,17 @@ enum Outcome {
     },
     /// The report is downloaded and verified: store it and finish the row. (Its
     /// memory stays reserved until it is stored.)
-    Downloaded(Downloaded),
+    Downloaded(Box<Downloaded>),
     /// The task's download was unusable (not the report, a link against the rules, a
     /// download that never finished): a few tries, then the task is given up.
     BadDownload { message: String },
-    /// The current task is lost (job_status 3, the window ran out, the provider
-    /// refuses to talk about it): a new task while attempts remain, else failed.
+    /// The current task is lost (job_status 3, the provider refuses to talk about it):
+    /// a new task while attempts remain, else failed.
     TaskLost { code: Option<i32>, why: String },
+    /// The provider still calls the task waiting or exporting after
+    /// `REPORT_GIVE_UP_AFTER`: it is kept as an orphan (it may still finish), and a new
+    /// task is bought while attempts remain, else the row fails keeping the task.
+    GivenUp { why: String },
     /// Not now, and not the row's fault: back in the queue until `until`, with why.
     Later {
         until: DateTime<Utc>,
@@ -87,6 +95,11 @@ enum Outcome {
     },
     /// A create sent before a cancel and retry is still on the wire: wait for it.
     WaitForCreate,
+    /// Another row will have the same task soon (coalescing): look again at `until`.
+    WaitForLeader {
+        until: DateTime<Utc>,
+        message: String,
+    },
     /// Already written by the statement that decided it (an orphan was adopted).
     Written,
     /// The row is no longer ours: nothing to write.
@@ -207,10 +220,13 @@ impl RowTask {
         let (mut token_refused, mut rate_limited) = (false, 0);
         loop {
             // The token before the intent: a create's time budget is for the create alone.
-            if let Err(error) = account.client.ensure_token().await {
-                let intent = Intent::Keep;
-                return Outcome::Trouble { error, intent };
-            }
+            let token = match account.client.token_for_create().await {
+                Ok(token) => token,
+                Err(error) => {
+                    let intent = Intent::Keep;
+                    return Outcome::Trouble { error, intent };
+                }
+            };
             if self.lease.is_lost() {
                 return Outcome::LeaseLost;
             }
@@ -222,6 +238,7 @@ impl RowTask {
             } else {
                 return Outcome::Interrupted;
             }
+            let asked = Instant::now();
             let (attempt, unanswered, started_at) = match self.begin_create().await {
                 Ok(CreateIntent::Go {
                     attempt,
@@ -260,7 +277,22 @@ impl RowTask {
                     return Outcome::Trouble { error, intent };
                 }
             };
-            let result = account.client.create_task(&task).await;
+            // The intent's deadline is its commit time + the HTTP timeout + CREATE_MARGIN:
+            // sent within CREATE_MARGIN of asking, the create is answered or given up
+            // before it, so a claimer that meets the intent later never buys beside it.
+            if asked.elapsed() > CREATE_MARGIN {
+                let error = UpstreamError::transient(format!(
+                    "the create intent took {} to commit, longer than the {} a create may start after it: nothing was sent",
+                    humantime::format_duration(asked.elapsed()),
+                    humantime::format_duration(CREATE_MARGIN)
+                ));
+                return Outcome::Trouble {
+                    error,
+                    intent: Intent::Refund,
+                };
+            }
+            let timeout = account.client.config().timeout;
+            let result = account.client.create_task(&task, &token, timeout).await;
             (shared.metrics).call(account.name(), "create", create_outcome(&result));
             if matches!(
                 result,
@@ -323,11 +355,12 @@ impl RowTask {
     }
 
     /// With reuse on (for the deployment or the row): the row is served from the most
-    /// recent document stored for exactly its identifier and type within the window —
-    /// a new document row (its own copy of the object in object storage), `succeeded`,
-    /// no provider call, its event naming the row it reused. With none stored yet but an
-    /// earlier open row asking for the same, it waits for that row's task (coalescing),
-    /// looking again every `REPORT_POLL_MIN`. `None`: create as usual.
+    /// recent document downloaded for exactly its identifiers and type within the window
+    /// — a new document row (its own copy of the object in object storage), `succeeded`,
+    /// no provider call, its event naming the row it reused. With none stored yet but
+    /// another row asking for the same that will have a task soon, it waits for that
+    /// row's task (coalescing), looking again every `REPORT_POLL_MIN`, for at most
+    /// `REPORT_GIVE_UP_AFTER` in all. `None`: create as usual.
     async fn reuse(&self) -> Option<Outcome> {
         let shared = &self.shared;
         let within = match self.row.reuse_within_secs {
@@ -348,14 +381,16 @@ impl RowTask {
             Ok(None) => {
                 // Nothing stored yet: if an earlier open row asks for the same, wait for
                 // its task (coalescing) instead of paying for another.
-                match queue::coalescing_leader(pool, row.id, row.report_type).await {
+                let give_up = shared.config.poll.give_up_after;
+                match queue::coalescing_leader(pool, row.id, row.report_type, give_up).await {
                     Ok(Some(leader)) => {
-                        return Some(Outcome::Later {
+                        return Some(Outcome::WaitForLeader {
                             until: self.now()
                                 + chrono::Duration::from_std(shared.config.poll.poll_min)
                                     .unwrap_or_default(),
                             message: format!(
-                                "waiting for request {leader}'s task: the same company and report type, asked for earlier (its document will be reused)"
+                                "waiting for request {leader}'s task: the same company and report type, about to be paid for or generating (its document will be reused; at most {} in all)",
+                                humantime::format_duration(give_up)
                             ),
                         });
                     }
@@ -403,10 +438,11 @@ impl RowTask {
             found.request_id,
             key.as_deref(),
             why.as_deref(),
+            within,
         )
         .await
         {
-            Ok(Fenced::Written) => {
+            Ok(Reused::Served) => {
                 let primary = shared.accounts[0].name();
                 shared.metrics.call(primary, "reuse", "hit");
                 shared.metrics.finished("succeeded");
@@ -418,7 +454,9 @@ impl RowTask {
                 );
                 Some(Outcome::Written)
             }
-            Ok(Fenced::Lost) => Some(Outcome::LeaseLost),
+            // It aged past the window while it was being copied: pay for a fresh one.
+            Ok(Reused::Stale) => None,
+            Ok(Reused::Lost) => Some(Outcome::LeaseLost),
             Err(e) => trouble(format!("cannot store the reused document: {e}")),
         }
     }
@@ -704,11 +742,15 @@ impl RowTask {
                 next_poll_at,
                 queued,
             },
-            None => Outcome::TaskLost {
-                code: None,
+            None => Outcome::GivenUp {
                 why: format!(
-                    "no result within {} of creating upstream task {job}",
-                    humantime::format_duration(policy.window)
+                    "upstream task {job} was still {} after {} (REPORT_GIVE_UP_AFTER): given up, kept in report_orphan_tasks in case the provider finishes it",
+                    if queued.is_some() {
+                        "waiting at the provider"
+                    } else {
+                        "exporting"
+                    },
+                    humantime::format_duration(policy.give_up_after)
                 ),
             },
         }
@@ -733,7 +775,7 @@ impl RowTask {
             return Outcome::Interrupted;
         };
         match result {
-            Ok(downloaded) => Outcome::Downloaded(downloaded),
+            Ok(downloaded) => Outcome::Downloaded(Box::new(downloaded)),
             Err(UpstreamError::BadDownload { message }) => Outcome::BadDownload { message },
             Err(UpstreamError::Rejected { code, message }) => Outcome::Refused {
                 code,
@@ -790,12 +832,12 @@ impl RowTask {
                 let reply = self.shared.writer.snoozed(snoozed).await;
                 self.fenced("snooze", reply);
             }
-            Outcome::Downloaded(downloaded) => self.store(downloaded).await,
+            Outcome::Downloaded(downloaded) => self.store(*downloaded).await,
             Outcome::BadDownload { message } => {
                 let tries = self.row.bad_downloads + 1;
                 if tries >= self.shared.config.download_tries.max(1) as i32 {
                     let why = format!("{message} ({tries} downloads of this task, none usable)");
-                    self.new_task_later(None, &why).await;
+                    self.lose_task(None, &why, false).await;
                 } else {
                     let error = UpstreamError::BadDownload { message };
                     let delay = self
@@ -838,10 +880,11 @@ impl RowTask {
                         )
                         .await;
                     }
-                    _ => self.new_task_later(Some(404), &why).await,
+                    _ => self.lose_task(Some(404), &why, false).await,
                 }
             }
-            Outcome::TaskLost { code, why } => self.new_task_later(code, &why).await,
+            Outcome::TaskLost { code, why } => self.lose_task(code, &why, false).await,
+            Outcome::GivenUp { why } => self.lose_task(None, &why, true).await,
             Outcome::Refused {
                 code,
                 message,
@@ -851,21 +894,14 @@ impl RowTask {
             }
             Outcome::Trouble { error, intent } => self.retry_later(error, intent).await,
             Outcome::Later { until, message } => {
-                let (pool, row) = (&self.shared.pool, &self.row);
                 let delay = (until - self.now()).to_std().unwrap_or_default();
-                self.write("wait for tomorrow's quota", || {
-                    queue::retry_later(
-                        pool,
-                        row.id,
-                        row.lease_token,
-                        Retry::Noted,
-                        None,
-                        &message,
-                        delay,
-                        Intent::Keep,
-                    )
-                })
-                .await;
+                self.retry_write(Retry::Noted, None, &message, delay, Intent::Keep)
+                    .await;
+            }
+            Outcome::WaitForLeader { until, message } => {
+                let delay = (until - self.now()).to_std().unwrap_or_default();
+                self.retry_write(Retry::Coalescing, None, &message, delay, Intent::Keep)
+                    .await;
             }
             Outcome::WaitForCreate => {
                 let (pool, row) = (&self.shared.pool, &self.row);
@@ -937,6 +973,11 @@ impl RowTask {
             Ok(OrphanFate::Recorded) => {
                 tracing::warn!(reason = %orphan.reason, "a paid task has no row to go to: kept in report_orphan_tasks")
             }
+            Ok(OrphanFate::AlreadyWritten) => {
+                tracing::info!(
+                    "the job id was written to its row already (its answer was lost on the way back)"
+                )
+            }
             Err(e) => {
                 tracing::error!(job = %job, error = %e, "could not record an orphaned paid task")
             }
@@ -945,15 +986,23 @@ impl RowTask {
 
     /// The document into its store, then the document's row and `succeeded` in one
     /// transaction (for object storage: the object written and read back first). A
-    /// store that cannot take it now is tried again later.
+    /// store that cannot take it now is tried again later. A row cancelled while its
+    /// task was polled keeps the document all the same (it was paid for): a retry of the
+    /// row is served from it.
     async fn store(&self, downloaded: Downloaded) {
         let Downloaded {
             spool,
             content_type,
             file_name,
+            provider_company,
             report_type,
             reservation,
         } = downloaded;
+        let Some(job) = self.row.upstream_job_id.clone() else {
+            self.fail(None, "downloaded without an upstream job id", Intent::Keep)
+                .await;
+            return;
+        };
         let store = &self.shared.config.documents;
         // A large document for the PostgreSQL store is streamed from its spool with COPY
         // (never whole in memory); everything else goes through the batched writer.
@@ -963,6 +1012,7 @@ impl RowTask {
                 sha256: spool.sha256(),
                 byte_size: spool.len(),
                 file_name,
+                provider_company,
             };
             let mut spool = spool;
             let (pool, row) = (&self.shared.pool, &self.row);
@@ -975,6 +1025,7 @@ impl RowTask {
                             pool,
                             row.id,
                             row.lease_token,
+                            &job,
                             &meta,
                             observe,
                             body,
@@ -1002,6 +1053,7 @@ impl RowTask {
                 spool,
                 content_type,
                 file_name,
+                provider_company,
                 report_type.extension(),
             )
             .await
@@ -1017,6 +1069,7 @@ impl RowTask {
         let completed = Completed {
             id: self.row.id,
             token: self.row.lease_token,
+            job_id: job,
             document,
             observe: self.shared.learning.is_on(),
         };
@@ -1025,20 +1078,35 @@ impl RowTask {
         self.stored(reply, bytes, &file).await;
     }
 
-    /// What the document's write came to: stored, no longer ours, or refused by the
-    /// database (the row fails with the reason instead of being redone).
-    async fn stored(&self, reply: Result<Fenced, WriteError>, bytes: u64, file: &str) {
-        if let Err(refused @ WriteError::Refused { .. }) = &reply {
-            let message = format!("the document could not be stored: {refused}");
-            self.fail(None, &message, Intent::Keep).await;
-            return;
-        }
-        if self.fenced("complete", reply) == Some(Fenced::Written) {
-            self.shared.metrics.finished("succeeded");
-            if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
-                self.shared.metrics.insert_to_document(d);
+    /// What the document's write came to: stored, kept for a cancelled row, no longer
+    /// ours, or refused by the database (the row fails with the reason instead of being
+    /// redone).
+    async fn stored(&self, reply: Result<Stored, WriteError>, bytes: u64, file: &str) {
+        match reply {
+            Ok(Stored::Finished) => {
+                self.shared.metrics.finished("succeeded");
+                if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
+                    self.shared.metrics.insert_to_document(d);
+                }
+                tracing::info!(outcome = "succeeded", bytes, file, "report stored");
             }
-            tracing::info!(outcome = "succeeded", bytes, file, "report stored");
+            Ok(Stored::KeptForCancelled) => {
+                tracing::info!(
+                    bytes,
+                    file,
+                    "the row was cancelled while its task was polled: its document is kept, and serves a retry"
+                );
+            }
+            Ok(Stored::Lost) => {
+                self.fenced("complete", Ok(Fenced::Lost));
+            }
+            Err(refused @ WriteError::Refused { .. }) => {
+                let message = format!("the document could not be stored: {refused}");
+                self.fail(None, &message, Intent::Keep).await;
+            }
+            Err(unavailable) => {
+                self.fenced("complete", Err(unavailable));
+            }
         }
     }
 
@@ -1056,31 +1124,46 @@ impl RowTask {
         written
     }
 
-    /// The current upstream task is lost: a new task after a backoff while attempts
-    /// remain, else failed.
-    async fn new_task_later(&self, code: Option<i32>, why: &str) {
+    /// The current upstream task is over for this row: a new task after a backoff while
+    /// attempts remain, else failed. A task the provider may still finish (`alive`) is
+    /// kept in `report_orphan_tasks`, and on a row that fails, on the row too, so that a
+    /// `report_retry` polls it before buying another.
+    async fn lose_task(&self, code: Option<i32>, why: &str, alive: bool) {
         let row = &self.row;
-        if row.attempts < row.max_attempts {
-            let delay = self
-                .shared
+        let new_task_after = (row.attempts < row.max_attempts).then(|| {
+            self.shared
                 .config
                 .retry
-                .new_task_delay(row.attempts, unit());
-            tracing::info!(
-                outcome = "new_task",
-                attempts = row.attempts,
-                ?delay,
-                why,
-                "a new upstream task will be created"
-            );
-            let pool = &self.shared.pool;
-            self.write("requeue", || {
-                queue::requeue_for_new_task(pool, row.id, row.lease_token, code, why, delay)
-            })
+                .new_task_delay(row.attempts, unit())
+        });
+        let message = match new_task_after {
+            Some(delay) => {
+                tracing::info!(
+                    outcome = "new_task",
+                    attempts = row.attempts,
+                    ?delay,
+                    why,
+                    "a new upstream task will be created"
+                );
+                why.to_string()
+            }
+            None => format!("{why} (after {} upstream tasks)", row.attempts),
+        };
+        let lost = LostTask {
+            id: row.id,
+            token: row.lease_token,
+            code,
+            message: &message,
+            alive,
+            new_task_after,
+        };
+        let pool = &self.shared.pool;
+        let written = self
+            .write("give the task up", || queue::lose_task(pool, &lost))
             .await;
-        } else {
-            let message = format!("{why} (after {} upstream tasks)", row.attempts);
-            self.fail(code, &message, Intent::Keep).await;
+        if written == Some(Fenced::Written) && new_task_after.is_none() {
+            self.shared.metrics.finished("failed");
+            tracing::info!(outcome = "failed", ?code, message, "report failed");
         }
     }
 

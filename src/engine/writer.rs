@@ -14,7 +14,9 @@ use futures_util::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::queue::{self, Begin, Completed, CreateIntent, Created, Fenced, Snoozed, WriteError};
+use crate::queue::{
+    self, Begin, Completed, CreateIntent, Created, Fenced, Snoozed, Stored, WriteError,
+};
 
 /// Rows per statement, and bytes of documents per statement (large reports go alone).
 const MAX_ROWS: usize = 256;
@@ -55,8 +57,8 @@ impl Item for Snoozed {
 }
 
 impl Item for Completed {
-    type Answer = Fenced;
-    const LOST: Fenced = Fenced::Lost;
+    type Answer = Stored;
+    const LOST: Stored = Stored::Lost;
     fn id(&self) -> i64 {
         self.id
     }
@@ -120,9 +122,7 @@ impl Writer {
             snoozed: Batcher::start(pool.clone(), |p, items| {
                 written(queue::snooze_batch(p, items).boxed())
             }),
-            completed: Batcher::start(pool, |p, items| {
-                written(queue::complete_batch(p, items).boxed())
-            }),
+            completed: Batcher::start(pool, |p, items| queue::complete_batch(p, items).boxed()),
         }
     }
 
@@ -139,7 +139,7 @@ impl Writer {
         self.snoozed.submit(item).await
     }
 
-    pub async fn completed(&self, item: Completed) -> Reply {
+    pub async fn completed(&self, item: Completed) -> Reply<Stored> {
         self.completed.submit(item).await
     }
 }

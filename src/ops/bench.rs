@@ -1250,6 +1250,7 @@ async fn hot(o: &BenchOptions, fillfactor: u32) -> anyhow::Result<HotUpdates> {
         poll_min: Duration::from_millis(200),
         poll_max: Duration::from_millis(300),
         window: Duration::from_secs(600),
+        ..PollPolicy::default()
     };
     let before: (i64, i64) = fixtures::update_counts(&pool).await?;
     let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(o.concurrency)).await?;

@@ -175,6 +175,7 @@ async fn body(
         poll_min: Duration::from_secs(1),
         poll_max: Duration::from_secs(2),
         window: Duration::from_secs(60),
+        ..PollPolicy::default()
     };
     // The same company and type asked again within a week is served from the stored
     // document (the demo asks twice more once the batch is done).

@@ -99,6 +99,21 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
             )?;
         }
     }
+    match queue::unpolled_accounts(pool).await {
+        Ok(unpolled) => {
+            for (account, rows, oldest) in unpolled {
+                let account = account.as_deref().unwrap_or("(none recorded)");
+                writeln!(
+                    out,
+                    "no running worker polls account {account}: {rows} generating rows, the oldest poll due since {} (is it in a worker's UPSTREAM_ACCOUNTS? they are released, their tasks kept as orphans, after REPORT_GIVE_UP_AFTER)",
+                    oldest.to_rfc3339()
+                )?;
+            }
+        }
+        // A role that may not read which workers run (report_app) sees the rest.
+        Err(e) if queue::is_permission_denied(&e) => {}
+        Err(e) => return Err(e).context("reading report_unpolled_accounts"),
+    }
     let hooks = queue::delivery_counts(pool)
         .await
         .context("reading report_webhook_deliveries")?;

@@ -202,3 +202,99 @@ pub async fn release(pool: &PgPool, held: &[(i64, i64)]) -> Result<u64, sqlx::Er
     .await?;
     Ok(r.rows_affected())
 }
+
+/// Says this process is at work, polling with `accounts` (and, with `unrecorded`, the
+/// tasks created before accounts were recorded): one upsert, every few seconds.
+pub async fn worker_seen(
+    pool: &PgPool,
+    owner: &str,
+    accounts: &[String],
+    unrecorded: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded) VALUES ($1, $2, $3)
+         ON CONFLICT (owner) DO UPDATE
+            SET accounts = excluded.accounts, polls_unrecorded = excluded.polls_unrecorded, seen_at = now()",
+    )
+    .bind(owner)
+    .bind(accounts)
+    .bind(unrecorded)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// This process stopped: it polls nothing any more.
+pub async fn worker_gone(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM report_workers WHERE owner = $1")
+        .bind(owner)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Generating rows that no running worker has been able to poll for `give_up` — their
+/// account is in no live process's configuration (`report_workers`), and not merely
+/// stopped — are released: their task is kept in `report_orphan_tasks` (it may still
+/// finish, and a retry of a failed row polls it again), and the row goes back to the
+/// queue for a new task, or fails when its attempts are spent. At most 100 rows a call.
+/// Returns how many.
+pub async fn release_unpolled(pool: &PgPool, give_up: Duration) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH stale AS (
+             SELECT q.id FROM report_requests q
+              WHERE q.state = 'generating' AND q.next_poll_at < now() - $1 * interval '1 second'
+                AND (q.lease_expires_at IS NULL OR q.lease_expires_at < now())
+                AND NOT EXISTS (SELECT 1 FROM report_workers w
+                                 WHERE w.seen_at > now() - interval '1 minute'
+                                   AND (q.account = ANY (w.accounts) OR (q.account IS NULL AND w.polls_unrecorded)))
+                AND NOT EXISTS (SELECT 1 FROM report_account_stops s WHERE s.account = q.account)
+              ORDER BY q.next_poll_at, q.id
+              LIMIT 100 FOR UPDATE SKIP LOCKED),
+         done AS (
+             UPDATE report_requests r
+                SET state = CASE WHEN r.attempts < r.max_attempts THEN 'queued' ELSE 'failed' END,
+                    finished_at = CASE WHEN r.attempts < r.max_attempts THEN NULL ELSE now() END,
+                    run_after = now(),
+                    upstream_job_id = CASE WHEN r.attempts < r.max_attempts THEN NULL ELSE r.upstream_job_id END,
+                    upstream_created_at = CASE WHEN r.attempts < r.max_attempts THEN NULL ELSE r.upstream_created_at END,
+                    next_poll_at = NULL, polls = 0, bad_downloads = 0,
+                    transient_errors = 0, transient_since = NULL,
+                    last_error_code = NULL, last_error_at = now(),
+                    last_error = format('no running worker polls account %s (is it still in a worker''s UPSTREAM_ACCOUNTS?): its task went unpolled for %s, and is kept in report_orphan_tasks; %s',
+                                        coalesce(r.account, '(none recorded)'), $2,
+                                        CASE WHEN r.attempts < r.max_attempts THEN 'a new task will be created'
+                                             ELSE 'no attempts left' END),
+                    lease_owner = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1,
+                    updated_at = now()
+               FROM stale WHERE r.id = stale.id
+             RETURNING r.id, r.report_type, r.last_error,
+                       (SELECT o.upstream_job_id FROM report_requests o WHERE o.id = r.id) AS job,
+                       (SELECT o.upstream_created_at FROM report_requests o WHERE o.id = r.id) AS made,
+                       (SELECT o.account FROM report_requests o WHERE o.id = r.id) AS account),
+         kept AS (
+             INSERT INTO report_orphan_tasks AS t (job_id, request_id, account, report_type, reason, created_at)
+             SELECT job, id, coalesce(account, ''), report_type, last_error, coalesce(made, now())
+               FROM done WHERE job IS NOT NULL
+             ON CONFLICT (job_id) DO UPDATE SET adopted_at = NULL, reason = excluded.reason
+             RETURNING 1)
+         SELECT count(*) FROM done",
+    )
+    .bind(secs(give_up))
+    .bind(humantime::format_duration(give_up).to_string())
+    .fetch_one(pool)
+    .await?;
+    Ok(n as u64)
+}
+
+/// Generating rows that no running worker can poll, per account (see the view
+/// `report_unpolled_accounts`): the account, how many rows, when the oldest poll was due.
+pub async fn unpolled_accounts(
+    pool: &PgPool,
+) -> Result<Vec<(Option<String>, i64, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account, rows, oldest_due FROM report_unpolled_accounts ORDER BY oldest_due",
+    )
+    .fetch_all(pool)
+    .await
+}

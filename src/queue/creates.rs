@@ -143,21 +143,32 @@ pub async fn begin_create_batch(
         .collect()
 }
 
-/// The create was certainly not made (nothing was sent, or the provider refused it
-/// explicitly) and will be tried again at once in this claim: its attempt is given
-/// back and the intent cleared; the row stays held.
+/// The create was certainly not made (nothing was sent, or the provider's answer proves
+/// it) and will be tried again at once in this claim: its attempt is given back (and
+/// counted as refunded in the ledger) and the intent cleared; the row stays held.
 pub async fn refund_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE report_requests
-            SET attempts = attempts - 1, create_started_at = NULL, create_deadline = NULL,
-                updated_at = now()
-          WHERE id = $1 AND lease_token = $2 AND state = 'queued' AND create_started_at IS NOT NULL",
+    let n: i64 = sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE report_requests r
+                SET attempts = attempts - 1, creates_sent = greatest(creates_sent - 1, 0),
+                    create_started_at = NULL, create_deadline = NULL, updated_at = now()
+              WHERE id = $1 AND lease_token = $2 AND state = 'queued' AND create_started_at IS NOT NULL
+             RETURNING r.account,
+                       (SELECT o.create_started_at FROM report_requests o WHERE o.id = r.id) AS began)
+         , counted AS (
+             INSERT INTO report_create_counts AS c (day, account, slot, refunded)
+             SELECT (began AT TIME ZONE 'Asia/Shanghai')::date, coalesce(account, ''),
+                    (pg_backend_pid() % 16)::smallint, 1
+               FROM done
+             ON CONFLICT (day, account, slot) DO UPDATE SET refunded = c.refunded + 1
+             RETURNING 1)
+         SELECT count(*) FROM done",
     )
     .bind(id)
     .bind(token)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(Fenced::from_rows(r.rows_affected()))
+    Ok(Fenced::from_rows(n as u64))
 }
 
 /// The row waits for a create another claim sent before a cancel and retry: it is
@@ -216,37 +227,54 @@ pub enum OrphanFate {
     /// Recorded in `report_orphan_tasks`, for a later retry of its row to adopt and for
     /// operators to see.
     Recorded,
+    /// The job id is already the row's: an earlier write of it committed, though its
+    /// answer was lost on the way back (a connection cut at the wrong moment).
+    AlreadyWritten,
 }
 
 /// Records an orphaned task, or hands it straight to its row when the row is queued,
 /// has no task, and still carries the intent this create was sent under. Either way
-/// the create's intent is cleared if it is still the row's. One statement.
+/// the create's intent is cleared if it is still the row's, and the job id counts as a
+/// paid task in the ledger (once: a job id already on its row or among the orphans is
+/// not counted again). One statement.
 pub async fn adopt_or_record_orphan(
     pool: &PgPool,
     orphan: &Orphan,
     first_poll: Duration,
 ) -> Result<OrphanFate, sqlx::Error> {
-    let adopted: Option<bool> = sqlx::query_scalar(
-        "WITH adopted AS (
+    let (written, adopted): (bool, Option<bool>) = sqlx::query_as(
+        "WITH own AS (
+             SELECT 1 FROM report_requests WHERE id = $1 AND upstream_job_id = $2),
+         adopted AS (
              UPDATE report_requests
                 SET state = 'generating', upstream_job_id = $2, upstream_created_at = now(),
                     next_poll_at = now() + $7 * interval '1 second', polls = 0,
-                    create_started_at = NULL, create_deadline = NULL,
+                    create_started_at = NULL, create_deadline = NULL, account = $4,
                     transient_errors = 0, transient_since = NULL,
                     lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1,
                     updated_at = now()
               WHERE id = $1 AND state = 'queued' AND upstream_job_id IS NULL
-                AND create_started_at = $3
+                AND create_started_at = $3 AND NOT EXISTS (SELECT 1 FROM own)
              RETURNING id),
          cleared AS (
              UPDATE report_requests SET create_started_at = NULL, create_deadline = NULL
               WHERE id = $1 AND create_started_at = $3 AND NOT EXISTS (SELECT 1 FROM adopted)
-             RETURNING id)
+             RETURNING id),
          -- (`cleared` runs whether or not it is read: data-modifying WITHs always do.)
-         INSERT INTO report_orphan_tasks (job_id, request_id, account, report_type, reason, adopted_at)
-         VALUES ($2, $1, $4, $5, $6, CASE WHEN EXISTS (SELECT 1 FROM adopted) THEN now() END)
-         ON CONFLICT (job_id) DO NOTHING
-         RETURNING adopted_at IS NOT NULL",
+         inserted AS (
+             INSERT INTO report_orphan_tasks (job_id, request_id, account, report_type, reason, adopted_at)
+             SELECT $2, $1, $4, $5, $6, CASE WHEN EXISTS (SELECT 1 FROM adopted) THEN now() END
+              WHERE NOT EXISTS (SELECT 1 FROM own)
+             ON CONFLICT (job_id) DO NOTHING
+             RETURNING adopted_at IS NOT NULL AS adopted),
+         counted AS (
+             INSERT INTO report_create_counts AS c (day, account, slot, tasks)
+             SELECT (coalesce($3, now()) AT TIME ZONE 'Asia/Shanghai')::date, $4,
+                    (pg_backend_pid() % 16)::smallint, 1
+               FROM inserted
+             ON CONFLICT (day, account, slot) DO UPDATE SET tasks = c.tasks + 1
+             RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM own), (SELECT adopted FROM inserted)",
     )
     .bind(orphan.request_id)
     .bind(&orphan.job_id)
@@ -255,9 +283,11 @@ pub async fn adopt_or_record_orphan(
     .bind(orphan.report_type)
     .bind(&orphan.reason)
     .bind(secs(first_poll))
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(if adopted == Some(true) {
+    Ok(if written {
+        OrphanFate::AlreadyWritten
+    } else if adopted == Some(true) {
         OrphanFate::Adopted
     } else {
         OrphanFate::Recorded

@@ -154,6 +154,11 @@ pub fn is_retryable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the database refused a statement because the role may not do it (42501).
+pub fn is_permission_denied(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42501"))
+}
+
 fn retryable_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use super::{Fenced, secs};
+use super::secs;
 use crate::domain::ReportType;
 
 /// A stored document another row may reuse.
@@ -17,17 +17,24 @@ pub struct Reusable {
     pub object_key: Option<String>,
 }
 
-/// The most recent document stored for exactly this identifier (the credit code when
-/// the row has one, else the organization code, else the company name: never a guess
-/// across them) and `kind`, finished within the row's `reuse_within` (else `default`).
-/// `None` when there is none, or reuse is off for the row.
+/// A stored document's age for reuse: the time since its bytes came from the provider
+/// (a copy carries its source's; documents from before `downloaded_at` existed go by
+/// when they were stored).
+const DOWNLOADED: &str = "coalesce(d.downloaded_at, d.created_at)";
+
+/// The most recent document stored for exactly this request — the same identifiers, all
+/// of them (a row that names a company several ways is never a source for one that
+/// names it one way, nor the other way round: which identifier the provider goes by is
+/// undocumented) — and `kind`, downloaded from the provider within the row's
+/// `reuse_within` (else `default`). `None` when there is none, or reuse is off for the
+/// row.
 pub async fn find_reusable(
     pool: &PgPool,
     id: i64,
     kind: ReportType,
     default: Option<Duration>,
 ) -> Result<Option<Reusable>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT id, coalesce(reuse_within, $3 * interval '1 second') AS within,
                     nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
@@ -41,18 +48,21 @@ pub async fn find_reusable(
            JOIN report_documents d ON d.request_id = r.id
           WHERE me.within > interval '0' AND r.id <> me.id
             AND r.state = 'succeeded' AND r.report_type = $2
-            AND r.finished_at > now() - me.within
-            AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
-                     WHEN me.org IS NOT NULL THEN r.org_number = me.org
-                     ELSE r.company_name = me.name END
-          ORDER BY r.finished_at DESC LIMIT 1",
-    )
+            AND {DOWNLOADED} > now() - me.within
+            AND {SAME_IDENTIFIERS}
+          ORDER BY {DOWNLOADED} DESC LIMIT 1"
+    )))
     .bind(id)
     .bind(kind.as_str())
     .bind(default.map(secs))
     .fetch_optional(pool)
     .await
 }
+
+/// Row `r` names the company exactly as `me` does (`me.code`, `me.org`, `me.name`).
+const SAME_IDENTIFIERS: &str = "nullif(r.credit_code, '') IS NOT DISTINCT FROM me.code
+            AND nullif(r.org_number, '') IS NOT DISTINCT FROM me.org
+            AND nullif(r.company_name, '') IS NOT DISTINCT FROM me.name";
 
 /// CTEs over row `$1`: `company` (its one identifier's kind and value, and the company
 /// the provider's file names confirm it is, if any; no row when it names the company
@@ -141,8 +151,8 @@ pub async fn find_reusable_same_company(
            JOIN report_documents d ON d.request_id = r.id
           WHERE w.within > interval '0' AND r.id <> $1
             AND r.state = 'succeeded' AND r.report_type = $2
-            AND r.finished_at > now() - w.within
-          ORDER BY r.finished_at DESC LIMIT 1"
+            AND {DOWNLOADED} > now() - w.within
+          ORDER BY {DOWNLOADED} DESC LIMIT 1"
     )))
     .bind(id)
     .bind(kind.as_str())
@@ -151,9 +161,23 @@ pub async fn find_reusable_same_company(
     .await
 }
 
+/// What serving a row from another's document came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reused {
+    /// The row is `succeeded` with its copy.
+    Served,
+    /// The source's document is no longer within the row's window (it aged while it was
+    /// being copied): nothing changed.
+    Stale,
+    /// The row is no longer ours: nothing changed.
+    Lost,
+}
+
 /// Finishes the claimed row `id` with a copy of `source`'s document (its bytes, or
-/// `object_key` for a copy of its object), recording in its event that it reused
-/// `source`. Fenced by the claim like every outcome.
+/// `object_key` for a copy of its object), provided the source was downloaded within
+/// `within` of now (checked in the same statement), recording in its event that it
+/// reused `source`. The copy carries the source's download time, so copies of copies
+/// age like the original. Fenced by the claim like every outcome.
 pub async fn complete_from(
     pool: &PgPool,
     id: i64,
@@ -161,7 +185,8 @@ pub async fn complete_from(
     source: i64,
     object_key: Option<&str>,
     why: Option<&str>,
-) -> Result<Fenced, sqlx::Error> {
+    within: Duration,
+) -> Result<Reused, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let actor = match why {
         Some(why) => format!("worker: the document of request {source} ({why})"),
@@ -173,30 +198,44 @@ pub async fn complete_from(
     .bind(actor)
     .execute(&mut *tx)
     .await?;
-    let stored: Option<i64> = sqlx::query_scalar(
-        "WITH done AS (
+    let stored: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH source AS (
+             SELECT d.* FROM report_documents d
+              WHERE d.request_id = $3 AND {DOWNLOADED} > now() - $5 * interval '1 second'),
+         done AS (
              UPDATE report_requests r
                 SET state = 'succeeded', finished_at = now(), updated_at = now(),
                     lease_owner = NULL, lease_expires_at = NULL, transient_errors = 0, transient_since = NULL
               WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'queued'
+                AND EXISTS (SELECT 1 FROM source)
              RETURNING r.id)
-         INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256)
-         SELECT done.id, CASE WHEN $4::text IS NULL THEN s.content END, $4, s.content_type, s.file_name, s.byte_size, s.sha256
-           FROM done, report_documents s WHERE s.request_id = $3
-         RETURNING request_id",
-    )
+         INSERT INTO report_documents (request_id, content, object_key, content_type, file_name, byte_size, sha256,
+                                       downloaded_at, provider_company)
+         SELECT done.id, CASE WHEN $4::text IS NULL THEN s.content END, $4, s.content_type, s.file_name,
+                s.byte_size, s.sha256, coalesce(s.downloaded_at, s.created_at), s.provider_company
+           FROM done, source s
+         RETURNING request_id"
+    )))
     .bind(id)
     .bind(token)
     .bind(source)
     .bind(object_key)
+    .bind(secs(within))
     .fetch_optional(&mut *tx)
     .await?;
-    if stored.is_none() {
-        tx.rollback().await?;
-        return Ok(Fenced::Lost);
+    if stored.is_some() {
+        tx.commit().await?;
+        return Ok(Reused::Served);
     }
-    tx.commit().await?;
-    Ok(Fenced::Written)
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM report_requests WHERE id = $1 AND lease_token = $2 AND state = 'queued')",
+    )
+    .bind(id)
+    .bind(token)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(if held { Reused::Stale } else { Reused::Lost })
 }
 
 /// How many of `ids` were served by reusing a stored document.
@@ -209,45 +248,55 @@ pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error
     .await
 }
 
-/// The open row (queued or generating) asking for the same report type and the same
-/// company as `id` — exactly the same identifier, or another identifier the provider's
-/// file names confirm as the same company (`report_identity_company`) — with the lowest
-/// id below `id`, if any: the one whose task this row waits for instead of paying for
-/// its own (coalescing). The lowest id leads, so rows claimed together agree without a
-/// lock; when the leader finishes or fails, the next one leads.
+/// The row whose task row `id` waits for instead of paying for its own (coalescing): a
+/// row asking for the same report type and the same company as `id` — exactly the same
+/// identifiers, or another identifier the provider's file names confirm as the same
+/// company (`report_identity_company`) — that will have a task soon:
+/// - generating, with a task younger than `give_up` (older ones are about to be given
+///   up);
+/// - or queued with its create on the wire;
+/// - or queued, due, and ahead of `id` in the claim order (priority, run_after, id), so
+///   it is claimed first — never one that waits for a later time or retries behind `id`.
+///
+/// No row waits longer than `give_up` in all (`coalescing_since`): then it pays for its
+/// own task. The order is strict, so two queued rows never wait for each other, and
+/// generating rows wait for nobody.
 pub async fn coalescing_leader(
     pool: &PgPool,
     id: i64,
     kind: ReportType,
+    give_up: Duration,
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
-                    nullif(company_name, '') AS name
-               FROM report_requests WHERE id = $1),
-         exact AS (
-             SELECT r.id
+                    nullif(company_name, '') AS name, priority, run_after
+               FROM report_requests
+              WHERE id = $1 AND (coalescing_since IS NULL OR coalescing_since > now() - $3 * interval '1 second')),
+         candidates AS (
+             SELECT r.*
                FROM me
                JOIN report_requests r ON r.id = ANY (ARRAY(
                         SELECT c.id FROM report_requests c
                          WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
-              WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
-                AND CASE WHEN me.code IS NOT NULL THEN r.credit_code = me.code
-                         WHEN me.org IS NOT NULL THEN r.org_number = me.org
-                         ELSE r.company_name = me.name END
-              ORDER BY r.id LIMIT 1),
-         {SAME_COMPANY},
-         linked AS (
-             SELECT r.id
-               FROM same s
-               {ROWS_OF_SAME}
-              WHERE r.id < $1 AND r.state IN ('queued', 'generating') AND r.report_type = $2
-              ORDER BY r.id LIMIT 1)
-         SELECT min(id) FROM (SELECT id FROM exact UNION ALL SELECT id FROM linked) l
-         HAVING count(*) > 0"
+              WHERE {SAME_IDENTIFIERS}
+             UNION ALL
+             SELECT r.*
+               FROM (WITH {SAME_COMPANY} SELECT * FROM same) s
+               {ROWS_OF_SAME})
+         SELECT c.id
+           FROM candidates c, me
+          WHERE c.id <> $1 AND c.report_type = $2
+            AND (   (c.state = 'generating' AND c.upstream_created_at > now() - $3 * interval '1 second')
+                 OR (c.state = 'queued' AND c.create_deadline > now())
+                 OR (c.state = 'queued' AND c.run_after <= now()
+                     AND (c.priority, c.run_after, c.id) < (me.priority, me.run_after, $1)))
+          ORDER BY c.state = 'generating' DESC, c.id
+          LIMIT 1"
     )))
     .bind(id)
     .bind(kind.as_str())
+    .bind(secs(give_up))
     .fetch_optional(pool)
     .await
 }

@@ -59,6 +59,7 @@ pub(super) fn fault_response(fault: &Fault) -> Option<Response> {
         Fault::CreatedThenStatusFalse => {
             Json(json!({"data": null, "status": false})).into_response()
         }
+        Fault::CreatedThenCode { code } => envelope_error(*code),
         Fault::Slow { .. }
         | Fault::Html
         | Fault::JobFailed

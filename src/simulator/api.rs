@@ -77,6 +77,9 @@ pub(super) struct CreateBody {
 
 pub(super) async fn token(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let injected = s.lock().take_injection(|i| i.endpoint == Endpoint::Token);
+    if let Some(Fault::Slow { millis }) = injected {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
     if let Some(resp) = injected.as_ref().and_then(fault_response) {
         s.count("token:injected".into());
         return resp;
@@ -212,6 +215,19 @@ pub(super) async fn create(
             && inner.rng.random_bool(s.config.failure_rate.clamp(0.0, 1.0));
         let initial_queue = inner.rng.random_range(0..6);
         let created_on = Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        inner.stats.tasks.insert(
+            id.to_string(),
+            SimTask {
+                account: client.clone(),
+                company_name: given(&request.company_name),
+                credit_code: given(&request.credit_code),
+                org_number: given(&request.org_number),
+                report_type: report_type.as_str().to_string(),
+                company: company.clone(),
+                created_ms: Utc::now().timestamp_millis(),
+            },
+        );
         inner.jobs.insert(
             id,
             Job {

@@ -200,6 +200,9 @@ pub enum Fault {
     CreatedThenUnreadable,
     /// For creates: the task is made, then `status:false` comes back without a code.
     CreatedThenStatusFalse,
+    /// For creates: the task is made, then this provider code comes back (a gateway
+    /// timeout such as 67200100, a service error, a code nobody documented).
+    CreatedThenCode { code: i32 },
 }
 
 impl Fault {
@@ -211,6 +214,7 @@ impl Fault {
                 | Fault::CreatedThenHttp { .. }
                 | Fault::CreatedThenUnreadable
                 | Fault::CreatedThenStatusFalse
+                | Fault::CreatedThenCode { .. }
         )
     }
 }
@@ -241,11 +245,30 @@ pub struct SimStats {
     pub tasks_per_company: BTreeMap<String, u64>,
     /// sha256 of every document served, by job id.
     pub documents: BTreeMap<String, String>,
+    /// Every task made, by job id: what it was asked for, for whom and when (the
+    /// ground truth a test judges spend and documents by).
+    pub tasks: BTreeMap<String, SimTask>,
+    /// When each job's document was first served (milliseconds since the Unix epoch).
+    pub first_served_ms: BTreeMap<String, i64>,
     /// The most metered calls accepted within any one-second window of one account.
     pub max_calls_in_one_second: usize,
     pub token_fetches: u64,
     /// The same counters for each account (client id).
     pub accounts: BTreeMap<String, AccountStats>,
+}
+
+/// One task the simulator made: the create's body, the account that paid for it, the
+/// company it resolved the request to (the one its report is about) and when.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimTask {
+    pub account: String,
+    pub company_name: Option<String>,
+    pub credit_code: Option<String>,
+    pub org_number: Option<String>,
+    pub report_type: String,
+    pub company: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: i64,
 }
 
 /// One account's counters.
@@ -291,6 +314,7 @@ impl Fault {
             Fault::CreatedThenHttp { status } => format!("created_then_{status}"),
             Fault::CreatedThenUnreadable => "created_then_unreadable".into(),
             Fault::CreatedThenStatusFalse => "created_then_status_false".into(),
+            Fault::CreatedThenCode { code } => format!("created_then_{code}"),
         }
     }
 }

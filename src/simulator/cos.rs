@@ -145,6 +145,11 @@ pub(super) async fn download(
             job_id.to_string(),
             crate::upstream::document::sha256_hex(&bytes),
         );
+        inner
+            .stats
+            .first_served_ms
+            .entry(job_id.to_string())
+            .or_insert_with(|| Utc::now().timestamp_millis());
         *inner.stats.calls.entry("download:ok".into()).or_default() += 1;
     }
     let mut response = match drip {

@@ -33,7 +33,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use self::api::credit_code_checksum_ok;
-pub use self::config::{AccountStats, Endpoint, Fault, Injection, SimAccount, SimConfig, SimStats};
+pub use self::config::{
+    AccountStats, Endpoint, Fault, Injection, SimAccount, SimConfig, SimStats, SimTask,
+};
 use self::state::{AppState, Inner, Job, Shared, shanghai_today};
 use crate::domain::ReportType;
 use crate::upstream::client::{CREATE_PATH, STATUS_PATH, TOKEN_PATH};

@@ -142,6 +142,7 @@ impl DocumentStore {
         mut spool: Spool,
         content_type: &'static str,
         file_name: String,
+        provider_company: Option<String>,
         extension: &str,
     ) -> Result<Document, StoreError> {
         let sha256 = spool.sha256();
@@ -161,6 +162,7 @@ impl DocumentStore {
             sha256,
             byte_size,
             body,
+            provider_company,
         })
     }
 

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::envelope::{interpret, is_explicit_refusal, parse_token};
+use super::envelope::{interpret, parse_token};
 use super::links::{LinkRules, MemoryBudget, redirect_policy};
 use super::{CreateError, Secret, UpstreamError};
 use crate::domain::{Clock, JobId, ReportType, clip};
@@ -219,10 +219,11 @@ impl Client {
         format!("{}{}", self.config.base_url.trim_end_matches('/'), path)
     }
 
-    /// Makes sure a fresh token is at hand, so that the next call does not begin with a
-    /// token fetch (a create's time budget is for the create alone).
-    pub async fn ensure_token(&self) -> Result<(), UpstreamError> {
-        self.token().await.map(|_| ())
+    /// A fresh token for a create, fetched now if the one at hand is missing or due: a
+    /// create gets its token before its intent is committed, so that the create's time
+    /// budget is for the create alone (see `create_task`).
+    pub async fn token_for_create(&self) -> Result<Secret, UpstreamError> {
+        self.token().await
     }
 
     /// The current token, fetching a new one first when it is missing or due.
@@ -349,10 +350,17 @@ impl Client {
     }
 
     /// R001: creates the upstream task and returns its job id (exact digits). One
-    /// request, never repeated here: every create is a paid report, so whether to try
-    /// again is the caller's decision, told by the error's class. A refused token is
-    /// forgotten (the next call fetches a new one).
-    pub async fn create_task(&self, task: &CreateTask) -> Result<JobId, CreateError> {
+    /// request with `token` (fetched before the create's intent: nothing here waits for
+    /// a token), answered or given up within `timeout`, never repeated here: every create
+    /// is a paid report, so whether to try again is the caller's decision, told by the
+    /// error's class (`CreateError::of_answer`). A refused token is forgotten (the next
+    /// call fetches a new one).
+    pub async fn create_task(
+        &self,
+        task: &CreateTask,
+        token: &Secret,
+        timeout: Duration,
+    ) -> Result<JobId, CreateError> {
         let mut body = serde_json::Map::new();
         for (key, value) in [
             ("company_name", &task.company_name),
@@ -367,11 +375,10 @@ impl Client {
             body.insert("report_type".into(), Value::String(t.as_str().into()));
         }
         let body = Value::Object(body);
-        let token = self.token().await.map_err(CreateError::NotCreated)?;
         let request = self
-            .api_request(reqwest::Method::POST, CREATE_PATH, &token)
+            .api_request(reqwest::Method::POST, CREATE_PATH, token)
             .json(&body)
-            .timeout(self.config.timeout);
+            .timeout(timeout.min(self.config.timeout));
         let (status, retry_after, answer) = match self.exchange(request).await {
             Ok(answer) => answer,
             Err(f) if f.sent => return Err(CreateError::Unknown(f.error)),
@@ -383,16 +390,15 @@ impl Client {
                     "a success without a readable job id: {e}"
                 )))
             }),
-            Err(e) if is_explicit_refusal(status, &answer) => {
+            Err(e) => {
                 if matches!(
                     e,
                     UpstreamError::Unauthorized { .. } | UpstreamError::BadCredentials { .. }
                 ) {
-                    self.invalidate(&token).await;
+                    self.invalidate(token).await;
                 }
-                Err(CreateError::NotCreated(e))
+                Err(CreateError::of_answer(e))
             }
-            Err(e) => Err(CreateError::Unknown(e)),
         }
     }
 
@@ -564,8 +570,10 @@ mod tests {
             }
         }
 
-        /// Whatever a create's answer is, it is a job id, an explicit refusal (no task),
-        /// or an unknown outcome (a task may exist): never a panic.
+        /// Whatever a create's answer is, it is a job id or an error of one of the two
+        /// classes, never a panic; and an answer that carries no provider code and no
+        /// status the gateway only sends before a task exists (401, 403, 404) is never
+        /// taken for "certainly not created".
         #[test]
         fn create_answers_of_any_shape_are_classified(
             status in 100u16..600,
@@ -575,12 +583,21 @@ mod tests {
                 any_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
             ]
         ) {
-            let explicit = is_explicit_refusal(status, &body);
             match interpret(status, None, &body, chrono::Utc::now()) {
                 Ok(data) => {
                     let _ = JobId::from_json(data.get("job_id").unwrap_or(&Value::Null));
                 }
-                Err(_) => { let _ = explicit; }
+                Err(e) => {
+                    let coded = serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
+                        .ok()
+                        .and_then(|o| o.get("error_code").cloned())
+                        .is_some_and(|c| c != 0 && c != Value::Null);
+                    if let CreateError::NotCreated(_) = CreateError::of_answer(e.clone())
+                        && !coded
+                    {
+                        prop_assert!(matches!(status, 401 | 403 | 404), "{status}: {e:?}");
+                    }
+                }
             }
         }
     }

@@ -164,6 +164,28 @@ pub fn filename_from_url(link: &str) -> Option<String> {
         .and_then(|(_, v)| filename_from_disposition(&v))
 }
 
+/// The company a provider's file name names: the name without its extension, up to its
+/// one '_' (`小米科技有限责任公司_企业创新能力报告.pdf` → `小米科技有限责任公司`). With more
+/// than one '_' it is not known which one ends the company: `None`, as for a name with
+/// nothing before its '_'. Read it from the name as the provider served it, never from
+/// a sanitised one.
+pub fn company_in_file_name(name: &str) -> Option<String> {
+    let stem = match name.rsplit_once('.') {
+        Some((stem, ext))
+            if (1..=5).contains(&ext.len()) && ext.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            stem
+        }
+        _ => name,
+    };
+    let mut parts = stem.split('_');
+    let company = parts.next()?.trim();
+    if parts.count() > 1 || company.is_empty() {
+        return None;
+    }
+    Some(company.to_string())
+}
+
 /// Code points never kept in a file name: Unicode's control (Cc), format (Cf, e.g. bidi
 /// marks, zero-width joiners, the soft hyphen), line and paragraph separator (Zl, Zp)
 /// characters, as of Unicode 15 — everything PostgreSQL's `[[:cntrl:]]` matches under
@@ -257,6 +279,33 @@ pub fn sanitize_file_name(raw: &str, report_type: ReportType, job: Option<&JobId
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_company_in_a_file_name() {
+        for (name, company) in [
+            (
+                "小米科技有限责任公司_企业创新能力报告.pdf",
+                Some("小米科技有限责任公司"),
+            ),
+            (
+                "小米科技有限责任公司_企业创新能力报告.docx",
+                Some("小米科技有限责任公司"),
+            ),
+            ("小米科技有限责任公司.pdf", Some("小米科技有限责任公司")),
+            ("a_b_c.pdf", None),
+            ("_报告.pdf", None),
+            ("Maersk A/S_企业创新能力报告.pdf", Some("Maersk A/S")),
+        ] {
+            assert_eq!(company_in_file_name(name).as_deref(), company, "{name}");
+        }
+        // Read from the stored name, a company with a '/' would be cut short: the
+        // sanitiser keeps the last path component. The download only learns from names
+        // the sanitiser left as they were.
+        let raw = "甲/乙公司_企业创新能力报告.pdf";
+        let stored = sanitize_file_name(raw, ReportType::Pdf, None);
+        assert_eq!(stored, "乙公司_企业创新能力报告.pdf");
+        assert_ne!(stored, raw);
+    }
 
     #[test]
     fn dispositions() {

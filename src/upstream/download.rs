@@ -19,6 +19,10 @@ pub struct Downloaded {
     pub spool: Spool,
     pub content_type: &'static str,
     pub file_name: String,
+    /// The company the provider's file name names (`document::company_in_file_name`),
+    /// read from the name as served; `None` when the name had to be changed to be
+    /// stored safely (a '/' in the company's name cuts it, say), so it teaches nothing.
+    pub provider_company: Option<String>,
     pub report_type: ReportType,
     pub reservation: Reservation,
 }
@@ -125,10 +129,17 @@ impl Client {
             .and_then(document::filename_from_disposition)
             .or_else(|| document::filename_from_url(link))
             .unwrap_or_default();
+        let file_name = document::sanitize_file_name(&raw_name, expected, job);
+        let provider_company = if file_name == raw_name {
+            document::company_in_file_name(&raw_name)
+        } else {
+            None
+        };
         Ok(Downloaded {
             spool,
             content_type: expected.content_type(),
-            file_name: document::sanitize_file_name(&raw_name, expected, job),
+            file_name,
+            provider_company,
             report_type: expected,
             reservation,
         })

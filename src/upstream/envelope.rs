@@ -67,21 +67,6 @@ pub fn interpret(
     )))
 }
 
-/// Whether an answer that is not a success is an explicit refusal by the provider — a
-/// provider error code in the body, or an HTTP 4xx (or 3xx) status — rather than an
-/// answer that says nothing about what happened (a 5xx page, a body that cannot be
-/// read, `status:false` without a code). For a create this is the difference between
-/// "no task was made" and "a paid task may exist".
-pub fn is_explicit_refusal(http_status: u16, body: &[u8]) -> bool {
-    let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(body).ok();
-    let has_code = parsed
-        .as_ref()
-        .and_then(|obj| obj.get("error_code"))
-        .and_then(int_of)
-        .is_some_and(|c| c != 0);
-    has_code || (300..500).contains(&http_status)
-}
-
 /// A bearer token and how long the provider says it lives.
 #[derive(Debug, Clone)]
 pub struct TokenAnswer {
@@ -244,22 +229,6 @@ mod tests {
         assert!(matches!(
             interpret(200, None, br#"{"status":false}"#, now()),
             Err(UpstreamError::Transient { .. })
-        ));
-    }
-
-    #[test]
-    fn explicit_refusals_are_told_from_silence() {
-        let coded = br#"{"data":null,"status":false,"error_code":68300008}"#;
-        assert!(is_explicit_refusal(200, coded));
-        assert!(is_explicit_refusal(503, coded), "a code wins over a 5xx");
-        assert!(is_explicit_refusal(401, b""));
-        assert!(is_explicit_refusal(429, b"<html>slow down</html>"));
-        assert!(!is_explicit_refusal(502, b"<html>bad gateway</html>"));
-        assert!(!is_explicit_refusal(200, br#"{"status":false}"#));
-        assert!(!is_explicit_refusal(200, b"{\"data\":{\"job_id\":"));
-        assert!(!is_explicit_refusal(
-            200,
-            br#"{"data":{"job_id":"x"},"status":true,"error_code":0}"#
         ));
     }
 

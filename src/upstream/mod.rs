@@ -73,13 +73,14 @@ pub enum UpstreamError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CreateError {
     /// The provider certainly made no task: the request never left (no connection, no
-    /// token), or the provider answered with an explicit refusal (an error code, or an
-    /// HTTP 4xx). Retry freely: no attempt is spent.
+    /// token), or the answer is one that only comes before a task is made (see
+    /// `CreateError::of_answer`). Retry freely: no attempt is spent.
     #[error("{0}")]
     NotCreated(UpstreamError),
-    /// The request left and no usable answer came back (a timeout or a reset after
-    /// sending, a 5xx without a code, a success whose job id cannot be read, `status:
-    /// false` without a code): a paid task may exist. This costs an attempt.
+    /// The request left and its answer does not prove that no task was made (a timeout
+    /// or a reset after sending, a gateway's page, a 5xx, "busy, response timeout", a
+    /// code not in the provider's table, a success whose job id cannot be read): a paid
+    /// task may exist. This costs an attempt.
     #[error("no usable answer to the create, a paid task may exist: {0}")]
     Unknown(UpstreamError),
 }
@@ -88,6 +89,29 @@ impl CreateError {
     pub fn error(&self) -> &UpstreamError {
         match self {
             CreateError::NotCreated(e) | CreateError::Unknown(e) => e,
+        }
+    }
+
+    /// What a create's failed answer proves. Only answers that certainly mean no task
+    /// was made give the attempt back: the request refused as invalid (68300004,
+    /// 68300007, 68300010, 67200012), "too fast" (67200002), a refused token or apikey
+    /// (HTTP 401, 67200003, 67200009), an account stop (67200000/1/4/5/6/7/8, HTTP 403)
+    /// and an unknown API path (67200101, a bare HTTP 404) — the provider's gateway says
+    /// these before the request reaches whatever makes tasks. Everything else counts
+    /// the attempt: a gateway or server error may come after the provider made the task
+    /// (67200100 "busy, response timeout", 6830000{5,6,8}, any 5xx page with or without
+    /// a code, 408, 429, 499, any other status without a code, a code not listed, an
+    /// unreadable body). When in doubt, the create made a task.
+    pub fn of_answer(error: UpstreamError) -> CreateError {
+        match error {
+            UpstreamError::Rejected { .. }
+            | UpstreamError::RateLimited { .. }
+            | UpstreamError::Unauthorized { .. }
+            | UpstreamError::BadCredentials { .. }
+            | UpstreamError::AccountStop { .. } => CreateError::NotCreated(error),
+            UpstreamError::Transient { .. } | UpstreamError::BadDownload { .. } => {
+                CreateError::Unknown(error)
+            }
         }
     }
 }

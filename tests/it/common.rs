@@ -160,29 +160,79 @@ pub fn have_tool(cmd: &str, args: &[&str]) -> bool {
     ok
 }
 
-/// Worker settings for tests: the same engine with seconds turned into milliseconds.
+/// The flags that turn the binary's seconds into the tests' milliseconds; everything
+/// else is `run`'s own default.
+pub const FAST_FLAGS: &[&str] = &[
+    "--worker-concurrency",
+    "8",
+    "--upstream-qps",
+    "0",
+    "--upstream-timeout",
+    "4s",
+    "--worker-lease",
+    "3s",
+    "--worker-idle-poll",
+    "200ms",
+    "--worker-shutdown-timeout",
+    "5s",
+    "--upstream-stop-probe",
+    "300ms",
+    "--report-first-poll",
+    "50ms",
+    "--report-poll-min",
+    "100ms",
+    "--report-poll-max",
+    "150ms",
+    "--report-window",
+    "20s",
+    "--report-give-up-after",
+    "20s",
+    "--report-retry-min",
+    "50ms",
+    "--report-retry-max",
+    "500ms",
+    "--report-retry-budget",
+    "1h",
+    "--report-new-task-after",
+    "50ms",
+];
+
+/// `run`'s arguments for `account` with `FAST_FLAGS` and `extra` (flag-value pairs; those
+/// in `extra` win), parsed by the binary's own parser.
+pub fn run_args(account: &str, extra: &[&str]) -> report_worker::cli::RunArgs {
+    let mut argv = vec![
+        "--database-url",
+        "postgres://unused",
+        "--upstream-client-id",
+        account,
+        "--upstream-client-secret",
+        "unused",
+    ];
+    // Flag-value pairs; a flag in `extra` replaces the same one of FAST_FLAGS.
+    for pair in FAST_FLAGS.chunks(2) {
+        if !extra.chunks(2).any(|e| e[0] == pair[0]) {
+            argv.extend_from_slice(pair);
+        }
+    }
+    argv.extend_from_slice(extra);
+    report_worker::cli::RunArgs::parse_from(argv).expect("the test flags parse")
+}
+
+/// Worker settings for tests: `run`'s configuration, parsed from `FAST_FLAGS` by the
+/// binary's own parser, so every default is the binary's.
 pub fn fast_worker_config(account: &str) -> report_worker::engine::WorkerConfig {
-    use report_worker::engine::policy::{PollPolicy, RetryPolicy};
-    let mut c = report_worker::engine::WorkerConfig::new(account);
-    c.concurrency = 8;
-    c.qps = 0.0;
-    c.lease = Duration::from_secs(3);
-    c.idle_poll = Duration::from_millis(200);
-    c.shutdown_timeout = Duration::from_secs(5);
-    c.stop_probe_base = Duration::from_millis(300);
-    c.poll = PollPolicy {
-        first_poll: Duration::from_millis(50),
-        poll_min: Duration::from_millis(100),
-        poll_max: Duration::from_millis(150),
-        window: Duration::from_secs(20),
-    };
-    c.retry = RetryPolicy {
-        base: Duration::from_millis(50),
-        cap: Duration::from_millis(500),
-        budget: Duration::from_secs(3600),
-        new_task_base: Duration::from_millis(50),
-    };
-    c
+    fast_worker_config_with(account, &[])
+}
+
+/// `fast_worker_config` with more flags (`--report-window`, `--report-reuse-within`…).
+pub fn fast_worker_config_with(
+    account: &str,
+    extra: &[&str],
+) -> report_worker::engine::WorkerConfig {
+    let (_, worker, _) = run_args(account, extra)
+        .configs()
+        .expect("the test settings are valid");
+    worker
 }
 
 /// A worker engine running in this process, with a pool of its own.
@@ -483,4 +533,19 @@ pub async fn object_sha256(endpoint: &str, bucket: &str, key: &str) -> Option<St
     }
     let bytes = r.bytes().await.ok()?;
     Some(report_worker::upstream::document::sha256_hex(&bytes))
+}
+
+/// One create as the engine sends it: the token fetched first, then the create within
+/// the client's timeout.
+pub async fn create(
+    client: &report_worker::upstream::Client,
+    task: &report_worker::upstream::client::CreateTask,
+) -> Result<report_worker::domain::JobId, report_worker::upstream::CreateError> {
+    let token = client
+        .token_for_create()
+        .await
+        .map_err(report_worker::upstream::CreateError::NotCreated)?;
+    client
+        .create_task(task, &token, client.config().timeout)
+        .await
 }

@@ -373,7 +373,9 @@ async fn a_document_older_than_the_window_is_not_reused() {
     let w = spawn_fast_worker(&db.url, &sim).await;
     let old = insert_row(&db, Some("华为技术有限公司"), None, Some("1 day")).await;
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
-    sqlx::query("UPDATE report_requests SET finished_at = now() - interval '2 days' WHERE id = $1")
+    sqlx::query(
+        "UPDATE report_documents SET downloaded_at = now() - interval '2 days' WHERE request_id = $1",
+    )
         .bind(old)
         .execute(&db.pool)
         .await

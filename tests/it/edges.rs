@@ -364,7 +364,7 @@ async fn a_daily_limit_met_just_after_midnight_is_a_lagging_clock_not_a_whole_da
         ..Default::default()
     };
     for _ in 0..3 {
-        spender.create_task(&t).await.unwrap();
+        create(&spender, &t).await.unwrap();
     }
     let id = enqueue_with_attempts(&db.pool, "午夜", 3).await;
     let until: Option<chrono::DateTime<chrono::Utc>> =

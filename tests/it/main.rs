@@ -10,6 +10,7 @@ mod common;
 mod dashboard;
 mod economy;
 mod edges;
+mod guarantees;
 mod layout;
 mod objects;
 mod ops;

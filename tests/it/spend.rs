@@ -115,29 +115,6 @@ async fn status_false_without_a_code_costs_one_attempt() {
     lost_answers_never_cost_more_than_max_attempts(Fault::CreatedThenStatusFalse).await;
 }
 
-#[tokio::test]
-async fn explicit_refusals_give_the_attempt_back() {
-    let db = TestDb::new().await;
-    let sim = start_sim(SimConfig::instant()).await;
-    let w = spawn_fast_worker(&db.url, &sim).await;
-    // A transient code, "too fast", a refused token: no task was made, no attempt spent.
-    for fault in [
-        Fault::Code { code: 68300008 },
-        Fault::Code { code: 67200002 },
-        Fault::Http { status: 401 },
-        Fault::Code { code: 67200100 },
-    ] {
-        sim.inject(create_fault(&fault, 3));
-    }
-    let id = enqueue_with_attempts(&db.pool, "退款公司", 1).await;
-    let (state, attempts, _) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
-    assert_eq!((state.as_str(), attempts), ("succeeded", 1));
-    assert_eq!(tasks_for(&sim, "退款公司"), 1);
-    w.stop().await;
-    sim.stop().await;
-    db.close().await;
-}
-
 async fn intent_is_set(pool: &sqlx::PgPool, id: i64) -> bool {
     sqlx::query_scalar("SELECT create_started_at IS NOT NULL FROM report_requests WHERE id = $1")
         .bind(id)

@@ -210,9 +210,10 @@ async fn job_status_3_creates_a_new_task() {
 }
 
 #[tokio::test]
-async fn window_expiry_spends_attempts_then_fails() {
+async fn a_task_still_exporting_at_the_give_up_is_kept_then_the_attempts_are_spent() {
     let db = TestDb::new().await;
-    // Reports that take a minute, a window of 400 ms: every task expires.
+    // Reports that take a minute, given up after 1.2 s of polling: every task is kept as
+    // an orphan (the provider may still finish it) and the next one is bought.
     let sim = start_sim(SimConfig {
         generation_time: (Duration::from_secs(60), Duration::from_secs(60)),
         ..SimConfig::instant()
@@ -222,8 +223,15 @@ async fn window_expiry_spends_attempts_then_fails() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let mut config = fast_worker_config(&sim.config().client_id);
-    config.poll.window = Duration::from_millis(400);
+    let config = fast_worker_config_with(
+        &sim.config().client_id,
+        &[
+            "--report-window",
+            "400ms",
+            "--report-give-up-after",
+            "1200ms",
+        ],
+    );
     let w = spawn_worker(&db.url, client_config(&sim), config).await;
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let (state, attempts, error): (String, i32, String) =
@@ -234,10 +242,17 @@ async fn window_expiry_spends_attempts_then_fails() {
             .unwrap();
     assert_eq!((state.as_str(), attempts), ("failed", 2));
     assert!(
-        error.contains("no result within 400ms") && error.contains("after 2 upstream tasks"),
+        error.contains("was still waiting at the provider after 1s 200ms (REPORT_GIVE_UP_AFTER)")
+            && error.contains("after 2 upstream tasks"),
         "{error}"
     );
     assert_eq!(sim.stats().tasks_per_company.get("慢公司"), Some(&2));
+    let kept = count(
+        &db.pool,
+        "SELECT count(*) FROM report_orphan_tasks WHERE adopted_at IS NULL AND reason LIKE '%given up%'",
+    )
+    .await;
+    assert_eq!(kept, 2, "both tasks are kept");
     w.stop().await;
     sim.stop().await;
     db.close().await;
