@@ -10,7 +10,12 @@ ALTER TABLE report_requests
     ADD COLUMN IF NOT EXISTS creates_sent integer NOT NULL DEFAULT 0,
     -- When the row began waiting for another row's task (coalescing); it waits at most
     -- REPORT_GIVE_UP_AFTER from then.
-    ADD COLUMN IF NOT EXISTS coalescing_since timestamptz;
+    ADD COLUMN IF NOT EXISTS coalescing_since timestamptz,
+    -- The claim (lease token) that committed the current create intent: when the same
+    -- claim asks again — its first ask committed but the answer was lost on the way
+    -- back, so nothing was sent — it gets the same intent back instead of waiting for a
+    -- create that never left.
+    ADD COLUMN IF NOT EXISTS create_token bigint;
 
 DO $$
 BEGIN
@@ -70,6 +75,13 @@ BEGIN
         RETURN;
     END IF;
     IF r.create_started_at IS NOT NULL THEN
+        IF r.create_deadline > now() AND r.create_token = p_token THEN
+            -- This very claim asked before, and that ask committed: its answer was lost,
+            -- so nothing was sent. The same intent (and attempt) goes.
+            RETURN QUERY SELECT 'go'::text, r.attempts, r.unanswered_creates, NULL::text,
+                                r.create_started_at, NULL::timestamptz;
+            RETURN;
+        END IF;
         IF r.create_deadline > now() THEN
             RETURN QUERY SELECT 'wait'::text, r.attempts, r.unanswered_creates, NULL::text,
                                 r.create_started_at, r.create_deadline;
@@ -91,7 +103,7 @@ BEGIN
            SET state = 'generating', upstream_job_id = o.job_id, upstream_created_at = o.created_at,
                next_poll_at = greatest(now(), o.created_at + p_first_poll_secs * interval '1 second'),
                attempts = r.attempts + 1, unanswered_creates = r.unanswered_creates, polls = 0,
-               bad_downloads = 0, account = o.account,
+               bad_downloads = 0, account = o.account, coalescing_since = NULL,
                create_started_at = NULL, create_deadline = NULL,
                transient_errors = 0, transient_since = NULL,
                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -110,7 +122,7 @@ BEGIN
     END IF;
     UPDATE report_requests q
        SET attempts = r.attempts + 1, unanswered_creates = r.unanswered_creates,
-           creates_sent = q.creates_sent + 1,
+           creates_sent = q.creates_sent + 1, create_token = p_token,
            create_started_at = now(), create_deadline = now() + p_budget_secs * interval '1 second',
            lease_expires_at = greatest(q.lease_expires_at, now() + p_budget_secs * interval '1 second'),
            updated_at = now()
@@ -143,6 +155,7 @@ BEGIN
     WITH go AS (
         UPDATE report_requests q
            SET attempts = q.attempts + 1, account = b.account, creates_sent = q.creates_sent + 1,
+               create_token = b.token,
                create_started_at = now(), create_deadline = now() + p_budget_secs * interval '1 second',
                lease_expires_at = greatest(q.lease_expires_at, now() + p_budget_secs * interval '1 second'),
                updated_at = now()
@@ -168,7 +181,9 @@ BEGIN
                                                 p_adopt_within_secs, p_first_poll_secs) AS c
          WHERE b.id <> ALL (coalesce(go_ids, '{}'))
     LOOP
-        IF d.outcome = 'go' THEN
+        -- A repeated go (the same claim's intent, asked again) was counted when it
+        -- committed first.
+        IF d.outcome = 'go' AND d.started_at = now() THEN
             UPDATE report_requests q SET account = d.row_account WHERE q.id = d.row_id;
             go_accounts := go_accounts || d.row_account;
         END IF;
@@ -194,12 +209,16 @@ REVOKE EXECUTE ON FUNCTION report_begin_create_batch(bigint[], bigint[], text, f
 --   generating, failed by transient trouble or because a live task was given up):
 --   `generating` again, polled at once, that task counting as the new life's first
 --   attempt — no new task is bought unless the provider says this one is lost;
--- - else `queued` with fresh attempts; a create still on the wire (sent before a cancel)
---   keeps its intent and counts as the first attempt (migration 1).
+-- - else a create still on the wire (sent before a cancel) keeps its intent and counts
+--   as the first attempt (migration 1): `queued`, and the task is adopted when it comes;
+-- - else the newest paid task of the row that no row took (its job id arrived after a
+--   cancel, however long ago): `generating` with it, as above;
+-- - else `queued` with fresh attempts.
 CREATE OR REPLACE FUNCTION report_retry(p_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     r report_requests%ROWTYPE;
+    o report_orphan_tasks%ROWTYPE;
 BEGIN
     SELECT * INTO r FROM report_requests WHERE id = p_id AND state IN ('failed', 'cancelled') FOR UPDATE;
     IF NOT FOUND THEN
@@ -213,9 +232,27 @@ BEGIN
          WHERE id = p_id;
         RETURN true;
     END IF;
+    IF r.upstream_job_id IS NULL AND r.upstream_created_at IS NULL
+       AND (r.create_deadline IS NULL OR r.create_deadline <= now()) THEN
+        SELECT * INTO o FROM report_orphan_tasks t
+         WHERE t.request_id = p_id AND t.adopted_at IS NULL
+           -- Only a task some running worker can poll (its account configured).
+           AND EXISTS (SELECT 1 FROM report_workers w
+                        WHERE t.account = ANY (w.accounts) AND w.seen_at > now() - interval '1 minute')
+         ORDER BY t.created_at DESC LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            UPDATE report_orphan_tasks SET adopted_at = now() WHERE id = o.id;
+            r.upstream_job_id := o.job_id;
+            r.upstream_created_at := o.created_at;
+            r.account := o.account;
+        END IF;
+    END IF;
     IF r.upstream_job_id IS NOT NULL AND r.upstream_created_at IS NOT NULL THEN
         UPDATE report_requests
            SET state = 'generating', next_poll_at = now(), finished_at = NULL, updated_at = now(),
+               upstream_job_id = r.upstream_job_id, upstream_created_at = r.upstream_created_at,
+               account = r.account,
                run_after = now(), attempts = 1, unanswered_creates = 0, polls = 0, bad_downloads = 0,
                create_started_at = NULL, create_deadline = NULL, coalescing_since = NULL,
                transient_errors = 0, transient_since = NULL,

@@ -10,6 +10,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (write durations like 250ms, 30s, 10m)"))
 }
 
+/// A duration as an operator writes it, in its largest whole unit (`90d`, `2h`, `90s`,
+/// `250ms`): what `parse_duration` reads back to the same value.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match s {
+        0 => "0s".into(),
+        _ if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        _ if s.is_multiple_of(3_600) => format!("{}h", s / 3_600),
+        _ if s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 /// A `MIN..MAX` pair of durations, e.g. `1m..10m`.
 pub fn parse_duration_range(s: &str) -> Result<(Duration, Duration), String> {
     let (lo, hi) = s
@@ -78,6 +95,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_written_as_they_are_read() {
+        for (d, text) in [
+            (Duration::from_secs(90 * 86_400), "90d"),
+            (Duration::from_secs(7_200), "2h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_millis(1_500), "1500ms"),
+            (Duration::ZERO, "0s"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -546,7 +546,7 @@ impl RunArgs {
     /// (only whether one is set).
     pub fn effective(&self) -> anyhow::Result<serde_json::Value> {
         let (client, worker, accounts) = self.configs()?;
-        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let d = crate::config::format_duration;
         let od = |o: Option<Duration>| o.map(d);
         let accounts: Vec<serde_json::Value> = accounts
             .iter()

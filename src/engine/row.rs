@@ -125,6 +125,10 @@ pub(super) struct RowTask {
     /// Whether the provider's metered API answered normally (a success or a refusal
     /// about this request): what ends an account stop when this row is the probe.
     answered_normally: AtomicBool,
+    /// The create intent this claim committed last (its `create_started_at`): a refund
+    /// the claim's lease no longer covers (a cancel and retry while the create was on
+    /// the wire) is made by this instead. A std mutex, never held across an await.
+    intent: std::sync::Mutex<Option<DateTime<Utc>>>,
 }
 
 /// In-process retries of idempotent calls (status, download) before a transient error
@@ -163,6 +167,7 @@ impl RowTask {
             lease,
             stopping,
             answered_normally: AtomicBool::new(false),
+            intent: std::sync::Mutex::new(None),
         }
     }
 
@@ -244,7 +249,10 @@ impl RowTask {
                     attempt,
                     unanswered,
                     started_at,
-                }) => (attempt, unanswered, started_at),
+                }) => {
+                    *self.intent.lock().unwrap_or_else(|p| p.into_inner()) = Some(started_at);
+                    (attempt, unanswered, started_at)
+                }
                 Ok(CreateIntent::Wait { until }) => {
                     tracing::info!(%until, "a create sent before a cancel and retry is still on the wire: waiting for it");
                     return Outcome::WaitForCreate;
@@ -278,12 +286,16 @@ impl RowTask {
                 }
             };
             // The intent's deadline is its commit time + the HTTP timeout + CREATE_MARGIN:
-            // sent within CREATE_MARGIN of asking, the create is answered or given up
+            // sent within CREATE_MARGIN of the commit, the create is answered or given up
             // before it, so a claimer that meets the intent later never buys beside it.
-            if asked.elapsed() > CREATE_MARGIN {
+            // (The commit is no later than the ask; an intent asked for again after a lost
+            // answer is as old as its first commit, by the database's clock.)
+            let since_commit = (self.now() - started_at).to_std().unwrap_or_default();
+            let late = asked.elapsed().max(since_commit);
+            if late > CREATE_MARGIN {
                 let error = UpstreamError::transient(format!(
-                    "the create intent took {} to commit, longer than the {} a create may start after it: nothing was sent",
-                    humantime::format_duration(asked.elapsed()),
+                    "the create intent is {} old, more than the {} a create may start after it: nothing was sent",
+                    humantime::format_duration(late),
                     humantime::format_duration(CREATE_MARGIN)
                 ));
                 return Outcome::Trouble {
@@ -349,6 +361,9 @@ impl RowTask {
                 })
                 .await;
             if refunded != Some(Fenced::Written) {
+                if refunded == Some(Fenced::Lost) {
+                    self.refund_fenced_out().await;
+                }
                 return Outcome::LeaseLost;
             }
         }
@@ -1117,6 +1132,9 @@ impl RowTask {
                 queue::fail(pool, row.id, row.lease_token, code, message, intent)
             })
             .await;
+        if written == Some(Fenced::Lost) && intent == Intent::Refund {
+            self.refund_fenced_out().await;
+        }
         if written == Some(Fenced::Written) {
             self.shared.metrics.finished("failed");
             tracing::info!(outcome = "failed", ?code, message, "report failed");
@@ -1218,19 +1236,45 @@ impl RowTask {
         intent: Intent,
     ) -> Option<Fenced> {
         let (pool, row) = (&self.shared.pool, &self.row);
-        self.write("retry later", || {
-            queue::retry_later(
-                pool,
-                row.id,
-                row.lease_token,
-                kind,
-                code,
-                message,
-                delay,
-                intent,
-            )
-        })
-        .await
+        let written = self
+            .write("retry later", || {
+                queue::retry_later(
+                    pool,
+                    row.id,
+                    row.lease_token,
+                    kind,
+                    code,
+                    message,
+                    delay,
+                    intent,
+                )
+            })
+            .await;
+        if written == Some(Fenced::Lost) && intent == Intent::Refund {
+            self.refund_fenced_out().await;
+        }
+        written
+    }
+
+    /// This claim's create certainly made no task, but the row is no longer this claim's
+    /// (cancelled and retried while the create was on the wire): the retried row still
+    /// carries the intent as its first attempt. Given back by the intent itself.
+    async fn refund_fenced_out(&self) {
+        let Some(started_at) = *self.intent.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
+        };
+        let (pool, id) = (&self.shared.pool, self.row.id);
+        match (|| queue::refund_intent(pool, id, started_at))
+            .retry(queue::backoff())
+            .when(queue::is_retryable)
+            .await
+        {
+            Ok(true) => tracing::info!(
+                "the row was retried while its create was on the wire, and the create made no task: the retried row's attempt is given back"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not give back the create's attempt"),
+        }
     }
 
     /// Records an account stop caused by this row's call to `endpoint`.

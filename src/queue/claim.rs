@@ -234,8 +234,9 @@ pub async fn worker_gone(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> 
 }
 
 /// Generating rows that no running worker has been able to poll for `give_up` — their
-/// account is in no live process's configuration (`report_workers`), and not merely
-/// stopped — are released: their task is kept in `report_orphan_tasks` (it may still
+/// account is in no live process's configuration (`report_workers`; an account that is
+/// merely stopped is still listed by the workers that have it, and its stop is lifted
+/// only by their probes) — are released: their task is kept in `report_orphan_tasks` (it may still
 /// finish, and a retry of a failed row polls it again), and the row goes back to the
 /// queue for a new task, or fails when its attempts are spent. At most 100 rows a call.
 /// Returns how many.
@@ -248,7 +249,6 @@ pub async fn release_unpolled(pool: &PgPool, give_up: Duration) -> Result<u64, s
                 AND NOT EXISTS (SELECT 1 FROM report_workers w
                                  WHERE w.seen_at > now() - interval '1 minute'
                                    AND (q.account = ANY (w.accounts) OR (q.account IS NULL AND w.polls_unrecorded)))
-                AND NOT EXISTS (SELECT 1 FROM report_account_stops s WHERE s.account = q.account)
               ORDER BY q.next_poll_at, q.id
               LIMIT 100 FOR UPDATE SKIP LOCKED),
          done AS (

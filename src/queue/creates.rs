@@ -188,15 +188,21 @@ pub async fn wait_for_create(pool: &PgPool, id: i64, token: i64) -> Result<Fence
 }
 
 /// After a create whose answer could not be written to its row (the row was cancelled
-/// or taken over meanwhile): clears that create's intent, if it is still the row's,
-/// so a retry of the row does not wait for a create that is over.
+/// or taken over meanwhile) and got no usable answer: clears that create's intent, if it
+/// is still the row's, counting it as unanswered there (a retry during the create made
+/// it the new life's first attempt), so a retry of the row does not wait for a create
+/// that is over.
 pub async fn forget_create(
     pool: &PgPool,
     id: i64,
     started_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE report_requests SET create_started_at = NULL, create_deadline = NULL
+        "UPDATE report_requests
+            SET create_started_at = NULL, create_deadline = NULL,
+                unanswered_creates = unanswered_creates + 1,
+                -- A claimer that met the intent waits until its deadline: no longer.
+                run_after = CASE WHEN state = 'queued' THEN least(run_after, now()) ELSE run_after END
           WHERE id = $1 AND create_started_at = $2",
     )
     .bind(id)
@@ -204,6 +210,43 @@ pub async fn forget_create(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A create whose answer proved that no task was made, after its row was cancelled and
+/// retried while it was on the wire (so the claim's own refund found the row no longer
+/// its): the row still carries this create's intent, now as its new life's first
+/// attempt. That attempt is given back (and counted as refunded in the ledger) and the
+/// intent cleared, so the retried row creates at once instead of waiting for the
+/// deadline and counting a create that certainly made nothing. One statement; nothing
+/// when the row carries another intent or none.
+pub async fn refund_intent(
+    pool: &PgPool,
+    id: i64,
+    started_at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE report_requests r
+                SET attempts = greatest(attempts - 1, 0), creates_sent = greatest(creates_sent - 1, 0),
+                    create_started_at = NULL, create_deadline = NULL, updated_at = now(),
+                    -- A claimer that met the intent waits until its deadline: no longer.
+                    run_after = CASE WHEN state = 'queued' THEN least(run_after, now()) ELSE run_after END
+              WHERE id = $1 AND create_started_at = $2
+             RETURNING r.account),
+         counted AS (
+             INSERT INTO report_create_counts AS c (day, account, slot, refunded)
+             SELECT ($2::timestamptz AT TIME ZONE 'Asia/Shanghai')::date, coalesce(account, ''),
+                    (pg_backend_pid() % 16)::smallint, 1
+               FROM done
+             ON CONFLICT (day, account, slot) DO UPDATE SET refunded = c.refunded + 1
+             RETURNING 1)
+         SELECT count(*) FROM done",
+    )
+    .bind(id)
+    .bind(started_at)
+    .fetch_one(pool)
+    .await?;
+    Ok(n == 1)
 }
 
 /// A task whose job id could not be written to its row.
@@ -250,7 +293,7 @@ pub async fn adopt_or_record_orphan(
                 SET state = 'generating', upstream_job_id = $2, upstream_created_at = now(),
                     next_poll_at = now() + $7 * interval '1 second', polls = 0,
                     create_started_at = NULL, create_deadline = NULL, account = $4,
-                    transient_errors = 0, transient_since = NULL,
+                    coalescing_since = NULL, transient_errors = 0, transient_since = NULL,
                     lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1,
                     updated_at = now()
               WHERE id = $1 AND state = 'queued' AND upstream_job_id IS NULL

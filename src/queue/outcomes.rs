@@ -214,10 +214,13 @@ pub enum Stored {
 
 /// Rows of `$1` (ids) cancelled while their task `$2` (job ids) was being polled: their
 /// documents are kept.
+/// Locked, so that a `report_retry` running meanwhile either sees the kept document (and
+/// serves the row from it) or has already moved the row on (and nothing is kept).
 const CANCELLED_WITH_TASK: &str = "kept AS (
     SELECT r.id FROM report_requests r
       JOIN unnest($1::bigint[], $9::text[]) AS k (id, job) ON r.id = k.id
-     WHERE r.state || '' = 'cancelled' AND r.upstream_job_id = k.job)";
+     WHERE r.state || '' = 'cancelled' AND r.upstream_job_id = k.job
+       FOR UPDATE OF r)";
 
 /// `complete` for many rows in one statement (so one transaction): a row whose claim
 /// was lost is neither marked nor given a document — unless it was cancelled while its
@@ -461,7 +464,7 @@ pub async fn lose_task(pool: &PgPool, lost: &LostTask<'_>) -> Result<Fenced, sql
                     run_after = CASE WHEN $6 THEN now() + $7 * interval '1 second' ELSE run_after END,
                     upstream_job_id = CASE WHEN $6 OR NOT $5 THEN NULL ELSE upstream_job_id END,
                     upstream_created_at = CASE WHEN $6 OR NOT $5 THEN NULL ELSE upstream_created_at END,
-                    next_poll_at = NULL, polls = 0,
+                    next_poll_at = NULL, polls = 0, coalescing_since = NULL,
                     transient_errors = 0, transient_since = NULL, bad_downloads = 0,
                     last_error_code = $3, last_error = $4, last_error_at = now(),
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()

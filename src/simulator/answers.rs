@@ -15,6 +15,23 @@ pub(super) fn envelope_error(code: i32) -> Response {
         .into_response()
 }
 
+/// `envelope_error(code)`, its body sent only after `millis` (the status line at once,
+/// as a server that takes its time to answer does).
+pub(super) fn late_envelope_error(code: i32, millis: u64) -> Response {
+    let body = serde_json::to_vec(&json!({"data": null, "status": false, "error_code": code, "error_msg": provider_message(code)}))
+        .unwrap_or_default();
+    let stream = futures_util::stream::once(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+        Ok::<Bytes, std::io::Error>(Bytes::from(body))
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 pub(super) fn ok(data: Value) -> Response {
     Json(json!({"data": data, "status": true, "error_code": 0})).into_response()
 }
@@ -60,6 +77,13 @@ pub(super) fn fault_response(fault: &Fault) -> Option<Response> {
             Json(json!({"data": null, "status": false})).into_response()
         }
         Fault::CreatedThenCode { code } => envelope_error(*code),
+        Fault::HttpCode { status, code } => {
+            let mut r = envelope_error(*code);
+            *r.status_mut() =
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r
+        }
+        Fault::SlowCode { .. } => return None,
         Fault::Slow { .. }
         | Fault::Html
         | Fault::JobFailed

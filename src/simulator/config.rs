@@ -203,6 +203,12 @@ pub enum Fault {
     /// For creates: the task is made, then this provider code comes back (a gateway
     /// timeout such as 67200100, a service error, a code nobody documented).
     CreatedThenCode { code: i32 },
+    /// This HTTP status with the provider's envelope carrying `code` (a gateway's 5xx
+    /// that quotes a provider code, or the provider's own 4xx).
+    HttpCode { status: u16, code: i32 },
+    /// The provider's answer with this code, after this delay (no task made): a
+    /// refusal that takes its time.
+    SlowCode { millis: u64, code: i32 },
 }
 
 impl Fault {
@@ -315,6 +321,8 @@ impl Fault {
             Fault::CreatedThenUnreadable => "created_then_unreadable".into(),
             Fault::CreatedThenStatusFalse => "created_then_status_false".into(),
             Fault::CreatedThenCode { code } => format!("created_then_{code}"),
+            Fault::HttpCode { status, code } => format!("{status}_{code}"),
+            Fault::SlowCode { code, .. } => code.to_string(),
         }
     }
 }

@@ -166,6 +166,21 @@ impl Simulator {
         self.shared.lock().injections.clear();
     }
 
+    /// The company the simulated provider resolves a request with these identifiers to
+    /// (the one its report is about): the ground truth a test judges documents by.
+    pub fn company_of(
+        company_name: Option<&str>,
+        credit_code: Option<&str>,
+        org_number: Option<&str>,
+    ) -> String {
+        api::company_for(&api::CreateBody {
+            company_name: company_name.map(Into::into),
+            credit_code: credit_code.map(Into::into),
+            org_number: org_number.map(Into::into),
+            report_type: None,
+        })
+    }
+
     /// When the first create call for `identifier` arrived, if any.
     pub fn first_create(&self, identifier: &str) -> Option<std::time::SystemTime> {
         self.shared.lock().first_create.get(identifier).copied()

@@ -187,6 +187,14 @@ impl Shared {
         });
         match injected {
             Some(Fault::Slow { millis }) => slow = Some(Duration::from_millis(millis)),
+            Some(Fault::SlowCode { millis, code }) => {
+                let fault = Fault::SlowCode { millis, code };
+                return answer(
+                    &mut inner,
+                    fault.outcome(),
+                    late_envelope_error(code, millis),
+                );
+            }
             Some(Fault::JobFailed) => job_failed = true,
             Some(fault) if fault.after_create() => then = Some(fault),
             Some(fault) => {

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::envelope::{interpret, parse_token};
+use super::envelope::{error_code_of, interpret, parse_token};
 use super::links::{LinkRules, MemoryBudget, redirect_policy};
 use super::{CreateError, Secret, UpstreamError};
 use crate::domain::{Clock, JobId, ReportType, clip};
@@ -397,7 +397,7 @@ impl Client {
                 ) {
                     self.invalidate(token).await;
                 }
-                Err(CreateError::of_answer(e))
+                Err(CreateError::of_reply(status, error_code_of(&answer), e))
             }
         }
     }
@@ -571,9 +571,9 @@ mod tests {
         }
 
         /// Whatever a create's answer is, it is a job id or an error of one of the two
-        /// classes, never a panic; and an answer that carries no provider code and no
-        /// status the gateway only sends before a task exists (401, 403, 404) is never
-        /// taken for "certainly not created".
+        /// classes, never a panic; and only a reply of the provider's own layers — 2xx
+        /// or 4xx with one of its codes, or a bare 401/403/404 — is ever taken for
+        /// "certainly not created".
         #[test]
         fn create_answers_of_any_shape_are_classified(
             status in 100u16..600,
@@ -581,6 +581,11 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..200),
                 any_json().prop_map(|v| serde_json::to_vec(&serde_json::json!({"data": v, "status": true, "error_code": 0})).unwrap()),
                 any_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+                (prop_oneof![Just(67200002i64), Just(67200009), Just(68300004), Just(67200005), Just(67200100), Just(404), Just(401), Just(12345678)], any::<bool>())
+                    .prop_map(|(code, text)| {
+                        let code = if text { Value::String(code.to_string()) } else { Value::from(code) };
+                        serde_json::to_vec(&serde_json::json!({"data": null, "status": false, "error_code": code})).unwrap()
+                    }),
             ]
         ) {
             match interpret(status, None, &body, chrono::Utc::now()) {
@@ -588,14 +593,14 @@ mod tests {
                     let _ = JobId::from_json(data.get("job_id").unwrap_or(&Value::Null));
                 }
                 Err(e) => {
-                    let coded = serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
-                        .ok()
-                        .and_then(|o| o.get("error_code").cloned())
-                        .is_some_and(|c| c != 0 && c != Value::Null);
-                    if let CreateError::NotCreated(_) = CreateError::of_answer(e.clone())
-                        && !coded
-                    {
-                        prop_assert!(matches!(status, 401 | 403 | 404), "{status}: {e:?}");
+                    let code = error_code_of(&body);
+                    if let CreateError::NotCreated(_) = CreateError::of_reply(status, code, e.clone()) {
+                        let layer = matches!(status, 200..=299 | 400..=499);
+                        prop_assert!(layer, "{status}: {e:?}");
+                        match code {
+                            Some(c) => prop_assert!(c >= 100_000, "{status} {c}: {e:?}"),
+                            None => prop_assert!(matches!(status, 401 | 403 | 404), "{status}: {e:?}"),
+                        }
                     }
                 }
             }

@@ -67,6 +67,15 @@ pub fn interpret(
     )))
 }
 
+/// The error code an answer's body carries, if it is a JSON envelope with a non-zero one.
+pub fn error_code_of(body: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .ok()?
+        .get("error_code")
+        .and_then(int_of)
+        .filter(|c| *c != 0)
+}
+
 /// A bearer token and how long the provider says it lives.
 #[derive(Debug, Clone)]
 pub struct TokenAnswer {

@@ -102,6 +102,9 @@ impl CreateError {
     /// (67200100 "busy, response timeout", 6830000{5,6,8}, any 5xx page with or without
     /// a code, 408, 429, 499, any other status without a code, a code not listed, an
     /// unreadable body). When in doubt, the create made a task.
+    ///
+    /// This reads the error alone; `of_reply` first asks whether the reply itself can
+    /// prove anything.
     pub fn of_answer(error: UpstreamError) -> CreateError {
         match error {
             UpstreamError::Rejected { .. }
@@ -112,6 +115,27 @@ impl CreateError {
             UpstreamError::Transient { .. } | UpstreamError::BadDownload { .. } => {
                 CreateError::Unknown(error)
             }
+        }
+    }
+}
+
+impl CreateError {
+    /// What a create's failed reply proves, from the reply as well as its error: only a
+    /// reply the provider's own layers send can prove that no task was made — HTTP 2xx
+    /// or 4xx with one of the provider's codes (`body_code`, at least 100000), or a bare
+    /// 401, 403 or 404. A 5xx (or any status outside 2xx/4xx) with whatever body, and a
+    /// body that carries an HTTP-like number as its code, prove nothing: the attempt
+    /// counts (`Unknown`).
+    pub fn of_reply(status: u16, body_code: Option<i64>, error: UpstreamError) -> CreateError {
+        let provider_layer = matches!(status, 200..=299 | 400..=499)
+            && match body_code {
+                Some(code) => code >= 100_000,
+                None => matches!(status, 401 | 403 | 404),
+            };
+        if provider_layer {
+            CreateError::of_answer(error)
+        } else {
+            CreateError::Unknown(error)
         }
     }
 }
@@ -389,6 +413,47 @@ mod tests {
                 .to_string()
                 .contains("Insufficient account balance")
         );
+    }
+
+    #[test]
+    fn only_the_providers_own_refusals_prove_no_task_was_made() {
+        let answer = |status: u16, body: &str| {
+            let e = envelope::interpret(status, None, body.as_bytes(), now()).unwrap_err();
+            CreateError::of_reply(status, envelope::error_code_of(body.as_bytes()), e)
+        };
+        let coded = |code: i64| format!(r#"{{"data":null,"status":false,"error_code":{code}}}"#);
+        let not_created = |c: &CreateError| matches!(c, CreateError::NotCreated(_));
+        for (status, body) in [
+            (200, coded(67200002)),
+            (429, coded(67200002)),
+            (200, coded(68300004)),
+            (403, coded(67200005)),
+            (200, coded(67200009)),
+            (401, String::new()),
+            (404, "<html>not found</html>".into()),
+            (403, String::new()),
+        ] {
+            assert!(not_created(&answer(status, &body)), "{status} {body}");
+        }
+        for (status, body) in [
+            // A gateway's error page after the request got in, whatever it quotes.
+            (500, coded(67200002)),
+            (502, coded(68300004)),
+            (503, coded(67200005)),
+            (200, coded(67200100)),
+            (200, coded(68300008)),
+            (200, coded(12345678)),
+            // An HTTP-like number in the body is not the provider's code.
+            (200, coded(404)),
+            (200, coded(401)),
+            (429, String::new()),
+            (408, String::new()),
+            (499, "<html></html>".into()),
+            (400, String::new()),
+            (302, String::new()),
+        ] {
+            assert!(!not_created(&answer(status, &body)), "{status} {body}");
+        }
     }
 
     #[test]

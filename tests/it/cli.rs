@@ -229,3 +229,302 @@ fn help_everywhere() {
         assert!(stdout(&o).contains("Usage"), "{args:?}");
     }
 }
+
+/// `run --check-config` with `env` (and nothing else of this process's environment):
+/// the configuration `run` would work with, as JSON, or the failure.
+fn check_config(env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
+    cmd.args(["run", "--check-config"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
+        .env("UPSTREAM_CLIENT_ID", "client-a")
+        .env("UPSTREAM_CLIENT_SECRET", "s3cr3t-value");
+    for (k, v) in env {
+        // An empty value stands for "not set".
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
+    }
+    cmd.output().expect("the binary runs")
+}
+
+/// Every setting of `run`, set through its environment variable, reaches the
+/// configuration the engine gets: one line of the table per variable (or group of
+/// variables that only make sense together).
+#[test]
+fn every_setting_reaches_the_engine_from_the_environment() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        "[[account]]\nid = \"a\"\nsecret_env = \"A_SECRET\"\nqps = 3\ndaily_limit = 100\n[[account]]\nid = \"b\"\nsecret_env = \"A_SECRET\"\nweight = 7\n",
+    )
+    .unwrap();
+    let accounts = accounts.display().to_string();
+    // (the variables set, what the configuration then says at these JSON pointers)
+    type Line<'a> = (Vec<(&'a str, &'a str)>, Vec<(&'a str, Value)>);
+    let table: Vec<Line<'_>> = vec![
+        (
+            vec![("UPSTREAM_BASE_URL", "http://provider.internal:8080")],
+            vec![("/upstream/base_url", json!("http://provider.internal:8080"))],
+        ),
+        (
+            vec![("UPSTREAM_QPS", "2.5")],
+            vec![("/accounts/0/qps", json!(2.5))],
+        ),
+        (
+            vec![("UPSTREAM_TIMEOUT", "12s")],
+            vec![("/upstream/timeout", json!("12s"))],
+        ),
+        (
+            vec![("UPSTREAM_MAX_DOWNLOAD_BYTES", "1000")],
+            vec![("/upstream/max_download_bytes", json!(1000))],
+        ),
+        (
+            vec![("UPSTREAM_DOWNLOAD_TIMEOUT", "90s")],
+            vec![("/upstream/download_timeout", json!("90s"))],
+        ),
+        (
+            vec![("UPSTREAM_DOWNLOAD_HOSTS", "a.example, *.myqcloud.com")],
+            vec![(
+                "/upstream/download_hosts",
+                json!(["a.example", "*.myqcloud.com"]),
+            )],
+        ),
+        (
+            vec![("UPSTREAM_DOWNLOAD_MEMORY", "300000000")],
+            vec![("/upstream/download_memory", json!(300_000_000))],
+        ),
+        (
+            vec![("UPSTREAM_STOP_PROBE", "45s")],
+            vec![("/upstream/stop_probe", json!("45s"))],
+        ),
+        (
+            vec![("UPSTREAM_DAILY_LIMIT", "200")],
+            vec![
+                ("/accounts/0/daily_limit", json!(200)),
+                ("/accounts/0/daily_headroom", json!(10)),
+            ],
+        ),
+        (
+            vec![
+                ("UPSTREAM_DAILY_LIMIT", "200"),
+                ("UPSTREAM_DAILY_HEADROOM", "3"),
+            ],
+            vec![("/accounts/0/daily_headroom", json!(3))],
+        ),
+        (
+            vec![
+                ("UPSTREAM_ACCOUNTS", accounts.as_str()),
+                ("UPSTREAM_CLIENT_ID", ""),
+                ("UPSTREAM_CLIENT_SECRET", ""),
+                ("A_SECRET", "x"),
+            ],
+            vec![
+                ("/accounts/0/id", json!("a")),
+                ("/accounts/0/qps", json!(3.0)),
+                ("/accounts/0/daily_limit", json!(100)),
+                ("/accounts/1/id", json!("b")),
+                ("/accounts/1/weight", json!(7.0)),
+            ],
+        ),
+        (
+            vec![("REPORT_WINDOW", "5m")],
+            vec![("/poll/window", json!("5m"))],
+        ),
+        (
+            vec![("REPORT_GIVE_UP_AFTER", "1h")],
+            vec![("/poll/give_up_after", json!("1h"))],
+        ),
+        (
+            vec![("REPORT_FIRST_POLL", "30s")],
+            vec![("/poll/first_poll", json!("30s"))],
+        ),
+        (
+            vec![("REPORT_POLL_MIN", "20s"), ("REPORT_POLL_MAX", "50s")],
+            vec![
+                ("/poll/poll_min", json!("20s")),
+                ("/poll/poll_max", json!("50s")),
+            ],
+        ),
+        (
+            vec![("REPORT_DETECTION_TARGET", "20s")],
+            vec![("/poll/detection_target", json!("20s"))],
+        ),
+        (
+            vec![("REPORT_DETECTION_TARGET", "0s")],
+            vec![("/poll/detection_target", Value::Null)],
+        ),
+        (
+            vec![("REPORT_REUSE_WITHIN", "7d")],
+            vec![("/reuse_within", json!("7d"))],
+        ),
+        (
+            vec![("REPORT_DOWNLOAD_TRIES", "5")],
+            vec![("/retry/download_tries", json!(5))],
+        ),
+        (
+            vec![("REPORT_RETRY_BUDGET", "2h")],
+            vec![("/retry/budget", json!("2h"))],
+        ),
+        (
+            vec![("REPORT_RETRY_MIN", "1s"), ("REPORT_RETRY_MAX", "2m")],
+            vec![("/retry/min", json!("1s")), ("/retry/max", json!("2m"))],
+        ),
+        (
+            vec![("REPORT_NEW_TASK_AFTER", "10s")],
+            vec![("/retry/new_task_after", json!("10s"))],
+        ),
+        (
+            vec![("WORKER_CONCURRENCY", "32")],
+            vec![("/worker/concurrency", json!(32))],
+        ),
+        (
+            vec![("WORKER_LEASE", "60s")],
+            vec![("/worker/lease", json!("1m"))],
+        ),
+        (
+            vec![("WORKER_IDLE_POLL", "2s")],
+            vec![("/worker/idle_poll", json!("2s"))],
+        ),
+        (
+            vec![("WORKER_SHUTDOWN_TIMEOUT", "1m")],
+            vec![("/worker/shutdown_timeout", json!("1m"))],
+        ),
+        (
+            vec![("WORKER_STARTUP_TIMEOUT", "10s")],
+            vec![("/worker/startup_timeout", json!("10s"))],
+        ),
+        (
+            vec![("WORKER_ID", "worker-1")],
+            vec![("/worker/owner", json!("worker-1"))],
+        ),
+        (
+            vec![("METRICS_ADDR", "127.0.0.1:9187")],
+            vec![("/worker/metrics_addr", json!("127.0.0.1:9187"))],
+        ),
+        (
+            vec![
+                ("RETENTION_FINISHED", "90d"),
+                ("RETENTION_DOCUMENTS_ONLY", "true"),
+            ],
+            vec![
+                ("/retention/finished", json!("90d")),
+                ("/retention/documents_only", json!(true)),
+            ],
+        ),
+        (
+            vec![("RETENTION_EVENTS", "30d"), ("RETENTION_EVERY", "2h")],
+            vec![
+                ("/retention/events", json!("30d")),
+                ("/retention/every", json!("2h")),
+            ],
+        ),
+        (
+            vec![("WEBHOOK_SECRET", "0123456789abcdef0")],
+            vec![
+                ("/webhooks/timeout", json!("10s")),
+                ("/webhooks/max_attempts", json!(12)),
+            ],
+        ),
+        (
+            vec![
+                ("WEBHOOK_SECRET", "0123456789abcdef0"),
+                ("WEBHOOK_TIMEOUT", "3s"),
+                ("WEBHOOK_RETRY_MIN", "5s"),
+                ("WEBHOOK_MAX_ATTEMPTS", "4"),
+            ],
+            vec![
+                ("/webhooks/timeout", json!("3s")),
+                ("/webhooks/retry_min", json!("5s")),
+                ("/webhooks/max_attempts", json!(4)),
+            ],
+        ),
+        (
+            vec![
+                ("DASHBOARD_ADDR", "127.0.0.1:8081"),
+                ("DASHBOARD_TOKEN", "t0ken"),
+                ("DASHBOARD_REFRESH", "10s"),
+            ],
+            vec![
+                ("/dashboard/addr", json!("127.0.0.1:8081")),
+                ("/dashboard/token_set", json!(true)),
+                ("/dashboard/refresh", json!("10s")),
+            ],
+        ),
+        (
+            vec![("DOCUMENT_STORE", "s3://bucket/prefix")],
+            vec![("/document_store", json!("s3://bucket/prefix"))],
+        ),
+    ];
+    // The defaults: what `run` does with nothing set.
+    let defaults = check_config(&[]);
+    assert!(defaults.status.success(), "{}", stderr(&defaults));
+    let text = stdout(&defaults);
+    assert!(
+        !text.contains("s3cr3t-value"),
+        "a secret in the configuration: {text}"
+    );
+    let d: Value = serde_json::from_str(&text).unwrap();
+    for (pointer, value) in [
+        ("/poll/window", json!("10m")),
+        ("/poll/give_up_after", json!("30m")),
+        ("/poll/detection_target", json!("15s")),
+        ("/retry/new_task_after", json!("30s")),
+        ("/upstream/timeout", json!("30s")),
+        ("/worker/shutdown_timeout", json!("45s")),
+        ("/reuse_within", Value::Null),
+        ("/webhooks", Value::Null),
+    ] {
+        assert_eq!(d.pointer(pointer), Some(&value), "default {pointer}");
+    }
+    for (env, expected) in &table {
+        let o = check_config(env);
+        assert!(o.status.success(), "{env:?}: {}", stderr(&o));
+        let parsed: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        for (pointer, value) in expected {
+            assert_eq!(parsed.pointer(pointer), Some(value), "{env:?} → {pointer}");
+            assert_ne!(
+                d.pointer(pointer),
+                Some(value),
+                "{pointer}: the table's value is the default"
+            );
+        }
+    }
+}
+
+/// Settings that could only burn money are refused before anything runs, in one line.
+#[test]
+fn settings_that_only_burn_money_are_refused_at_start() {
+    for (env, needle) in [
+        (
+            vec![("REPORT_WINDOW", "0s")],
+            "REPORT_WINDOW (0s) is shorter than REPORT_FIRST_POLL (1m)",
+        ),
+        (
+            vec![("REPORT_WINDOW", "10m"), ("REPORT_GIVE_UP_AFTER", "5m")],
+            "REPORT_GIVE_UP_AFTER (5m) is shorter than REPORT_WINDOW (10m)",
+        ),
+        (
+            vec![("REPORT_POLL_MIN", "0s")],
+            "REPORT_POLL_MIN must be above zero",
+        ),
+        (
+            vec![("REPORT_RETRY_MIN", "0s")],
+            "REPORT_RETRY_MIN must be above zero",
+        ),
+        (
+            vec![("WORKER_SHUTDOWN_TIMEOUT", "5s")],
+            "WORKER_SHUTDOWN_TIMEOUT (5s) is shorter than UPSTREAM_TIMEOUT (30s)",
+        ),
+    ] {
+        assert_one_line_failure(&check_config(&env), needle);
+    }
+}

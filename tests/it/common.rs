@@ -549,3 +549,35 @@ pub async fn create(
         .create_task(task, &token, client.config().timeout)
         .await
 }
+
+/// The real `report-worker run` process on `db_url` and `sim`, its environment only
+/// what is set here and in `extra`.
+pub fn worker_process(
+    db_url: &str,
+    sim: &report_worker::simulator::Simulator,
+    extra: &[(&str, &str)],
+) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db_url)
+        .env("UPSTREAM_BASE_URL", sim.base_url())
+        .env("UPSTREAM_CLIENT_ID", &sim.config().client_id)
+        .env("UPSTREAM_CLIENT_SECRET", &sim.config().client_secret)
+        .env("UPSTREAM_QPS", "0")
+        .env("REPORT_FIRST_POLL", "200ms")
+        .env("REPORT_POLL_MIN", "200ms")
+        .env("REPORT_POLL_MAX", "300ms")
+        .env("WORKER_LEASE", "3s")
+        .env("WORKER_IDLE_POLL", "200ms")
+        .env("WORKER_CONCURRENCY", "8")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("the worker starts")
+}

@@ -36,6 +36,11 @@ async fn a_bare_404_about_one_task_costs_that_task_not_the_account() {
         ("succeeded", 2),
         "a new task, as an attempt"
     );
+    assert_eq!(
+        tasks_for(&sim, "未知任务"),
+        2,
+        "the provider made both tasks"
+    );
     // Healthy rows inserted after it are not held up by any stop.
     for i in 0..4 {
         enqueue(&db.pool, Some(&format!("健康{i}")), None, None, "pdf").await;
@@ -297,6 +302,7 @@ async fn file_names_with_format_and_separator_characters_are_stored_safely() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
+    assert_eq!(stored.len(), names.len());
     for f in stored {
         assert!(
             !f.chars()

@@ -580,6 +580,16 @@ async fn rows_of_an_account_no_worker_polls_are_shown_then_released() {
         )),
         "{status}"
     );
+    // The account was stopped when it was removed: nobody will probe it again, and the
+    // stop must not keep its rows.
+    sqlx::query(
+        "INSERT INTO report_account_stops (account, reason, error_code, probe_at, scope)
+         VALUES ($1, 'Insufficient account balance', 67200005, now() + interval '1 hour', 'create')",
+    )
+    .bind(gone)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let config = fast_worker_config_with(
         &sim.config().client_id,
         &["--report-window", "1s", "--report-give-up-after", "2s"],
@@ -676,4 +686,72 @@ async fn a_create_is_sent_with_the_token_it_was_given_never_fetching_one() {
     );
     assert_eq!(tasks_for(&sim, "令牌公司"), 1);
     sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_cancel_and_retry_gives_the_new_life_its_attempt_back() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    // "Too fast", slowly: the row is cancelled and retried while the create is on the
+    // wire, so the refund of the claim that sent it is fenced out.
+    sim.inject(create_fault(
+        Fault::SlowCode {
+            millis: 1_500,
+            code: 67200002,
+        },
+        1,
+    ));
+    let id = enqueue_with_attempts(&db.pool, "慢拒绝", 1).await;
+    wait_for(
+        "the create on the wire",
+        Duration::from_secs(10),
+        || async {
+            sql_bool(
+                &db.pool,
+                "SELECT create_started_at IS NOT NULL FROM report_requests WHERE id = $1",
+                id,
+            )
+            .await
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(call(&db.pool, "report_cancel", id).await);
+    assert!(call(&db.pool, "report_retry", id).await);
+    let (state, attempts, error) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
+    assert_eq!((state.as_str(), attempts), ("succeeded", 1), "{error:?}");
+    assert_eq!(tasks_for(&sim, "慢拒绝"), 1);
+    let (sent, tasks, refunded, unknown): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT sum(sent)::bigint, sum(tasks)::bigint, sum(refunded)::bigint, sum(unknown)::bigint FROM report_create_ledger",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((sent, tasks, refunded, unknown), (2, 1, 1, 0));
+    w.stop().await;
+    sim.stop().await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_gateway_error_quoting_a_provider_code_still_costs_the_attempt() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    // A 502 whose body quotes "too fast": proof of nothing, the task may exist.
+    sim.inject(create_fault(
+        Fault::HttpCode {
+            status: 502,
+            code: 67200002,
+        },
+        5,
+    ));
+    let id = enqueue_with_attempts(&db.pool, "网关报码", 2).await;
+    let (state, attempts, error) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 2), "{error:?}");
+    assert!(error.unwrap_or_default().contains("may exist"));
+    w.stop().await;
+    sim.stop().await;
+    db.close().await;
 }

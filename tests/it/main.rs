@@ -19,5 +19,6 @@ mod queue;
 mod scale;
 mod schema;
 mod spend;
+mod torture;
 mod upstream;
 mod worker;

@@ -23,6 +23,7 @@ async fn assert_objects_exact(
     .await
     .unwrap();
     let served = sim.stats().documents;
+    assert!(!rows.is_empty(), "no document to check");
     for (id, job, sha, key, no_content) in &rows {
         let key = key
             .as_deref()
@@ -261,6 +262,7 @@ async fn export_reads_both_stores_and_move_documents_moves_them_resumably() {
         .unwrap();
     assert_eq!(s.written, 5);
     let served: Vec<String> = sim.stats().documents.into_values().collect();
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 5);
     for f in std::fs::read_dir(out.path()).unwrap() {
         let bytes = std::fs::read(f.unwrap().path()).unwrap();
         let sha = report_worker::upstream::document::sha256_hex(&bytes);
@@ -290,6 +292,7 @@ async fn export_reads_both_stores_and_move_documents_moves_them_resumably() {
             .fetch_all(&db.pool)
             .await
             .unwrap();
+    assert_eq!(keys.len(), 5, "every document is an object");
     let scope = report_worker::queue::PurgeScope {
         finished_before: chrono::Utc::now() - chrono::Duration::days(90),
         documents_only: true,

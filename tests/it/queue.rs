@@ -627,3 +627,116 @@ async fn time_in_an_account_stop_does_not_count_against_the_retry_budget() {
     assert!(!queue::clear_stop(&db.pool, "acct").await.unwrap());
     db.close().await;
 }
+
+#[tokio::test]
+async fn an_intent_asked_for_again_by_the_same_claim_goes_again() {
+    // The first ask committed, its answer was lost (a connection cut): the same claim
+    // asks again and gets the same intent, not a wait for a create that never left.
+    let db = TestDb::new().await;
+    let id = crate::common::enqueue(&db.pool, Some("重问"), None, None, "pdf").await;
+    let row = queue::claim(
+        &db.pool,
+        "me",
+        Duration::from_secs(60),
+        1,
+        queue::ClaimKinds::ALL,
+    )
+    .await
+    .unwrap()
+    .pop()
+    .unwrap();
+    let ask = || {
+        queue::begin_create(
+            &db.pool,
+            id,
+            row.lease_token,
+            "me",
+            "acct",
+            Duration::from_secs(30),
+            Duration::from_secs(600),
+            Duration::ZERO,
+        )
+    };
+    let first = ask().await.unwrap();
+    let second = ask().await.unwrap();
+    let (
+        queue::CreateIntent::Go {
+            attempt: a1,
+            started_at: s1,
+            ..
+        },
+        queue::CreateIntent::Go {
+            attempt: a2,
+            started_at: s2,
+            ..
+        },
+    ) = (&first, &second)
+    else {
+        panic!("{first:?} then {second:?}");
+    };
+    assert_eq!((a1, s1), (a2, s2), "the same attempt and intent");
+    let (attempts, sent): (i32, i32) =
+        sqlx::query_as("SELECT attempts, creates_sent FROM report_requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, sent), (1, 1));
+    let counted: i64 = sqlx::query_scalar("SELECT sum(sent)::bigint FROM report_create_ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counted, 1, "counted once");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_retry_takes_the_rows_unadopted_task_however_old() {
+    let db = TestDb::new().await;
+    let id = crate::common::enqueue(&db.pool, Some("旧孤儿"), None, None, "pdf").await;
+    sqlx::query(
+        "UPDATE report_requests SET state = 'cancelled', finished_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Its job id arrived after the cancel, an hour ago; a worker polls that account.
+    sqlx::query(
+        "INSERT INTO report_orphan_tasks (job_id, request_id, account, report_type, reason, created_at)
+         VALUES ('4242', $1, 'acct', 'pdf', 'the row was cancelled while its create was on the wire', now() - interval '1 hour')",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    queue::worker_seen(&db.pool, "w", &["acct".to_string()], true)
+        .await
+        .unwrap();
+    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(retried);
+    let (state, job, account, attempts): (String, Option<String>, Option<String>, i32) =
+        sqlx::query_as(
+            "SELECT state, upstream_job_id, account, attempts FROM report_requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), job.as_deref(), account.as_deref(), attempts),
+        ("generating", Some("4242"), Some("acct"), 1)
+    );
+    let adopted: bool = sqlx::query_scalar(
+        "SELECT adopted_at IS NOT NULL FROM report_orphan_tasks WHERE job_id = '4242'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(adopted);
+    db.close().await;
+}

@@ -426,15 +426,19 @@ async fn run_purges_on_its_schedule() {
     let db = TestDb::new().await;
     history(&db).await;
     let sim = start_sim(report_worker::simulator::SimConfig::instant()).await;
-    let mut config = fast_worker_config(&sim.config().client_id);
-    config.retention = report_worker::engine::retention::Retention {
-        finished: Some(Duration::from_secs(90 * 86400)),
-        documents_only: false,
-        events: None,
-        every: Duration::from_millis(200),
-    };
-    let w = spawn_worker(&db.url, client_config(&sim), config).await;
-    wait_for("the scheduled purge", Duration::from_secs(20), || async {
+    // The real `run`, its retention set the way operators set it: the environment.
+    let mut worker = worker_process(
+        &db.url,
+        &sim,
+        &[("RETENTION_FINISHED", "90d"), ("RETENTION_EVERY", "200ms")],
+    );
+    let before = count(
+        &db.pool,
+        "SELECT count(*) FROM report_requests WHERE finished_at < now() - interval '90 days'",
+    )
+    .await;
+    assert!(before > 0, "history to purge");
+    wait_for("the scheduled purge", Duration::from_secs(30), || async {
         (count(
             &db.pool,
             "SELECT count(*) FROM report_requests WHERE finished_at < now() - interval '90 days'",
@@ -444,7 +448,10 @@ async fn run_purges_on_its_schedule() {
             .then_some(())
     })
     .await;
-    w.stop().await;
+    // Younger history stays.
+    assert!(count(&db.pool, "SELECT count(*) FROM report_requests").await > 0);
+    worker.kill().unwrap();
+    worker.wait().unwrap();
     sim.stop().await;
     db.close().await;
 }

@@ -462,7 +462,10 @@ async fn a_grace_shorter_than_a_create_abandons_it_but_keeps_its_attempt() {
     let mut config = fast_worker_config(&sim.config().client_id);
     config.shutdown_timeout = Duration::from_millis(200);
     config.lease = Duration::from_secs(60);
-    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    // The intent's deadline is the HTTP timeout + 5 s from its commit.
+    let mut client = client_config(&sim);
+    client.timeout = Duration::from_secs(4);
+    let w = spawn_worker(&db.url, client.clone(), config).await;
     wait_for("creates on the wire", Duration::from_secs(10), || async {
         (count(
             &db.pool,
@@ -485,6 +488,27 @@ async fn a_grace_shorter_than_a_create_abandons_it_but_keeps_its_attempt() {
         .await,
         3
     );
+    // A second worker takes the rows over: each abandoned create made a task (the
+    // provider makes it on arrival), and each row pays for one more, no more.
+    let second = spawn_worker(&db.url, client, fast_worker_config(&sim.config().client_id)).await;
+    wait_all_finished(&db.pool, Duration::from_secs(60)).await;
+    second.stop().await;
+    for i in 0..3 {
+        let company = format!("公司{i}");
+        let (attempts, sent, unanswered): (i32, i32, i32) = sqlx::query_as(
+            "SELECT attempts, creates_sent, unanswered_creates FROM report_requests WHERE company_name = $1",
+        )
+        .bind(&company)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!((attempts, sent, unanswered), (2, 2, 1), "{company}");
+        assert_eq!(
+            tasks_for(&sim, &company),
+            2,
+            "{company}: one task per attempt"
+        );
+    }
     sim.stop().await;
     db.close().await;
 }
