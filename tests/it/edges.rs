@@ -4,24 +4,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
-
-fn injection(endpoint: Endpoint, fault: Fault, count: u32) -> Injection {
-    Injection {
-        endpoint,
-        fault,
-        count,
-        client: None,
-    }
-}
-
-async fn wait_final(pool: &sqlx::PgPool, id: i64) -> (String, i32, Option<String>) {
-    wait_for("the row to finish", Duration::from_secs(30), || async {
-        let row = row_state(pool, id).await;
-        matches!(row.0.as_str(), "succeeded" | "failed" | "cancelled").then_some(row)
-    })
-    .await
-}
+use report_worker::simulator::{Endpoint, Fault, SimConfig};
 
 #[tokio::test]
 async fn a_bare_404_about_one_task_costs_that_task_not_the_account() {
@@ -30,7 +13,7 @@ async fn a_bare_404_about_one_task_costs_that_task_not_the_account() {
     sim.inject(injection(Endpoint::Status, Fault::Http { status: 404 }, 1));
     let first = enqueue_with_attempts(&db.pool, "未知任务", 3).await;
     let w = spawn_fast_worker(&db.url, &sim).await;
-    let (state, attempts, _) = wait_final(&db.pool, first).await;
+    let (state, attempts, _) = wait_final(&db.pool, first, Duration::from_secs(30)).await;
     assert_eq!(
         (state.as_str(), attempts),
         ("succeeded", 2),
@@ -147,7 +130,7 @@ async fn a_document_that_never_verifies_is_not_downloaded_forever(
     let mut config = fast_worker_config(&sim.config().client_id);
     config.download_tries = 2;
     let w = spawn_worker(&db.url, client_config(&sim), config).await;
-    let (state, attempts, error) = wait_final(&db.pool, id).await;
+    let (state, attempts, error) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
     let error = error.unwrap_or_default();
     assert_eq!((state.as_str(), attempts), ("failed", 2), "{error}");
     assert!(error.contains(reason), "{fault:?}: {error}");
@@ -196,7 +179,7 @@ async fn a_trickling_download_meets_its_deadline() {
     let mut config = fast_worker_config(&sim.config().client_id);
     config.download_tries = 2;
     let w = spawn_worker(&db.url, client, config).await;
-    let (state, _, error) = wait_final(&db.pool, id).await;
+    let (state, _, error) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
     let error = error.unwrap_or_default();
     assert_eq!(state, "failed");
     assert!(error.contains("did not finish within 700ms"), "{error}");
@@ -220,7 +203,7 @@ async fn redirects_to_another_host_are_refused_unless_allowed() {
     let mut config = fast_worker_config(&sim.config().client_id);
     config.download_tries = 2;
     let w = spawn_worker(&db.url, client_config(&sim), config.clone()).await;
-    let (state, _, error) = wait_final(&db.pool, refused).await;
+    let (state, _, error) = wait_final(&db.pool, refused, Duration::from_secs(30)).await;
     let error = error.unwrap_or_default();
     assert_eq!(state, "failed");
     assert!(error.contains("not allowed"), "{error}");
@@ -242,7 +225,7 @@ async fn redirects_to_another_host_are_refused_unless_allowed() {
     let mut client = client_config(&sim);
     client.download_hosts = vec!["127.0.0.1".into(), "localhost".into()];
     let w = spawn_worker(&db.url, client, config).await;
-    assert_eq!(wait_final(&db.pool, allowed).await.0, "succeeded");
+    assert_eq!(wait_final(&db.pool, allowed, Duration::from_secs(30)).await.0, "succeeded");
     assert_eq!(sim.stats().calls("download:redirect"), 3);
     w.stop().await;
     sim.stop().await;
@@ -330,7 +313,7 @@ async fn a_document_the_database_refuses_fails_the_row_instead_of_being_redone()
         .unwrap();
     let id = enqueue_with_attempts(&db.pool, "太大", 3).await;
     let w = spawn_fast_worker(&db.url, &sim).await;
-    let (state, _, error) = wait_final(&db.pool, id).await;
+    let (state, _, error) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
     let error = error.unwrap_or_default();
     assert_eq!(state, "failed");
     assert!(error.contains("local_documents_small"), "{error}");
@@ -385,7 +368,7 @@ async fn a_daily_limit_met_just_after_midnight_is_a_lagging_clock_not_a_whole_da
         .await;
     assert_eq!(until, None, "no whole day implied");
     // The provider's day turns a few seconds later; the short probe finds it.
-    let (state, _, _) = wait_final(&db.pool, id).await;
+    let (state, _, _) = wait_final(&db.pool, id, Duration::from_secs(30)).await;
     assert_eq!(state, "succeeded");
     // Refused only by the short probes until the provider's day turned (about 8 s).
     let refused = sim.stats().calls("create:67200007");

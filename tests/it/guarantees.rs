@@ -10,24 +10,7 @@ use crate::common::*;
 use report_worker::simulator::{Endpoint, Fault, Injection, SimAccount, SimConfig, Simulator};
 
 fn create_fault(fault: Fault, count: u32) -> Injection {
-    Injection {
-        endpoint: Endpoint::Create,
-        fault,
-        count,
-        client: None,
-    }
-}
-
-async fn wait_final(
-    pool: &sqlx::PgPool,
-    id: i64,
-    deadline: Duration,
-) -> (String, i32, Option<String>) {
-    wait_for("the row to finish", deadline, || async {
-        let row = row_state(pool, id).await;
-        matches!(row.0.as_str(), "succeeded" | "failed" | "cancelled").then_some(row)
-    })
-    .await
+    injection(Endpoint::Create, fault, count)
 }
 
 async fn sql_bool(pool: &sqlx::PgPool, sql: &'static str, id: i64) -> bool {

@@ -103,29 +103,22 @@ fn object_worker(
     endpoint: &str,
     bucket: &str,
 ) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_report-worker"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", db_url)
-        .env("UPSTREAM_BASE_URL", sim.base_url())
-        .env("UPSTREAM_CLIENT_ID", &sim.config().client_id)
-        .env("UPSTREAM_CLIENT_SECRET", &sim.config().client_secret)
-        .env("UPSTREAM_QPS", "0")
-        .env("REPORT_FIRST_POLL", "100ms")
-        .env("REPORT_POLL_MIN", "100ms")
-        .env("REPORT_POLL_MAX", "200ms")
-        .env("WORKER_LEASE", "2s")
-        .env("DOCUMENT_STORE", format!("s3://{bucket}/crash"))
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the worker starts")
+    let store = format!("s3://{bucket}/crash");
+    worker_process(
+        db_url,
+        sim,
+        &[
+            ("REPORT_FIRST_POLL", "100ms"),
+            ("REPORT_POLL_MIN", "100ms"),
+            ("REPORT_POLL_MAX", "200ms"),
+            ("WORKER_LEASE", "2s"),
+            ("DOCUMENT_STORE", &store),
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+        ],
+    )
 }
 
 #[tokio::test]

@@ -8,24 +8,7 @@ use crate::common::*;
 use report_worker::simulator::{Endpoint, Fault, Injection, SimConfig};
 
 fn create_fault(fault: &Fault, count: u32) -> Injection {
-    Injection {
-        endpoint: Endpoint::Create,
-        fault: fault.clone(),
-        count,
-        client: None,
-    }
-}
-
-async fn wait_final(
-    pool: &sqlx::PgPool,
-    id: i64,
-    deadline: Duration,
-) -> (String, i32, Option<String>) {
-    wait_for("the row to finish", deadline, || async {
-        let row = row_state(pool, id).await;
-        matches!(row.0.as_str(), "succeeded" | "failed" | "cancelled").then_some(row)
-    })
-    .await
+    injection(Endpoint::Create, fault.clone(), count)
 }
 
 /// Each fault that loses a create's answer after the task was made, on rows with

@@ -175,7 +175,7 @@ impl Schedule {
         Schedule {
             seed,
             rng,
-            db: TestDb::new().await,
+            db: TestDb::from_template().await,
             proxy: DbProxy::start().await,
             sim,
             dir,
