@@ -230,6 +230,9 @@ pub struct DemoArgs {
     /// Use this database instead of a throwaway one.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// `transaction` when DATABASE_URL is a pooler in transaction mode.
+    #[arg(long, env = "DATABASE_POOL_MODE", value_enum, default_value_t = crate::queue::PoolMode::Session)]
+    pub database_pool_mode: crate::queue::PoolMode,
     /// Serve the dashboard while the batch runs and keep it (with the worker and the
     /// simulator) up afterwards, until Ctrl-C; prints its address and sign-in token.
     #[arg(long)]
@@ -356,6 +359,11 @@ pub struct RunArgs {
     /// This process's name in lease_owner (default host:pid).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
+    /// A direct connection (a session, not through a transaction pooler) for LISTEN, so
+    /// that an insert wakes idle workers at once (default: a connection of the pool, or
+    /// none with DATABASE_POOL_MODE=transaction).
+    #[arg(long, env = "LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
     /// Serve /metrics and /healthz here, e.g. 0.0.0.0:9187.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -536,6 +544,13 @@ impl RunArgs {
         worker.stop_probe_base = self.upstream_stop_probe;
         worker.webhooks = self.webhooks()?;
         worker.detection_target = Some(self.report_detection_target).filter(|t| !t.is_zero());
+        worker.listen = match (&self.listen_database_url, self.db.database_pool_mode) {
+            (Some(url), _) if !url.trim().is_empty() => {
+                crate::engine::Listen::Url(url.trim().to_string())
+            }
+            (_, crate::queue::PoolMode::Session) => crate::engine::Listen::Pool,
+            (_, crate::queue::PoolMode::Transaction) => crate::engine::Listen::Off,
+        };
         Ok((client, worker, accounts))
     }
 }
@@ -617,6 +632,15 @@ impl RunArgs {
                 "refresh": d(self.dashboard.refresh),
             },
             "document_store": self.store.document_store,
+            "database": {
+                "url": crate::config::redact_url(&self.db.database_url),
+                "pool_mode": format!("{:?}", self.db.database_pool_mode).to_lowercase(),
+                "listen": match &worker.listen {
+                    crate::engine::Listen::Pool => "pool".to_string(),
+                    crate::engine::Listen::Url(url) => crate::config::redact_url(url),
+                    crate::engine::Listen::Off => "off (idle workers poll)".to_string(),
+                },
+            },
         }))
     }
 
@@ -739,6 +763,20 @@ pub struct DbArgs {
     /// PostgreSQL connection string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// `transaction` when DATABASE_URL is a pooler in transaction mode (PgBouncer's
+    /// pool_mode = transaction): no named prepared statements, no session state.
+    #[arg(long, env = "DATABASE_POOL_MODE", value_enum, default_value_t = crate::queue::PoolMode::Session)]
+    pub database_pool_mode: crate::queue::PoolMode,
+}
+
+impl DbArgs {
+    /// A pool of at most `max_connections` on DATABASE_URL, in its pool mode.
+    pub async fn connect(
+        &self,
+        max_connections: u32,
+    ) -> Result<crate::queue::Db, crate::queue::DbError> {
+        crate::queue::connect_in(&self.database_url, max_connections, self.database_pool_mode).await
+    }
 }
 
 #[derive(Debug, Args)]

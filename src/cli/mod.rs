@@ -104,13 +104,13 @@ fn init_tracing(command: &Command, format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => {
-            let pool = queue::connect(&args.database_url, 2).await?;
+            let pool = args.connect(2).await?;
             queue::migrate(&pool).await?;
             println!("migrations applied");
         }
         Command::Enqueue(args) => return enqueue_one(args).await,
         Command::Status(args) => {
-            let pool = queue::connect(&args.db.database_url, 2).await?;
+            let pool = args.db.connect(2).await?;
             match &args.batch {
                 Some(batch) => print!("{}", crate::ops::status::batch_text(&pool, batch).await?),
                 None => print!("{}", status_text(&pool).await?),
@@ -119,10 +119,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_worker(*args).await?,
         Command::Demo(args) => {
             let dashboard = args.dashboard.then_some(args.dashboard_addr);
-            crate::ops::demo::run(args.database_url, &args.out, args.keep, dashboard).await?
+            crate::ops::demo::run(
+                args.database_url,
+                args.database_pool_mode,
+                &args.out,
+                args.keep,
+                dashboard,
+            )
+            .await?
         }
         Command::Dashboard(args) => {
-            let pool = queue::connect(&args.db.database_url, 6).await?;
+            let pool = args.db.connect(6).await?;
             if !queue::is_migrated(&pool).await? {
                 anyhow::bail!(
                     "the database has no report_requests table: run `report-worker migrate` first"
@@ -160,7 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Export(args) => {
             use std::io::IsTerminal;
-            let pool = queue::connect(&args.db.database_url, 3).await?;
+            let pool = args.db.connect(3).await?;
             let filter = crate::ops::export::ExportFilter {
                 state: args.state,
                 since: args.since,
@@ -186,7 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Purge(args) => return purge(args).await,
         Command::Grant(args) => {
-            let pool = queue::connect(&args.database_url, 2).await?;
+            let pool = args.connect(2).await?;
             queue::roles::grant(&pool).await.context("granting")?;
             println!(
                 "roles {} and {} are ready: give a login one of them, e.g. CREATE ROLE my_app LOGIN PASSWORD '…' IN ROLE {}",
@@ -197,7 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::MoveDocuments(args) => {
             use std::io::IsTerminal;
-            let pool = queue::connect(&args.db.database_url, 2).await?;
+            let pool = args.db.connect(2).await?;
             let store = args.store.open().await?;
             if matches!(store, crate::store::DocumentStore::Postgres) {
                 anyhow::bail!("move-documents needs DOCUMENT_STORE=s3://bucket/prefix to move to");
@@ -254,7 +261,7 @@ async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     .map_err(anyhow::Error::msg)?;
     request.priority = args.priority;
     request.run_after = args.run_after;
-    let pool = queue::connect(&args.db.database_url, 2).await?;
+    let pool = args.db.connect(2).await?;
     match queue::enqueue(&pool, &request)
         .await
         .context("enqueue refused")?
@@ -273,7 +280,7 @@ pub const EXIT_SOME_REJECTED: u8 = 3;
 
 async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let pool = queue::connect(&args.db.database_url, 2).await?;
+    let pool = args.db.connect(2).await?;
     let batch = match args
         .batch
         .as_deref()
@@ -327,7 +334,7 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     if args.finished_before.is_none() && args.events_before.is_none() {
         anyhow::bail!("nothing to purge: give --finished-before and/or --events-before");
     }
-    let pool = queue::connect(&args.db.database_url, 2).await?;
+    let pool = args.db.connect(2).await?;
     let store = args.store.open().await?;
     let now = chrono::Utc::now();
     let ago = |d: std::time::Duration| -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
@@ -423,6 +430,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         &args.db.database_url,
         crate::engine::pool_size(worker_config.concurrency),
         args.worker_startup_timeout,
+        args.db.database_pool_mode,
     );
     let pool = tokio::select! {
         pool = connecting => pool?,
@@ -448,7 +456,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = args.dashboard_addr {
         // Its own small pool: page loads never wait for (or hold up) the worker's.
-        let dashboard_pool = queue::connect(&args.db.database_url, 3).await?;
+        let dashboard_pool = args.db.connect(3).await?;
         let config = args.dashboard.config(worker_config.documents.clone());
         let bound = crate::dashboard::serve(addr, dashboard_pool, config, cancel.clone())
             .await

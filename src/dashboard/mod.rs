@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::queue::Db;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
@@ -31,7 +32,6 @@ use axum::routing::{get, post};
 use axum::{Extension, Form};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures_util::StreamExt;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use self::auth::Auth;
@@ -63,7 +63,7 @@ impl DashboardConfig {
 
 #[derive(Clone)]
 struct App {
-    pool: PgPool,
+    pool: Db,
     auth: Option<Auth>,
     documents: DocumentStore,
     refresh: Duration,
@@ -98,7 +98,7 @@ const PAGE_ROWS: i64 = 50;
 const DOCUMENT_CHUNK: i64 = 1 << 20;
 
 /// The dashboard's routes over `pool`.
-pub fn router(pool: PgPool, config: DashboardConfig) -> Router {
+pub fn router(pool: Db, config: DashboardConfig) -> Router {
     let app = App {
         pool,
         auth: config.token.as_ref().map(Auth::new),
@@ -132,7 +132,7 @@ pub fn router(pool: PgPool, config: DashboardConfig) -> Router {
 /// are off then, but every page is readable).
 pub async fn serve(
     addr: SocketAddr,
-    pool: PgPool,
+    pool: Db,
     config: DashboardConfig,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {

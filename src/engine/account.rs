@@ -7,8 +7,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::queue::Db;
 use backon::Retryable;
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::metrics::Metrics;
@@ -43,7 +43,7 @@ pub(super) struct ClaimPlan {
 }
 
 pub(super) struct Account {
-    pool: PgPool,
+    pool: Db,
     /// The client id: the key of the account's pacing and stop rows.
     name: String,
     /// The provider's API, signed in as this account.
@@ -66,7 +66,7 @@ pub(super) struct Account {
 }
 
 impl Account {
-    pub(super) fn new(pool: PgPool, setup: AccountSetup, probe_base: Duration) -> Account {
+    pub(super) fn new(pool: Db, setup: AccountSetup, probe_base: Duration) -> Account {
         let pacing = Pacing {
             pool: pool.clone(),
             name: setup.name.clone(),
@@ -295,7 +295,7 @@ pub(super) fn asks_to_slow_down(e: &UpstreamError) -> Option<Duration> {
 /// `report_account_pacing`, spaced 1/QPS (+2 %) apart across every process.
 #[derive(Clone)]
 pub(super) struct Pacing {
-    pool: PgPool,
+    pool: Db,
     name: String,
     /// Calls per second for the whole account; 0 turns pacing off.
     qps: f64,

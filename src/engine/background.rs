@@ -3,6 +3,7 @@
 //! heartbeat (held rows keep their leases while their calls take time) and the flush of
 //! provider call counts into the database.
 
+use crate::queue::sql;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::{Listen, Shared};
 use crate::domain::ReportType;
 use crate::queue;
 
@@ -21,7 +22,11 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut failures = 0u32;
     while !cancel.is_cancelled() {
         let attempt = async {
-            let mut listener = PgListener::connect_with(&shared.pool).await?;
+            let mut listener = match &shared.config.listen {
+                Listen::Pool => PgListener::connect_with(&shared.pool).await?,
+                Listen::Url(url) => PgListener::connect(url).await?,
+                Listen::Off => return Ok(()),
+            };
             listener.listen(queue::NOTIFY_CHANNEL).await?;
             if shared.config.webhooks.is_some() {
                 listener.listen(queue::WEBHOOK_CHANNEL).await?;
@@ -48,9 +53,12 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            r = attempt => if let Err(e) = r {
-                failures += 1;
-                tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+            r = attempt => match r {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                }
             },
         }
         let pause = Duration::from_millis(250)
@@ -86,7 +94,7 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, cancel: CancellationToken) {
                 conn = Some(heartbeat_connection(&shared, every).await?);
             }
             let c = conn.as_mut().expect("connected above");
-            queue::heartbeat(&mut *c, &shared.config.owner, &held, shared.config.lease).await
+            beat(c, &shared, &held, every).await
         }
         .await;
         match result {
@@ -121,21 +129,40 @@ async fn heartbeat_connection(
     shared: &Shared,
     every: Duration,
 ) -> Result<PgConnection, sqlx::Error> {
-    let statement_timeout = every.as_millis().max(100).to_string();
-    let lock_timeout = (every / 2).as_millis().max(50).to_string();
     let options = (*shared.pool.connect_options())
         .clone()
-        .application_name("report-worker heartbeat")
-        .options([
-            ("statement_timeout", statement_timeout.as_str()),
-            ("lock_timeout", lock_timeout.as_str()),
-        ]);
+        .application_name("report-worker heartbeat");
     tokio::time::timeout(
         every.max(Duration::from_secs(1)),
         PgConnection::connect_with(&options),
     )
     .await
     .map_err(|_| sqlx::Error::PoolTimedOut)?
+}
+
+/// One heartbeat in a transaction of its own, with short `statement_timeout` and
+/// `lock_timeout` set for that transaction only (`SET LOCAL`: a transaction pooler
+/// keeps nothing between transactions, and refuses them as startup options).
+async fn beat(
+    conn: &mut PgConnection,
+    shared: &Shared,
+    held: &[(i64, i64)],
+    every: Duration,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let statement_timeout = every.as_millis().max(100);
+    let lock_timeout = (every / 2).as_millis().max(50);
+    let mut tx = conn.begin().await?;
+    sql::query(
+        "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)",
+    )
+    .bind(format!("{statement_timeout}ms"))
+    .bind(format!("{lock_timeout}ms"))
+    .execute(&mut *tx)
+    .await?;
+    let extended =
+        queue::heartbeat(&mut *tx, &shared.config.owner, held, shared.config.lease).await?;
+    tx.commit().await?;
+    Ok(extended)
 }
 
 /// How often a process adds its provider calls to `report_provider_calls`, and how long

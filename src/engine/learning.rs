@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::queue::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::policy::{PollPolicy, Progress};
@@ -57,7 +57,7 @@ impl Learning {
 
     /// The schedule for `kind`, read again when a minute old. A database error keeps
     /// the schedule already known (or the fixed one).
-    async fn schedule(&self, pool: &PgPool, kind: ReportType) -> Option<Arc<Schedule>> {
+    async fn schedule(&self, pool: &Db, kind: ReportType) -> Option<Arc<Schedule>> {
         let target = self.target?;
         if let Some((at, schedule)) = self.cached(kind)
             && at.elapsed() < REFRESH_EVERY
@@ -93,7 +93,7 @@ impl Learning {
     }
 
     /// How long after its create a task of `kind` is first polled.
-    pub(super) async fn first_poll_delay(&self, pool: &PgPool, kind: ReportType) -> Duration {
+    pub(super) async fn first_poll_delay(&self, pool: &Db, kind: ReportType) -> Duration {
         match self.schedule(pool, kind).await {
             Some(s) => Duration::from_secs_f64(s.first()),
             None => self.policy.first_poll_delay(),
@@ -106,7 +106,7 @@ impl Learning {
     /// every `poll_max` until the give-up; `None` then.
     pub(super) async fn next_poll_at(
         &self,
-        pool: &PgPool,
+        pool: &Db,
         kind: ReportType,
         created: DateTime<Utc>,
         now: DateTime<Utc>,

@@ -1,11 +1,13 @@
 //! Prometheus metrics (through prometheus-client) and the `/metrics` + `/healthz`
 //! endpoints served on `METRICS_ADDR`.
 
+use crate::queue::sql;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Db;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -17,7 +19,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue;
@@ -199,7 +200,7 @@ impl Metrics {
 
 #[derive(Clone)]
 struct Http {
-    pool: PgPool,
+    pool: Db,
     metrics: Arc<Metrics>,
     /// The accounts this process works with (the first is `account_stop`'s).
     accounts: Vec<String>,
@@ -217,7 +218,7 @@ async fn metrics_page(State(s): State<Http>) -> Response {
 }
 
 async fn healthz(State(s): State<Http>) -> Response {
-    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
+    let db = sql::query_scalar::<i32>("SELECT 1")
         .fetch_one(&s.pool)
         .await;
     let mut stops = serde_json::Map::new();
@@ -260,7 +261,7 @@ async fn healthz(State(s): State<Http>) -> Response {
 /// Serves `/metrics` and `/healthz` until `cancel`, refreshing the queue depth gauge.
 pub async fn serve(
     addr: SocketAddr,
-    pool: PgPool,
+    pool: Db,
     metrics: Arc<Metrics>,
     accounts: Vec<String>,
     cancel: CancellationToken,

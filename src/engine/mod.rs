@@ -31,7 +31,7 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::queue::Db;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,21 @@ pub struct WorkerConfig {
     /// Learned polling's median detection delay (`REPORT_DETECTION_TARGET`); `None`
     /// keeps the fixed schedule of `poll`.
     pub detection_target: Option<Duration>,
+    /// Where LISTEN happens (inserts wake idle workers at once; without it they find
+    /// new rows by polling every `idle_poll`).
+    pub listen: Listen,
+}
+
+/// Where a worker LISTENs for new rows and webhook deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// On a connection of the worker's own pool (a session: PostgreSQL itself).
+    Pool,
+    /// On a session of its own to this URL (`LISTEN_DATABASE_URL`): the database
+    /// directly, when the pool goes through a transaction pooler.
+    Url(String),
+    /// Nowhere: behind a transaction pooler with no direct URL, idle workers poll.
+    Off,
 }
 
 impl WorkerConfig {
@@ -112,6 +127,7 @@ impl WorkerConfig {
             detection_target: None,
             daily_limit: None,
             reuse_within: None,
+            listen: Listen::Pool,
         }
     }
 }
@@ -159,7 +175,7 @@ pub fn pool_size(concurrency: usize) -> u32 {
 
 /// What the claim loop and every row task share.
 pub(crate) struct Shared {
-    pool: PgPool,
+    pool: Db,
     config: WorkerConfig,
     metrics: Arc<Metrics>,
     /// The frequent outcome writes, batched across rows.
@@ -185,12 +201,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(
-        pool: PgPool,
-        client: Client,
-        config: WorkerConfig,
-        metrics: Arc<Metrics>,
-    ) -> Worker {
+    pub fn new(pool: Db, client: Client, config: WorkerConfig, metrics: Arc<Metrics>) -> Worker {
         let account = AccountSetup {
             name: config.account.clone(),
             client,
@@ -208,7 +219,7 @@ impl Worker {
     /// # Panics
     /// With no account.
     pub fn with_accounts(
-        pool: PgPool,
+        pool: Db,
         accounts: Vec<AccountSetup>,
         config: WorkerConfig,
         metrics: Arc<Metrics>,
@@ -252,6 +263,12 @@ impl Worker {
         let mut db_failures = 0u32;
         let accounts: Vec<&str> = shared.accounts.iter().map(|a| a.name()).collect();
         tracing::info!(owner = %shared.config.owner, concurrency = shared.config.concurrency, ?accounts, "worker started");
+        if shared.config.listen == Listen::Off {
+            tracing::warn!(
+                idle_poll = %humantime::format_duration(shared.config.idle_poll),
+                "no LISTEN (DATABASE_POOL_MODE=transaction and no LISTEN_DATABASE_URL): idle workers find new rows by polling every WORKER_IDLE_POLL, so a new row may wait that long to be picked up; set LISTEN_DATABASE_URL to a direct connection for pickup at once"
+            );
+        }
 
         while !cancel.is_cancelled() {
             while tasks.try_join_next().is_some() {}

@@ -1,14 +1,14 @@
 //! Retention: finished requests (with their documents and events), or only their
 //! documents, removed once older than a cutoff; old events likewise. Run by
-//! `report-worker purge`, or on a schedule inside `run` by one process at a time (an
-//! advisory lock). Small batches, each its own short transaction, never waiting on a
+//! `report-worker purge`, or on a schedule inside `run` by one process at a time (the
+//! holder of its row in `report_schedules`). Small batches, each its own short transaction, never waiting on a
 //! row another transaction holds, with pauses between them (BENCHMARKS.md measures
 //! what live work notices).
 
 use std::time::Duration;
 
+use crate::queue::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -41,7 +41,7 @@ pub struct PurgeReport {
 /// after each batch; stops early, with what was done, when `cancel` fires.
 #[allow(clippy::too_many_arguments)]
 pub async fn purge(
-    pool: &PgPool,
+    pool: &Db,
     store: &DocumentStore,
     scope: Option<&PurgeScope>,
     events_before: Option<DateTime<Utc>>,
@@ -95,7 +95,7 @@ pub async fn purge(
 }
 
 /// What a purge would remove, without removing it.
-pub async fn purge_dry_run(pool: &PgPool, scope: &PurgeScope) -> Result<PurgeReport, sqlx::Error> {
+pub async fn purge_dry_run(pool: &Db, scope: &PurgeScope) -> Result<PurgeReport, sqlx::Error> {
     let (requests, documents) = queue::purge_count(pool, scope).await?;
     Ok(PurgeReport {
         requests,
@@ -104,8 +104,8 @@ pub async fn purge_dry_run(pool: &PgPool, scope: &PurgeScope) -> Result<PurgeRep
     })
 }
 
-/// Retention inside `run`: every `RETENTION_EVERY`, the process that takes the advisory
-/// lock purges what `RETENTION_FINISHED` / `RETENTION_EVENTS` say, and prunes old
+/// Retention inside `run`: every `RETENTION_EVERY`, the process that takes the schedule
+/// (`report_schedules`) purges what `RETENTION_FINISHED` / `RETENTION_EVENTS` say, and prunes old
 /// throughput buckets (which every process may do).
 pub(super) async fn scheduled(shared: std::sync::Arc<Shared>, cancel: CancellationToken) {
     let every = shared.config.retention.every;
@@ -134,17 +134,16 @@ pub(super) async fn scheduled(shared: std::sync::Arc<Shared>, cancel: Cancellati
     }
 }
 
-/// One scheduled purge, under the advisory lock (`None`: another process has it).
+/// One scheduled purge, holding the schedule (`None`: another process has it).
 async fn run_once(
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<Option<PurgeReport>, sqlx::Error> {
-    let mut lock = shared.pool.acquire().await?;
-    let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(queue::RETENTION_LOCK)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !won {
+    // Held for the schedule's period at least: a purge that takes longer may meet a
+    // second one, which is safe (batches skip rows another transaction holds).
+    let hold = shared.config.retention.every.max(Duration::from_secs(600));
+    let owner = &shared.config.owner;
+    if !queue::take_schedule(&shared.pool, queue::RETENTION_JOB, owner, hold).await? {
         return Ok(None);
     }
     let retention = &shared.config.retention;
@@ -164,10 +163,9 @@ async fn run_once(
         |_| {},
     )
     .await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(queue::RETENTION_LOCK)
-        .execute(&mut *lock)
-        .await;
+    if let Err(e) = queue::release_schedule(&shared.pool, queue::RETENTION_JOB, owner).await {
+        tracing::warn!(error = %e, "could not give back the retention schedule; it lapses by itself");
+    }
     result.map(Some)
 }
 

@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
+use crate::queue::Db;
 use backon::Retryable;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::queue::{
@@ -89,7 +89,7 @@ struct Request<T: Item> {
 /// One batch statement: writes `items`, returns each row it wrote with its answer.
 pub(crate) type Exec<T> =
     for<'a> fn(
-        &'a PgPool,
+        &'a Db,
         &'a [T],
     ) -> BoxFuture<'a, Result<Vec<(i64, <T as Item>::Answer)>, sqlx::Error>>;
 
@@ -111,7 +111,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(pool: PgPool) -> Writer {
+    pub fn start(pool: Db) -> Writer {
         Writer {
             begin: Batcher::start(pool.clone(), |p, items| {
                 queue::begin_create_batch(p, items).boxed()
@@ -158,7 +158,7 @@ impl<T: Item> Clone for Batcher<T> {
 }
 
 impl<T: Item> Batcher<T> {
-    pub(crate) fn start(pool: PgPool, exec: Exec<T>) -> Batcher<T> {
+    pub(crate) fn start(pool: Db, exec: Exec<T>) -> Batcher<T> {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(pool, rx, exec));
         Batcher { tx }
@@ -174,7 +174,7 @@ impl<T: Item> Batcher<T> {
     }
 }
 
-async fn run<T: Item>(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Request<T>>, exec: Exec<T>) {
+async fn run<T: Item>(pool: Db, mut rx: mpsc::UnboundedReceiver<Request<T>>, exec: Exec<T>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES));
     loop {
         // Take a slot first, so a batch collects everything that arrived meanwhile.
@@ -209,7 +209,7 @@ fn answer_for<T: Item>(answers: &[(i64, T::Answer)], id: i64) -> T::Answer {
         .map_or(T::LOST, |(_, a)| a.clone())
 }
 
-async fn execute<T: Item>(pool: &PgPool, batch: Vec<Request<T>>, exec: Exec<T>) {
+async fn execute<T: Item>(pool: &Db, batch: Vec<Request<T>>, exec: Exec<T>) {
     let (items, replies): (Vec<T>, Vec<ReplyTo<T>>) =
         batch.into_iter().map(|r| (r.item, r.reply)).unzip();
     // Connection trouble (a restart) is retried for a while; an error about the
@@ -269,10 +269,11 @@ mod tests {
     }
 
     /// A pool that never connects: the fake statements do not use it.
-    fn pool() -> PgPool {
-        PgPoolOptions::new()
+    fn pool() -> Db {
+        let pool = PgPoolOptions::new()
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap()
+            .unwrap();
+        Db::new(pool, crate::queue::PoolMode::Session)
     }
 
     /// A constraint violation, as PostgreSQL reports one.
@@ -336,7 +337,7 @@ mod tests {
     static SIZES: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
     /// Records each batch's rows and bytes, taking a while like a commit does.
-    fn sized(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
+    fn sized(_: &Db, items: &[Fake]) -> BoxFuture<'static, Answers> {
         let bytes = items.iter().map(|i| i.bytes).sum();
         SIZES.lock().unwrap().push((items.len(), bytes));
         let written = even(items);
@@ -380,7 +381,7 @@ mod tests {
     static CALLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
     /// Refuses any statement that holds row 13, the way a constraint refuses a batch.
-    fn refuses_13(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
+    fn refuses_13(_: &Db, items: &[Fake]) -> BoxFuture<'static, Answers> {
         CALLS.lock().unwrap().push(items.len());
         let result = if items.iter().any(|i| i.id == 13) {
             Err(sqlx::Error::Database(Box::new(Refusal)))
@@ -423,7 +424,7 @@ mod tests {
     static FLAKY: Mutex<u32> = Mutex::new(0);
 
     /// Loses the connection twice, then works: the batch is retried, not failed.
-    fn flaky(_: &PgPool, items: &[Fake]) -> BoxFuture<'static, Answers> {
+    fn flaky(_: &Db, items: &[Fake]) -> BoxFuture<'static, Answers> {
         let mut failures = FLAKY.lock().unwrap();
         let result = if *failures < 2 {
             *failures += 1;

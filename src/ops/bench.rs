@@ -3,15 +3,16 @@
 //! the server named by DATABASE_URL. Figures, never assertions: targets are judged in
 //! BENCHMARKS.md.
 
+use crate::queue::sql;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::queue::Db;
 use anyhow::Context;
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{NewRequest, ReportType};
@@ -274,14 +275,14 @@ fn machine() -> String {
 }
 
 /// A fresh database named `name` on DATABASE_URL's server, migrated.
-async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
+async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, Db)> {
     let admin = queue::connect(admin_url, 1).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    sql::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
     )))
     .execute(&admin)
     .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+    sql::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .execute(&admin)
         .await?;
     admin.close().await;
@@ -293,10 +294,10 @@ async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<(String, PgPool
     Ok((url, pool))
 }
 
-async fn transactions(pool: &PgPool) -> anyhow::Result<i64> {
+async fn transactions(pool: &Db) -> anyhow::Result<i64> {
     // Statistics reach pg_stat_database with a short delay; give them a moment.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    Ok(sqlx::query_scalar(
+    Ok(sql::query_scalar(
         "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
     )
     .fetch_one(pool)
@@ -307,7 +308,7 @@ fn client_for(sim: &Simulator) -> anyhow::Result<Client> {
     Client::new(sim.client_config()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-async fn open_rows(pool: &PgPool) -> anyhow::Result<bool> {
+async fn open_rows(pool: &Db) -> anyhow::Result<bool> {
     Ok(fixtures::any_open(pool).await?)
 }
 
@@ -888,7 +889,7 @@ async fn idle(o: &BenchOptions) -> anyhow::Result<Idle> {
     let window = Duration::from_secs(10);
     // Let it start (connections, LISTEN), then measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let measure = |pool: PgPool| async move {
+    let measure = |pool: Db| async move {
         let before = transactions(&pool).await?;
         let start = Instant::now();
         tokio::time::sleep(window).await;
@@ -921,7 +922,7 @@ async fn stats(o: &BenchOptions) -> anyhow::Result<Stats> {
         done += n;
     }
     fixtures::insert_backlog(&pool, "排队", 1_000, false).await?;
-    sqlx::query("VACUUM ANALYZE report_requests")
+    sql::query("VACUUM ANALYZE report_requests")
         .execute(&pool)
         .await?;
     let mut times = Vec::new();
@@ -957,7 +958,7 @@ async fn dashboard(o: &BenchOptions) -> anyhow::Result<DashboardLoad> {
     }
     fixtures::insert_recent_finishes(&pool, 1_000).await?;
     fixtures::insert_backlog(&pool, "排队", 10_000, true).await?;
-    sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+    sql::query("VACUUM ANALYZE").execute(&pool).await?;
     let cancel = tokio_util::sync::CancellationToken::new();
     let config =
         crate::dashboard::DashboardConfig::new(None, crate::store::DocumentStore::Postgres);
@@ -1030,7 +1031,7 @@ async fn dashboard(o: &BenchOptions) -> anyhow::Result<DashboardLoad> {
 async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside> {
     let (url, pool) = fresh_db(&o.database_url, "rw_bench_purge").await?;
     fixtures::insert_history(&pool, 0, 1_000_000).await?;
-    sqlx::query("VACUUM ANALYZE report_requests")
+    sql::query("VACUUM ANALYZE report_requests")
         .execute(&pool)
         .await?;
     let sim = Simulator::start(SimConfig::instant(), "127.0.0.1:0".parse()?).await?;
@@ -1105,7 +1106,7 @@ async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside> {
 /// Inserts `rows` single rows 20 ms apart and returns each one's pickup latency (insert
 /// commit to the simulator's arrival of its create), in ms.
 async fn pickup_latencies(
-    pool: &PgPool,
+    pool: &Db,
     sim: &Simulator,
     prefix: &str,
     rows: usize,
@@ -1226,7 +1227,7 @@ async fn document_rss(o: &BenchOptions) -> anyhow::Result<DocumentRss> {
 /// `fillfactor`: how many of report_requests' updates were HOT, and the size left.
 async fn hot(o: &BenchOptions, fillfactor: u32) -> anyhow::Result<HotUpdates> {
     let (url, pool) = fresh_db(&o.database_url, &format!("rw_bench_hot_{fillfactor}")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    sql::query(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE report_requests SET (fillfactor = {fillfactor})"
     )))
     .execute(&pool)

@@ -7,10 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::queue::Db;
 use chrono::{DateTime, Utc};
 use encoding_rs::Encoding;
+use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
 
 use crate::domain::{InvalidValue, NewRequest, ReportType};
 use crate::queue;
@@ -242,7 +243,7 @@ type InFlight = tokio::task::JoinHandle<Result<Flushed, sqlx::Error>>;
 
 /// Imports `path`; `on_reject(line, reason)` is called for every bad line.
 pub async fn import(
-    pool: &PgPool,
+    pool: &Db,
     path: &Path,
     options: &CsvOptions,
     mut on_reject: impl FnMut(u64, &str),
@@ -296,7 +297,7 @@ pub async fn import(
         idle.push(pool.acquire().await?);
     }
     if options.all_or_nothing {
-        sqlx::query("BEGIN").execute(&mut *idle[0]).await?;
+        sqlx::raw_sql("BEGIN").execute(&mut *idle[0]).await?;
     }
     let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
     let mut batch: Vec<(u64, NewRequest)> = Vec::with_capacity(options.batch_size);
@@ -364,12 +365,12 @@ pub async fn import(
     if options.all_or_nothing {
         let conn = &mut *idle[0];
         if summary.rejected > 0 {
-            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+            sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
             summary.rolled_back = true;
             summary.inserted = 0;
             summary.duplicates = 0;
         } else {
-            sqlx::query("COMMIT").execute(&mut *conn).await?;
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
         }
     }
     bar.finish_and_clear();
@@ -405,12 +406,12 @@ async fn flush(
 ) -> Result<Flushed, sqlx::Error> {
     let (mut inserted, mut duplicates, mut rejected) = (0u64, 0u64, Vec::new());
     let c = &mut *conn;
-    sqlx::query(if own_tx { "BEGIN" } else { "SAVEPOINT batch" })
+    sqlx::raw_sql(if own_tx { "BEGIN" } else { "SAVEPOINT batch" })
         .execute(&mut *c)
         .await?;
     match queue::insert_many(c, batch.iter().map(|(_, r)| r)).await {
         Ok(n) => {
-            sqlx::query(if own_tx {
+            sqlx::raw_sql(if own_tx {
                 "COMMIT"
             } else {
                 "RELEASE SAVEPOINT batch"
@@ -421,7 +422,7 @@ async fn flush(
             duplicates += batch.len() as u64 - n;
         }
         Err(sqlx::Error::Database(_)) => {
-            sqlx::query(if own_tx {
+            sqlx::raw_sql(if own_tx {
                 "ROLLBACK"
             } else {
                 "ROLLBACK TO SAVEPOINT batch"
@@ -429,20 +430,20 @@ async fn flush(
             .execute(&mut *c)
             .await?;
             if own_tx {
-                sqlx::query("BEGIN").execute(&mut *c).await?;
+                sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
             }
             for row in batch.iter() {
-                sqlx::query("SAVEPOINT one").execute(&mut *c).await?;
+                sqlx::raw_sql("SAVEPOINT one").execute(&mut *c).await?;
                 match queue::insert_many(c, [&row.1]).await {
                     Ok(n) => {
-                        sqlx::query("RELEASE SAVEPOINT one")
+                        sqlx::raw_sql("RELEASE SAVEPOINT one")
                             .execute(&mut *c)
                             .await?;
                         inserted += n;
                         duplicates += 1 - n;
                     }
                     Err(e @ sqlx::Error::Database(_)) => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT one")
+                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT one")
                             .execute(&mut *c)
                             .await?;
                         rejected.push((row.0, db_reason(&e)));
@@ -451,7 +452,7 @@ async fn flush(
                 }
             }
             if own_tx {
-                sqlx::query("COMMIT").execute(&mut *c).await?;
+                sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
             }
         }
         Err(e) => return Err(e),

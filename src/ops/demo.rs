@@ -56,7 +56,7 @@ struct KeptUp {
     stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
     sim: Simulator,
-    pool: sqlx::PgPool,
+    pool: crate::queue::Db,
 }
 
 impl KeptUp {
@@ -70,6 +70,7 @@ impl KeptUp {
 
 pub async fn run(
     database_url: Option<String>,
+    pool_mode: queue::PoolMode,
     out: &Path,
     keep: bool,
     dashboard: Option<SocketAddr>,
@@ -92,7 +93,7 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
-        r = body(&url, out, dashboard, cancel.clone()) => r,
+        r = body(&url, pool_mode, out, dashboard, cancel.clone()) => r,
         _ = cancel.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     let result = match result {
@@ -121,11 +122,12 @@ pub async fn run(
 
 async fn body(
     url: &str,
+    pool_mode: queue::PoolMode,
     out: &Path,
     dashboard: Option<SocketAddr>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Option<KeptUp>> {
-    let pool = queue::connect(url, 12).await?;
+    let pool = queue::connect_in(url, 12, pool_mode).await?;
     queue::migrate(&pool).await?;
     let dashboard_url = match dashboard {
         Some(addr) => Some(start_dashboard(addr, &pool, cancel).await?),
@@ -180,6 +182,10 @@ async fn body(
     // The same company and type asked again within a week is served from the stored
     // document (the demo asks twice more once the batch is done).
     config.reuse_within = Some(Duration::from_secs(7 * 24 * 3600));
+    if pool_mode == queue::PoolMode::Transaction {
+        // No LISTEN through a transaction pooler: idle polls find the rows.
+        config.listen = crate::engine::Listen::Off;
+    }
     config.retry = RetryPolicy {
         base: Duration::from_millis(200),
         cap: Duration::from_secs(2),
@@ -265,7 +271,7 @@ async fn body(
 /// organization code, which the batch only bought as a PDF: the provider's file names
 /// say both identifiers are 小米), and waits for them: with reuse on they are served
 /// from the stored documents, with no provider call. Returns their ids.
-async fn ask_again(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
+async fn ask_again(pool: &crate::queue::Db) -> anyhow::Result<Vec<i64>> {
     let again: [Sample; 3] = [
         (Some("小米科技有限责任公司"), None, None, ReportType::Pdf),
         (Some("华为技术有限公司"), None, None, ReportType::Pdf),
@@ -302,7 +308,7 @@ async fn ask_again(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
 /// token (printed: it is this demo's own).
 async fn start_dashboard(
     addr: SocketAddr,
-    pool: &sqlx::PgPool,
+    pool: &crate::queue::Db,
     cancel: CancellationToken,
 ) -> anyhow::Result<String> {
     let token = std::env::var("DASHBOARD_TOKEN")
@@ -319,7 +325,7 @@ async fn start_dashboard(
 }
 
 async fn print_summary(
-    pool: &sqlx::PgPool,
+    pool: &crate::queue::Db,
     ids: &[i64],
     exported: &export::ExportSummary,
 ) -> anyhow::Result<()> {

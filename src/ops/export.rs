@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sqlx::PgPool;
+use crate::queue::Db;
 
 use crate::domain::{ReportType, RequestState};
 use crate::queue::{self, DocumentFilter};
@@ -139,7 +139,7 @@ impl Drop for Part {
 }
 
 pub async fn export(
-    pool: &PgPool,
+    pool: &Db,
     store: &DocumentStore,
     dir: &Path,
     filter: &ExportFilter,
@@ -161,7 +161,6 @@ pub async fn export(
     let mut suffixed: std::collections::HashMap<(String, String), PathBuf> = Default::default();
     let mut after = 0;
     // A second connection fetches contents while the listing streams on the first.
-    let mut content_conn = pool.acquire().await?;
     loop {
         let page = queue::list_documents_page(pool, filter, after, 500).await?;
         let Some(last) = page.last() else { break };
@@ -197,7 +196,7 @@ pub async fn export(
                     Some(key) => store.copy_to(key, &mut part.file).await?,
                     None => {
                         use std::io::Write;
-                        let content = queue::document_content(&mut content_conn, row.request_id)
+                        let content = queue::document_content(pool, row.request_id)
                             .await?
                             .unwrap_or_default();
                         part.file.write_all(&content).map_err(io(&path))?;
@@ -225,7 +224,7 @@ pub async fn export(
 /// the exported file (if any), sha256, error — so a person sees at a glance what came
 /// back and what did not. Written like the documents (temporary file, then renamed).
 async fn write_manifest(
-    pool: &PgPool,
+    pool: &Db,
     dir: &Path,
     batch: &str,
     files: &[(i64, PathBuf)],

@@ -3,7 +3,7 @@
 //! bytes leave the row (which keeps its metadata and gains the object key). Interrupted,
 //! it goes on where it stopped when run again: what is left is what still has content.
 
-use sqlx::PgPool;
+use crate::queue::Db;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ReportType;
@@ -25,7 +25,7 @@ pub enum MoveError {
 }
 
 pub async fn move_documents(
-    pool: &PgPool,
+    pool: &Db,
     store: &DocumentStore,
     cancel: &CancellationToken,
     progress: bool,
@@ -37,7 +37,6 @@ pub async fn move_documents(
     };
     let mut moved = Moved::default();
     let mut after = 0;
-    let mut conn = pool.acquire().await?;
     'pages: loop {
         let page = queue::inline_documents_page(pool, after, 100).await?;
         let Some(last) = page.last() else { break };
@@ -46,7 +45,7 @@ pub async fn move_documents(
             if cancel.is_cancelled() {
                 break 'pages;
             }
-            let Some(content) = queue::document_content(&mut conn, id).await? else {
+            let Some(content) = queue::document_content(pool, id).await? else {
                 continue;
             };
             let extension = if content_type == ReportType::Pdf.content_type() {

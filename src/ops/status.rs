@@ -7,7 +7,7 @@ use anyhow::Context;
 use crate::queue;
 
 /// The text `status` prints: one line per state, then the account-wide stops.
-pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
     use std::fmt::Write;
     let stats = queue::queue_stats(pool)
         .await
@@ -129,7 +129,7 @@ pub async fn status_text(pool: &sqlx::PgPool) -> anyhow::Result<String> {
 
 /// The text `status --batch NAME` prints: the batch's rows per state, how far along it is,
 /// and why rows failed.
-pub async fn batch_text(pool: &sqlx::PgPool, batch: &str) -> anyhow::Result<String> {
+pub async fn batch_text(pool: &crate::queue::Db, batch: &str) -> anyhow::Result<String> {
     use std::fmt::Write;
     let summary = queue::batch_summary(pool, batch)
         .await

@@ -1,9 +1,10 @@
 //! Account-wide state shared by every process: the stop and the call pacing.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::secs;
 use crate::domain::StopScope;
@@ -42,8 +43,8 @@ pub(super) const STOP_COLUMNS: &str =
      probe_at <= now() AS probe_due, request_id, endpoint, answer";
 
 /// The account's stop, if any.
-pub async fn read_stop(pool: &PgPool, account: &str) -> Result<Option<AccountStop>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+pub async fn read_stop(pool: &Db, account: &str) -> Result<Option<AccountStop>, sqlx::Error> {
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {STOP_COLUMNS} FROM report_account_stops WHERE account = $1"
     )))
     .bind(account)
@@ -56,7 +57,7 @@ pub async fn read_stop(pool: &PgPool, account: &str) -> Result<Option<AccountSto
 /// began.
 #[allow(clippy::too_many_arguments)]
 pub async fn record_stop(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     scope: StopScope,
     code: i32,
@@ -65,7 +66,7 @@ pub async fn record_stop(
     first_probe_in: Duration,
     cause: Option<StopCause<'_>>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sql::query(
         "INSERT INTO report_account_stops AS s
                 (account, scope, reason, error_code, until, probe_at, request_id, endpoint, answer)
          VALUES ($1, $2, $3, $4, $5, coalesce($5, now() + $6 * interval '1 second'), $7, $8, $9)
@@ -94,12 +95,12 @@ pub async fn record_stop(
 /// Takes the right to probe a stopped account (one process at a time), pushing the next
 /// probe `next_in` away. `probes` must be the count read with the stop.
 pub async fn claim_probe(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     probes: i32,
     next_in: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+    let r = sql::query(
         "UPDATE report_account_stops
             SET probes = probes + 1, probe_at = now() + $3 * interval '1 second', updated_at = now()
           WHERE account = $1 AND probes = $2 AND probe_at <= now()",
@@ -116,8 +117,8 @@ pub async fn claim_probe(
 /// The provider answered normally: the stop is over. Time spent in the stop does not
 /// count against any row's retry budget: open rows' streaks of transient errors that
 /// began before the stop are moved forward by its length (a stop pauses the streak).
-pub async fn clear_stop(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
-    let cleared: Option<i64> = sqlx::query_scalar(
+pub async fn clear_stop(pool: &Db, account: &str) -> Result<bool, sqlx::Error> {
+    let cleared: Option<i64> = sql::query_scalar(
         "WITH stop AS (DELETE FROM report_account_stops WHERE account = $1 RETURNING since),
               paused AS (
                   UPDATE report_requests r
@@ -137,11 +138,11 @@ pub async fn clear_stop(pool: &PgPool, account: &str) -> Result<bool, sqlx::Erro
 /// across every process, and returns how long to wait for it (by the database's clock,
 /// so hosts with skewed clocks still share one schedule).
 pub async fn reserve_call_slot(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     spacing: Duration,
 ) -> Result<Duration, sqlx::Error> {
-    let wait: f64 = sqlx::query_scalar(
+    let wait: f64 = sql::query_scalar(
         "INSERT INTO report_account_pacing AS p (account, next_slot_at, qps)
          VALUES ($1, clock_timestamp() + $2 * interval '1 second', 1 / nullif($2, 0))
          ON CONFLICT (account) DO UPDATE
@@ -157,8 +158,8 @@ pub async fn reserve_call_slot(
 }
 
 /// The provider said "too fast" (67200002): every process's next slot moves back.
-pub async fn slow_down(pool: &PgPool, account: &str, pause: Duration) -> Result<(), sqlx::Error> {
-    sqlx::query(
+pub async fn slow_down(pool: &Db, account: &str, pause: Duration) -> Result<(), sqlx::Error> {
+    sql::query(
         "UPDATE report_account_pacing
             SET next_slot_at = greatest(next_slot_at, clock_timestamp() + $2 * interval '1 second')
           WHERE account = $1",
@@ -184,12 +185,12 @@ pub enum Quota {
 /// Reserves one create of today's (Asia/Shanghai) `limit` for `account`, leaving
 /// `headroom` creates to others (retries). One statement: processes never overshoot.
 pub async fn reserve_daily_create(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     limit: i64,
     headroom: i64,
 ) -> Result<Quota, sqlx::Error> {
-    let reserved: Option<i64> = sqlx::query_scalar(
+    let reserved: Option<i64> = sql::query_scalar(
         "INSERT INTO report_daily_creates AS q (account, day, used)
          SELECT $1, (now() AT TIME ZONE 'Asia/Shanghai')::date, 1 WHERE $2 - $3 >= 1
          ON CONFLICT (account, day) DO UPDATE SET used = q.used + 1 WHERE q.used < $2 - $3
@@ -205,7 +206,7 @@ pub async fn reserve_daily_create(
     }
     // Not reserved: read the count again in a statement of its own (a fresh snapshot: the
     // one above may predate a concurrent reservation that took the last place).
-    let used: Option<i64> = sqlx::query_scalar(
+    let used: Option<i64> = sql::query_scalar(
         "SELECT used FROM report_daily_creates
           WHERE account = $1 AND day = (now() AT TIME ZONE 'Asia/Shanghai')::date",
     )
@@ -236,11 +237,11 @@ pub enum Balance {
 /// Takes one task from `account`'s known balance (`report_account_balance`), leaving
 /// its headroom to retries unless `retry`. One statement: processes never overshoot.
 pub async fn take_from_balance(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     retry: bool,
 ) -> Result<Balance, sqlx::Error> {
-    let taken: Option<i64> = sqlx::query_scalar(
+    let taken: Option<i64> = sql::query_scalar(
         "UPDATE report_account_balance SET remaining = remaining - 1
           WHERE account = $1 AND remaining > CASE WHEN $2 THEN 0 ELSE headroom END
          RETURNING remaining",
@@ -254,7 +255,7 @@ pub async fn take_from_balance(
     }
     // A fresh snapshot, as for the daily count.
     let remaining: Option<i64> =
-        sqlx::query_scalar("SELECT remaining FROM report_account_balance WHERE account = $1")
+        sql::query_scalar("SELECT remaining FROM report_account_balance WHERE account = $1")
             .bind(account)
             .fetch_optional(pool)
             .await?;
@@ -266,8 +267,8 @@ pub async fn take_from_balance(
 }
 
 /// Every known balance: account, tasks remaining, tasks kept for retries.
-pub async fn known_balances(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn known_balances(pool: &Db) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    sql::query_as(
         "SELECT account, remaining, headroom FROM report_account_balance ORDER BY account",
     )
     .fetch_all(pool)
@@ -275,8 +276,8 @@ pub async fn known_balances(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, sq
 }
 
 /// Whether a balance is known for `account` (`report_set_balance` was called).
-pub async fn balance_known(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM report_account_balance WHERE account = $1)")
+pub async fn balance_known(pool: &Db, account: &str) -> Result<bool, sqlx::Error> {
+    sql::query_scalar("SELECT EXISTS (SELECT 1 FROM report_account_balance WHERE account = $1)")
         .bind(account)
         .fetch_one(pool)
         .await

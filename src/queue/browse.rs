@@ -3,8 +3,10 @@
 //! the batches. Every query is bounded (by an index, a LIMIT or a window of recent
 //! events), so a page costs the same at ten million rows as at ten thousand.
 
+use super::Db;
+use super::sql;
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{Postgres, QueryBuilder};
 
 use crate::domain::{ReportType, RequestState};
 
@@ -129,11 +131,11 @@ fn by_time(filter: &RequestFilter) -> bool {
 /// Runs `q` with plain index scans off, so a time range is read through the BRIN index
 /// (bitmap scans) instead of a walk down the primary key.
 async fn through_brin<T>(
-    pool: &PgPool,
+    pool: &Db,
     run: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
 ) -> Result<T, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL enable_indexscan = off")
+    sql::query("SET LOCAL enable_indexscan = off")
         .execute(&mut *tx)
         .await?;
     let out = run(&mut tx).await?;
@@ -144,7 +146,7 @@ async fn through_brin<T>(
 /// One page of at most `limit` rows, newest (highest id) first. Keyset pagination: a
 /// page is found through an index from its cursor, never by skipping rows.
 pub async fn list_requests(
-    pool: &PgPool,
+    pool: &Db,
     filter: &RequestFilter,
     cursor: Cursor,
     limit: i64,
@@ -185,7 +187,7 @@ pub async fn list_requests(
         // the page, the BRIN index on created_at (work in proportion to the range).
         let near = match cursor {
             Cursor::Newest => {
-                let newest: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM report_requests")
+                let newest: Option<i64> = sql::query_scalar("SELECT max(id) FROM report_requests")
                     .fetch_one(pool)
                     .await?;
                 let newest = newest.unwrap_or(0);
@@ -235,11 +237,7 @@ pub async fn list_requests(
     })
 }
 
-async fn exists(
-    pool: &PgPool,
-    filter: &RequestFilter,
-    cursor: Cursor,
-) -> Result<bool, sqlx::Error> {
+async fn exists(pool: &Db, filter: &RequestFilter, cursor: Cursor) -> Result<bool, sqlx::Error> {
     let query = |window: Option<(i64, i64)>| {
         let mut q = filtered("SELECT EXISTS (SELECT 1 FROM report_requests", filter);
         match cursor {
@@ -319,8 +317,8 @@ pub struct RequestDetail {
     pub orphans: i64,
 }
 
-pub async fn request_detail(pool: &PgPool, id: i64) -> Result<Option<RequestDetail>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn request_detail(pool: &Db, id: i64) -> Result<Option<RequestDetail>, sqlx::Error> {
+    sql::query_as(
         "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.priority,
                 r.attempts, r.max_attempts, r.polls, r.unanswered_creates, r.batch, r.dedupe_key,
                 r.callback_url, r.metadata, r.created_at, r.updated_at, r.run_after, r.finished_at,
@@ -353,12 +351,8 @@ pub struct EventLine {
 }
 
 /// A row's history, oldest first (the most recent `limit` events).
-pub async fn request_events(
-    pool: &PgPool,
-    id: i64,
-    limit: i64,
-) -> Result<Vec<EventLine>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn request_events(pool: &Db, id: i64, limit: i64) -> Result<Vec<EventLine>, sqlx::Error> {
+    sql::query_as(
         "SELECT * FROM (
              SELECT id, at, state, previous_state, attempts, upstream_job_id, error_code, error, actor, action
                FROM report_events WHERE request_id = $1 ORDER BY id DESC LIMIT $2) e
@@ -380,8 +374,8 @@ pub struct AccountEvent {
     pub error: Option<String>,
 }
 
-pub async fn account_events(pool: &PgPool, limit: i64) -> Result<Vec<AccountEvent>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn account_events(pool: &Db, limit: i64) -> Result<Vec<AccountEvent>, sqlx::Error> {
+    sql::query_as(
         "SELECT at, account, action, actor, error FROM report_events
           WHERE account IS NOT NULL ORDER BY id DESC LIMIT $1",
     )
@@ -401,8 +395,8 @@ pub struct StoredDocument {
     pub object_key: Option<String>,
 }
 
-pub async fn document_meta(pool: &PgPool, id: i64) -> Result<Option<StoredDocument>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn document_meta(pool: &Db, id: i64) -> Result<Option<StoredDocument>, sqlx::Error> {
+    sql::query_as(
         "SELECT file_name, content_type, byte_size, sha256, object_key
            FROM report_documents WHERE request_id = $1",
     )
@@ -414,12 +408,12 @@ pub async fn document_meta(pool: &PgPool, id: i64) -> Result<Option<StoredDocume
 /// `len` bytes of a document stored in PostgreSQL, from `offset` (the column is stored
 /// uncompressed, so PostgreSQL reads only the chunks asked for).
 pub async fn document_slice(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     offset: i64,
     len: i64,
 ) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar(
+    sql::query_scalar(
         "SELECT substring(content FROM $2::int + 1 FOR $3::int) FROM report_documents WHERE request_id = $1",
     )
     .bind(id)
@@ -453,9 +447,9 @@ pub struct Latencies {
 pub const LATENCY_ROWS: i64 = 1000;
 const LATENCY_EVENT_WINDOW: i64 = 50_000;
 
-pub async fn latencies(pool: &PgPool) -> Result<Latencies, sqlx::Error> {
+pub async fn latencies(pool: &Db) -> Result<Latencies, sqlx::Error> {
     let query = |first_task: bool| {
-        sqlx::query_as::<_, Percentiles>(
+        sql::query_as::<Percentiles>(
             "WITH recent AS (
                  SELECT extract(epoch FROM e.at - r.created_at)::float8 AS secs
                    FROM report_events e JOIN report_requests r ON r.id = e.request_id
@@ -492,7 +486,7 @@ pub struct FinishedIn {
 /// Finished rows per `bucket` ('minute' or 'hour') over the last `within`, oldest
 /// first, one entry per bucket (empty buckets included).
 pub async fn finished_series(
-    pool: &PgPool,
+    pool: &Db,
     bucket: &str,
     buckets: i32,
 ) -> Result<Vec<FinishedIn>, sqlx::Error> {
@@ -501,7 +495,7 @@ pub async fn finished_series(
     } else {
         "1 minute"
     };
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "WITH grid AS (
              SELECT date_trunc('{bucket}', now()) - g * interval '{step}' AS at
                FROM generate_series(0, $1 - 1) g),
@@ -540,11 +534,11 @@ pub struct BatchLine {
 /// from `report_batches` and `report_batch_counts`, which the triggers keep, so a page
 /// costs the same whatever the batches hold.
 pub async fn batches(
-    pool: &PgPool,
+    pool: &Db,
     before_last_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<BatchLine>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "WITH page AS (
              SELECT batch, last_id FROM report_batches
               WHERE last_id < coalesce($1, 9223372036854775807)

@@ -3,10 +3,11 @@
 //! the ledger's): every worker process adds its own counts every few seconds, so any
 //! process (the dashboard, `status`) reads the whole account's calls.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::secs;
 
@@ -16,7 +17,7 @@ pub type CallTally = (String, String, i64);
 /// Adds `tallies` to the current minute of `account` (the database's clock). One
 /// statement, whatever the number of tallies.
 pub async fn record_calls(
-    pool: &PgPool,
+    pool: &Db,
     account: &str,
     tallies: &[CallTally],
 ) -> Result<(), sqlx::Error> {
@@ -26,7 +27,7 @@ pub async fn record_calls(
     let endpoints: Vec<&str> = tallies.iter().map(|t| t.0.as_str()).collect();
     let outcomes: Vec<&str> = tallies.iter().map(|t| t.1.as_str()).collect();
     let counts: Vec<i64> = tallies.iter().map(|t| t.2).collect();
-    sqlx::query(
+    sql::query(
         "WITH t AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(e, o, n)),
               daily AS (
                   INSERT INTO report_provider_calls_daily AS d (day, account, endpoint, outcome, n)
@@ -48,8 +49,8 @@ pub async fn record_calls(
 }
 
 /// Removes minutes older than `keep` (small: at most a few dozen rows per minute).
-pub async fn forget_calls_before(pool: &PgPool, keep: Duration) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
+pub async fn forget_calls_before(pool: &Db, keep: Duration) -> Result<u64, sqlx::Error> {
+    let r = sql::query(
         "DELETE FROM report_provider_calls WHERE minute < now() - $1 * interval '1 second'",
     )
     .bind(secs(keep))
@@ -69,10 +70,10 @@ pub struct CallsInMinute {
 
 /// Calls per minute over the last `within`, oldest first.
 pub async fn calls_per_minute(
-    pool: &PgPool,
+    pool: &Db,
     within: Duration,
 ) -> Result<Vec<CallsInMinute>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "SELECT minute, endpoint, outcome, sum(n)::bigint AS n FROM report_provider_calls
           WHERE minute >= date_trunc('minute', now()) - $1 * interval '1 second' AND endpoint <> 'reuse'
           GROUP BY minute, endpoint, outcome ORDER BY minute, endpoint, outcome",
@@ -93,8 +94,8 @@ pub struct QpsUse {
     pub allowed: Option<f64>,
 }
 
-pub async fn qps_use(pool: &PgPool) -> Result<Vec<QpsUse>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn qps_use(pool: &Db) -> Result<Vec<QpsUse>, sqlx::Error> {
+    sql::query_as(
         "WITH used AS (
              SELECT account, sum(n)::float8 / 60 AS in_use FROM report_provider_calls
               WHERE minute = date_trunc('minute', now()) - interval '1 minute' AND endpoint <> 'reuse'
@@ -129,8 +130,8 @@ pub struct SpendDay {
 
 /// The last `days` days (today included), newest first: `report_ledger` summed over
 /// accounts, with the reports stored each day.
-pub async fn spend_by_day(pool: &PgPool, days: i32) -> Result<Vec<SpendDay>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn spend_by_day(pool: &Db, days: i32) -> Result<Vec<SpendDay>, sqlx::Error> {
+    sql::query_as(
         "WITH days AS (
              SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date - g AS day FROM generate_series(0, $1 - 1) g),
          ledger AS (
@@ -171,8 +172,8 @@ pub struct LedgerDay {
     pub calls: i64,
 }
 
-pub async fn ledger_today(pool: &PgPool) -> Result<LedgerDay, sqlx::Error> {
-    sqlx::query_as(
+pub async fn ledger_today(pool: &Db) -> Result<LedgerDay, sqlx::Error> {
+    sql::query_as(
         "SELECT coalesce(sum(paid_tasks), 0)::bigint AS paid_tasks,
                 coalesce(sum(reuse_hits), 0)::bigint AS reuse_hits,
                 coalesce(sum(unknown_creates), 0)::bigint AS unknown_creates,

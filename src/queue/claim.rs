@@ -1,9 +1,10 @@
 //! Claiming due rows under a lease, keeping leases alive, giving rows back.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::secs;
 use crate::domain::{JobId, ReportType, RequestState};
@@ -77,7 +78,7 @@ pub struct PollAccounts<'a> {
 /// Claims up to `limit` rows that are due, whatever account created their task (see
 /// `claim_for`).
 pub async fn claim(
-    pool: &PgPool,
+    pool: &Db,
     owner: &str,
     lease: Duration,
     limit: i64,
@@ -92,7 +93,7 @@ pub async fn claim(
 /// claim commits at once, and the row is then worked under its lease. With `polls`,
 /// only the polls those accounts may make.
 pub async fn claim_for(
-    pool: &PgPool,
+    pool: &Db,
     owner: &str,
     lease: Duration,
     limit: i64,
@@ -102,7 +103,7 @@ pub async fn claim_for(
     if limit <= 0 || kinds == ClaimKinds::NONE {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    sql::query_as(
         "WITH polls AS (
              SELECT id FROM report_requests
               WHERE $4 AND state = 'generating' AND next_poll_at <= now()
@@ -146,10 +147,10 @@ pub async fn claim_for(
 /// or there is none). `None` when there is no such row. Reads the first entries of the
 /// generating index in order, stopping at the first unleased one.
 pub async fn next_poll_due_in(
-    pool: &PgPool,
+    pool: &Db,
     polls: Option<PollAccounts<'_>>,
 ) -> Result<Option<Duration>, sqlx::Error> {
-    let secs: Option<f64> = sqlx::query_scalar(
+    let secs: Option<f64> = sql::query_scalar(
         "SELECT extract(epoch FROM (next_poll_at - now()))::float8
            FROM report_requests
           WHERE state = 'generating' AND (lease_expires_at IS NULL OR lease_expires_at < now())
@@ -173,7 +174,7 @@ pub async fn heartbeat<'e>(
     lease: Duration,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sqlx::query_scalar(
+    sql::query_scalar(
         "UPDATE report_requests r
             SET lease_expires_at = greatest(r.lease_expires_at, now() + $4 * interval '1 second')
            FROM unnest($2::bigint[], $3::bigint[]) AS h (id, token)
@@ -189,9 +190,9 @@ pub async fn heartbeat<'e>(
 }
 
 /// Gives rows back at once (shutdown): another worker may claim them immediately.
-pub async fn release(pool: &PgPool, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
+pub async fn release(pool: &Db, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    let r = sqlx::query(
+    let r = sql::query(
         "UPDATE report_requests r SET lease_owner = NULL, lease_expires_at = NULL
            FROM unnest($1::bigint[], $2::bigint[]) AS h (id, token)
           WHERE r.id = h.id AND r.lease_token = h.token",
@@ -206,12 +207,12 @@ pub async fn release(pool: &PgPool, held: &[(i64, i64)]) -> Result<u64, sqlx::Er
 /// Says this process is at work, polling with `accounts` (and, with `unrecorded`, the
 /// tasks created before accounts were recorded): one upsert, every few seconds.
 pub async fn worker_seen(
-    pool: &PgPool,
+    pool: &Db,
     owner: &str,
     accounts: &[String],
     unrecorded: bool,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sql::query(
         "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded) VALUES ($1, $2, $3)
          ON CONFLICT (owner) DO UPDATE
             SET accounts = excluded.accounts, polls_unrecorded = excluded.polls_unrecorded, seen_at = now()",
@@ -225,8 +226,8 @@ pub async fn worker_seen(
 }
 
 /// This process stopped: it polls nothing any more.
-pub async fn worker_gone(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM report_workers WHERE owner = $1")
+pub async fn worker_gone(pool: &Db, owner: &str) -> Result<(), sqlx::Error> {
+    sql::query("DELETE FROM report_workers WHERE owner = $1")
         .bind(owner)
         .execute(pool)
         .await?;
@@ -240,8 +241,8 @@ pub async fn worker_gone(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> 
 /// finish, and a retry of a failed row polls it again), and the row goes back to the
 /// queue for a new task, or fails when its attempts are spent. At most 100 rows a call.
 /// Returns how many.
-pub async fn release_unpolled(pool: &PgPool, give_up: Duration) -> Result<u64, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
+pub async fn release_unpolled(pool: &Db, give_up: Duration) -> Result<u64, sqlx::Error> {
+    let n: i64 = sql::query_scalar(
         "WITH stale AS (
              SELECT q.id FROM report_requests q
               WHERE q.state = 'generating' AND q.next_poll_at < now() - $1 * interval '1 second'
@@ -290,9 +291,9 @@ pub async fn release_unpolled(pool: &PgPool, give_up: Duration) -> Result<u64, s
 /// Generating rows that no running worker can poll, per account (see the view
 /// `report_unpolled_accounts`): the account, how many rows, when the oldest poll was due.
 pub async fn unpolled_accounts(
-    pool: &PgPool,
+    pool: &Db,
 ) -> Result<Vec<(Option<String>, i64, DateTime<Utc>)>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "SELECT account, rows, oldest_due FROM report_unpolled_accounts ORDER BY oldest_due",
     )
     .fetch_all(pool)

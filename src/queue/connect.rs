@@ -1,10 +1,11 @@
 //! Connecting to PostgreSQL and applying the migrations in `migrations/`.
 
+use super::sql;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use super::Db;
 use crate::config::redact_url;
 
 /// The migrations, embedded at build time; the same files `sqlx migrate run` applies.
@@ -20,17 +21,44 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// How the database hands out server connections (`DATABASE_POOL_MODE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolMode {
+    /// A connection is one server session (PostgreSQL itself, PgBouncer in session
+    /// mode): prepared statements are cached per connection, LISTEN works on any.
+    #[default]
+    Session,
+    /// A pooler hands out a server connection per transaction (PgBouncer in
+    /// transaction mode): no named prepared statements, nothing kept in a session
+    /// between transactions, no LISTEN on pooled connections.
+    Transaction,
+}
+
 /// Opens a pool of at most `max_connections`; fails fast (10 s) when the server does
 /// not answer, with a message that names the server but never the password.
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    open(url, max_connections, 0).await
+pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+    connect_in(url, max_connections, PoolMode::Session).await
+}
+
+/// `connect` for a database reached the way `mode` says.
+pub async fn connect_in(url: &str, max_connections: u32, mode: PoolMode) -> Result<Db, DbError> {
+    open(url, max_connections, 0, mode).await
 }
 
 /// A pool for a worker, whose connections are all opened up front: opened lazily, the
 /// first pickups of a fresh worker each waited up to 90 ms for a new connection
 /// (BENCHMARKS.md, pickup latency).
-pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    open(url, max_connections, max_connections).await
+pub async fn connect_worker(url: &str, max_connections: u32) -> Result<Db, DbError> {
+    connect_worker_in(url, max_connections, PoolMode::Session).await
+}
+
+/// `connect_worker` for a database reached the way `mode` says.
+pub async fn connect_worker_in(
+    url: &str,
+    max_connections: u32,
+    mode: PoolMode,
+) -> Result<Db, DbError> {
+    open(url, max_connections, max_connections, mode).await
 }
 
 /// `connect_worker`, waiting for a database that is not there yet (restarting, failing
@@ -42,13 +70,14 @@ pub async fn connect_worker_patiently(
     url: &str,
     max_connections: u32,
     give_up_after: Option<Duration>,
-) -> Result<PgPool, DbError> {
+    mode: PoolMode,
+) -> Result<Db, DbError> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(250);
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let error = match connect_worker(url, max_connections).await {
+        let error = match connect_worker_in(url, max_connections, mode).await {
             Ok(pool) => match super::is_migrated(&pool).await {
                 Ok(_) => return Ok(pool),
                 Err(source) => {
@@ -73,32 +102,74 @@ pub async fn connect_worker_patiently(
     }
 }
 
-async fn open(url: &str, max_connections: u32, min_connections: u32) -> Result<PgPool, DbError> {
+async fn open(
+    url: &str,
+    max_connections: u32,
+    min_connections: u32,
+    mode: PoolMode,
+) -> Result<Db, DbError> {
     let options: PgConnectOptions = url.parse().map_err(|source| DbError::BadUrl {
         url: redact_url(url),
         source,
     })?;
-    let options = options.application_name("report-worker");
-    PgPoolOptions::new()
+    let mut options = options.application_name("report-worker");
+    if mode == PoolMode::Transaction {
+        // See `Db`: no statement is kept on a server session, every statement runs in a
+        // transaction of its own.
+        options = options.statement_cache_capacity(0);
+        super::sql::unnamed_from_now_on();
+    }
+    let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .min_connections(min_connections.min(max_connections))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10));
+    let pool = pool
         .connect_with(options)
         .await
         .map_err(|source| DbError::Unreachable {
             url: redact_url(url),
             source,
-        })
+        })?;
+    Ok(Db { pool, mode })
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
+pub async fn migrate(db: &Db) -> Result<(), DbError> {
+    match db.mode() {
+        PoolMode::Session => MIGRATOR.run(db.pool()).await?,
+        PoolMode::Transaction => {
+            // Through a transaction pooler a session (and its advisory lock) does not
+            // outlive a transaction: the whole run is one transaction instead, under a
+            // transaction-scoped advisory lock (so two runs never overlap), each
+            // migration a savepoint of it.
+            let mut migrator = sqlx::migrate!("./migrations");
+            migrator.set_locking(false);
+            let mut tx = db
+                .pool()
+                .begin()
+                .await
+                .map_err(sqlx::migrate::MigrateError::from)?;
+            // The migrator's own statements are named: none may outlive this
+            // transaction on its server session (DEALLOCATE ALL before and after).
+            sqlx::raw_sql("SELECT pg_advisory_xact_lock(7235632648424535154); DEALLOCATE ALL")
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlx::migrate::MigrateError::from)?;
+            migrator.run(&mut *tx).await?;
+            sqlx::raw_sql("DEALLOCATE ALL")
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlx::migrate::MigrateError::from)?;
+            tx.commit()
+                .await
+                .map_err(sqlx::migrate::MigrateError::from)?;
+        }
+    }
     Ok(())
 }
 
 /// Whether the migrations have created the queue (so `run` can say what to do first).
-pub async fn is_migrated(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
+pub async fn is_migrated(pool: &Db) -> Result<bool, sqlx::Error> {
+    sql::query_scalar("SELECT to_regclass('report_requests') IS NOT NULL")
         .fetch_one(pool)
         .await
 }

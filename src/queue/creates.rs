@@ -6,10 +6,11 @@
 //! every create that may reach the provider, and only while `attempts < max_attempts`.
 //! An attempt is given back only when the provider certainly made no task.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::{Fenced, secs};
 use crate::domain::{JobId, ReportType};
@@ -92,7 +93,7 @@ pub struct Begin {
 /// `report_begin_create` in the migrations).
 #[allow(clippy::too_many_arguments)]
 pub async fn begin_create(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     owner: &str,
@@ -119,13 +120,13 @@ pub async fn begin_create(
 /// `begin_create` for many rows in one statement and one commit, each row decided on
 /// its own. The owner and durations are the first item's (one process sends a batch).
 pub async fn begin_create_batch(
-    pool: &PgPool,
+    pool: &Db,
     items: &[Begin],
 ) -> Result<Vec<(i64, CreateIntent)>, sqlx::Error> {
     let Some(first) = items.first() else {
         return Ok(Vec::new());
     };
-    let rows: Vec<BeginRow> = sqlx::query_as(
+    let rows: Vec<BeginRow> = sql::query_as(
         "SELECT id, outcome, attempts, unanswered, job_id, started_at, wait_until
            FROM report_begin_create_batch($1, $2, $3, $4, $5, $6, $7)",
     )
@@ -146,8 +147,8 @@ pub async fn begin_create_batch(
 /// The create was certainly not made (nothing was sent, or the provider's answer proves
 /// it) and will be tried again at once in this claim: its attempt is given back (and
 /// counted as refunded in the ledger) and the intent cleared; the row stays held.
-pub async fn refund_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
+pub async fn refund_create(pool: &Db, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
+    let n: i64 = sql::query_scalar(
         "WITH done AS (
              UPDATE report_requests r
                 SET attempts = attempts - 1, creates_sent = greatest(creates_sent - 1, 0),
@@ -173,8 +174,8 @@ pub async fn refund_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced,
 
 /// The row waits for a create another claim sent before a cancel and retry: it is
 /// released until that create's deadline, its intent kept.
-pub async fn wait_for_create(pool: &PgPool, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
-    let r = sqlx::query(
+pub async fn wait_for_create(pool: &Db, id: i64, token: i64) -> Result<Fenced, sqlx::Error> {
+    let r = sql::query(
         "UPDATE report_requests
             SET run_after = greatest(run_after, create_deadline),
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -193,11 +194,11 @@ pub async fn wait_for_create(pool: &PgPool, id: i64, token: i64) -> Result<Fence
 /// it the new life's first attempt), so a retry of the row does not wait for a create
 /// that is over.
 pub async fn forget_create(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     started_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sql::query(
         "UPDATE report_requests
             SET create_started_at = NULL, create_deadline = NULL,
                 unanswered_creates = unanswered_creates + 1,
@@ -220,11 +221,11 @@ pub async fn forget_create(
 /// deadline and counting a create that certainly made nothing. One statement; nothing
 /// when the row carries another intent or none.
 pub async fn refund_intent(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     started_at: DateTime<Utc>,
 ) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
+    let n: i64 = sql::query_scalar(
         "WITH done AS (
              UPDATE report_requests r
                 SET attempts = greatest(attempts - 1, 0), creates_sent = greatest(creates_sent - 1, 0),
@@ -281,11 +282,11 @@ pub enum OrphanFate {
 /// paid task in the ledger (once: a job id already on its row or among the orphans is
 /// not counted again). One statement.
 pub async fn adopt_or_record_orphan(
-    pool: &PgPool,
+    pool: &Db,
     orphan: &Orphan,
     first_poll: Duration,
 ) -> Result<OrphanFate, sqlx::Error> {
-    let (written, adopted): (bool, Option<bool>) = sqlx::query_as(
+    let (written, adopted): (bool, Option<bool>) = sql::query_as(
         "WITH own AS (
              SELECT 1 FROM report_requests WHERE id = $1 AND upstream_job_id = $2),
          adopted AS (
@@ -350,8 +351,8 @@ pub struct OrphanTask {
 }
 
 /// Every orphaned task, oldest first.
-pub async fn orphan_tasks(pool: &PgPool) -> Result<Vec<OrphanTask>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn orphan_tasks(pool: &Db) -> Result<Vec<OrphanTask>, sqlx::Error> {
+    sql::query_as(
         "SELECT job_id, request_id, account, report_type, created_at, reason, adopted_at
            FROM report_orphan_tasks ORDER BY id",
     )

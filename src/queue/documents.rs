@@ -1,7 +1,8 @@
 //! Reading stored documents back: the listing `export` walks and each file's bytes.
 
+use super::Db;
+use super::sql;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
 
 use crate::domain::RequestState;
 
@@ -33,8 +34,8 @@ const MATCHING: &str = "FROM report_documents d JOIN report_requests r ON r.id =
         AND ($3::bigint[] IS NULL OR r.id = ANY($3))
         AND ($6::text IS NULL OR r.batch = $6)";
 
-pub async fn count_documents(pool: &PgPool, filter: &DocumentFilter) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+pub async fn count_documents(pool: &Db, filter: &DocumentFilter) -> Result<i64, sqlx::Error> {
+    sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) {MATCHING} AND $4::bigint IS NULL AND $5::bigint IS NULL"
     )))
     .bind(filter.state.as_str())
@@ -51,12 +52,12 @@ pub async fn count_documents(pool: &PgPool, filter: &DocumentFilter) -> Result<i
 /// hashes only). Each page is its own short statement: a long export holds no snapshot
 /// open (which would keep vacuum from the hot rows for its whole run).
 pub async fn list_documents_page(
-    pool: &PgPool,
+    pool: &Db,
     filter: &DocumentFilter,
     after: i64,
     limit: i64,
 ) -> Result<Vec<ListedDocument>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.request_id, d.file_name, d.content_type, d.sha256, d.object_key {MATCHING}
             AND d.request_id > $4 ORDER BY d.request_id LIMIT $5"
     )))
@@ -83,12 +84,12 @@ pub struct ManifestRow {
 
 /// A page of a batch's requests, in id order, after request id `after`.
 pub async fn batch_manifest_page(
-    pool: &PgPool,
+    pool: &Db,
     batch: &str,
     after: i64,
     limit: i64,
 ) -> Result<Vec<ManifestRow>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "SELECT r.id, coalesce(nullif(r.company_name, ''), nullif(r.credit_code, ''), r.org_number, '') AS identifier,
                 r.report_type, r.state, d.sha256,
                 CASE WHEN r.last_error IS NULL THEN NULL
@@ -104,24 +105,21 @@ pub async fn batch_manifest_page(
 }
 
 /// One document's bytes, when they are in PostgreSQL (`None`: in object storage).
-pub async fn document_content(
-    conn: &mut PgConnection,
-    request_id: i64,
-) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT content FROM report_documents WHERE request_id = $1")
+pub async fn document_content(db: &Db, request_id: i64) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sql::query_scalar("SELECT content FROM report_documents WHERE request_id = $1")
         .bind(request_id)
-        .fetch_one(conn)
+        .fetch_one(db)
         .await
 }
 
 /// Documents whose bytes are still in PostgreSQL, after request id `after`, in id order:
 /// (request id, sha256, content type).
 pub async fn inline_documents_page(
-    pool: &PgPool,
+    pool: &Db,
     after: i64,
     limit: i64,
 ) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "SELECT request_id, sha256, content_type FROM report_documents
           WHERE request_id > $1 AND content IS NOT NULL ORDER BY request_id LIMIT $2",
     )
@@ -134,12 +132,12 @@ pub async fn inline_documents_page(
 /// The document's bytes now live under `key` in object storage: drop them here. Only
 /// if they are still here and still those bytes (`sha256`); false otherwise.
 pub async fn mark_document_moved(
-    pool: &PgPool,
+    pool: &Db,
     request_id: i64,
     key: &str,
     sha256: &str,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+    let r = sql::query(
         "UPDATE report_documents SET content = NULL, object_key = $2
           WHERE request_id = $1 AND content IS NOT NULL AND sha256 = $3",
     )

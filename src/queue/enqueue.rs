@@ -1,6 +1,8 @@
 //! Enqueueing: one request, or many in one statement for the CSV loader.
 
-use sqlx::{PgConnection, PgPool};
+use super::Db;
+use super::sql;
+use sqlx::PgConnection;
 
 use crate::domain::NewRequest;
 
@@ -27,8 +29,8 @@ impl Enqueued {
 }
 
 /// Inserts one request; a `dedupe_key` that is already taken is not an error.
-pub async fn enqueue(pool: &PgPool, r: &NewRequest) -> Result<Enqueued, sqlx::Error> {
-    let inserted: Option<i64> = sqlx::query_scalar(
+pub async fn enqueue(pool: &Db, r: &NewRequest) -> Result<Enqueued, sqlx::Error> {
+    let inserted: Option<i64> = sql::query_scalar(
         "INSERT INTO report_requests
              (company_name, credit_code, org_number, report_type, priority, run_after,
               max_attempts, dedupe_key, metadata, batch, callback_url)
@@ -53,7 +55,7 @@ pub async fn enqueue(pool: &PgPool, r: &NewRequest) -> Result<Enqueued, sqlx::Er
     if let Some(id) = inserted {
         return Ok(Enqueued::Inserted(id));
     }
-    let existing: i64 = sqlx::query_scalar("SELECT id FROM report_requests WHERE dedupe_key = $1")
+    let existing: i64 = sql::query_scalar("SELECT id FROM report_requests WHERE dedupe_key = $1")
         .bind(&r.dedupe_key)
         .fetch_one(pool)
         .await?;
@@ -69,7 +71,7 @@ pub async fn insert_many<'a>(
 ) -> Result<u64, sqlx::Error> {
     let rows: Vec<&NewRequest> = requests.into_iter().collect();
     let text = |f: fn(&NewRequest) -> Option<&str>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
-    let r = sqlx::query(
+    let r = sql::query(
         "INSERT INTO report_requests
              (company_name, credit_code, org_number, report_type, priority, run_after, max_attempts, dedupe_key, metadata,
               batch, callback_url)

@@ -2,7 +2,8 @@
 //! (`report_generation_times`): written with each completion, read back by every
 //! process's schedule.
 
-use sqlx::PgPool;
+use super::Db;
+use super::sql;
 
 use crate::domain::ReportType;
 
@@ -12,11 +13,11 @@ pub type GenerationTime = (f32, f32, Option<f32>, Option<i32>);
 
 /// The most recent `limit` observations of `kind`.
 pub async fn recent_generation_times(
-    pool: &PgPool,
+    pool: &Db,
     kind: ReportType,
     limit: i64,
 ) -> Result<Vec<GenerationTime>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "SELECT lower_secs, upper_secs, waiting_secs, queue_num FROM report_generation_times
           WHERE report_type = $1 ORDER BY id DESC LIMIT $2",
     )
@@ -28,11 +29,11 @@ pub async fn recent_generation_times(
 
 /// Keeps the `keep` most recent observations of `kind`, removing older ones.
 pub async fn forget_old_generation_times(
-    pool: &PgPool,
+    pool: &Db,
     kind: ReportType,
     keep: i64,
 ) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
+    let r = sql::query(
         "DELETE FROM report_generation_times
           WHERE report_type = $1
             AND id < (SELECT min(id) FROM (SELECT id FROM report_generation_times

@@ -27,6 +27,7 @@ mod calls;
 mod claim;
 mod connect;
 mod creates;
+mod db;
 mod documents;
 mod enqueue;
 pub mod fixtures;
@@ -36,6 +37,7 @@ mod outcomes;
 mod retention;
 mod reuse;
 pub mod roles;
+pub mod sql;
 mod stats;
 mod webhooks;
 
@@ -48,9 +50,11 @@ pub use browse::*;
 pub use calls::*;
 pub use claim::*;
 pub use connect::{
-    DbError, MIGRATOR, connect, connect_worker, connect_worker_patiently, is_migrated, migrate,
+    DbError, MIGRATOR, PoolMode, connect, connect_in, connect_worker, connect_worker_in,
+    connect_worker_patiently, is_migrated, migrate,
 };
 pub use creates::*;
+pub use db::Db;
 pub use documents::*;
 pub use enqueue::*;
 pub use learning::*;

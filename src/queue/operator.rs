@@ -2,7 +2,9 @@
 //! (`report_worker.actor`, `report_worker.action`): the event the action causes in
 //! `report_events` carries both.
 
-use sqlx::{PgPool, Postgres, Transaction};
+use super::Db;
+use super::sql;
+use sqlx::{Postgres, Transaction};
 
 /// An operator's action.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,30 +29,30 @@ impl Action {
 
 /// Runs `action` as `actor` and returns how many rows (or stops) it changed: 0 when
 /// there was nothing to do (the row had finished, the stop had ended).
-pub async fn act(pool: &PgPool, actor: &str, action: &Action) -> Result<i64, sqlx::Error> {
+pub async fn act(pool: &Db, actor: &str, action: &Action) -> Result<i64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     as_actor(&mut tx, actor, action.name()).await?;
     let changed: i64 = match action {
         Action::Cancel(id) => {
-            sqlx::query_scalar("SELECT report_cancel($1)::int::bigint")
+            sql::query_scalar("SELECT report_cancel($1)::int::bigint")
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?
         }
         Action::Retry(id) => {
-            sqlx::query_scalar("SELECT report_retry($1)::int::bigint")
+            sql::query_scalar("SELECT report_retry($1)::int::bigint")
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?
         }
         Action::RetryBatch(batch) => {
-            sqlx::query_scalar("SELECT report_retry_batch($1)::bigint")
+            sql::query_scalar("SELECT report_retry_batch($1)::bigint")
                 .bind(batch)
                 .fetch_one(&mut *tx)
                 .await?
         }
         Action::ProbeNow(account) => {
-            sqlx::query_scalar("SELECT report_probe_now($1)::int::bigint")
+            sql::query_scalar("SELECT report_probe_now($1)::int::bigint")
                 .bind(account)
                 .fetch_one(&mut *tx)
                 .await?
@@ -65,7 +67,7 @@ async fn as_actor(
     actor: &str,
     action: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sql::query(
         "SELECT set_config('report_worker.actor', $1, true), set_config('report_worker.action', $2, true)",
     )
     .bind(actor)

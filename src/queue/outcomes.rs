@@ -2,10 +2,11 @@
 //! `lease_token` the row was claimed with: a worker whose lease expired (or whose row
 //! was cancelled) changes nothing.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::learning::OBSERVATION_SQL;
 
@@ -21,7 +22,7 @@ use crate::domain::{Document, JobId};
 /// The upstream task exists: commit its job id and creation time (its attempt was
 /// counted by the create intent) before anything else happens.
 pub async fn mark_generating(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     job_id: &JobId,
@@ -100,11 +101,8 @@ pub struct Created {
 /// `mark_generating` for many rows in one statement; returns the ids still held. Each
 /// job id written counts as a paid task in `report_create_counts`, on the day its create
 /// was sent.
-pub async fn mark_generating_batch(
-    pool: &PgPool,
-    items: &[Created],
-) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+pub async fn mark_generating_batch(pool: &Db, items: &[Created]) -> Result<Vec<i64>, sqlx::Error> {
+    sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH done AS (
              UPDATE report_requests r
                 SET state = 'generating', upstream_job_id = b.job, upstream_created_at = now(),
@@ -144,8 +142,8 @@ pub struct Snoozed {
 }
 
 /// `snooze_poll` for many rows in one statement; returns the ids still held.
-pub async fn snooze_batch(pool: &PgPool, items: &[Snoozed]) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+pub async fn snooze_batch(pool: &Db, items: &[Snoozed]) -> Result<Vec<i64>, sqlx::Error> {
+    sql::query_scalar(
         "UPDATE report_requests r
             SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), last_polled_at = now(),
@@ -228,13 +226,13 @@ const CANCELLED_WITH_TASK: &str = "kept AS (
 /// bytes go in `content`, or its object key in `object_key` (the object already
 /// written). Returns the ids stored, each with whether its row finished.
 pub async fn complete_batch(
-    pool: &PgPool,
+    pool: &Db,
     items: &[Completed],
 ) -> Result<Vec<(i64, Stored)>, sqlx::Error> {
     // With learned polling on, each completion also records its observed generation
     // time (from the row as it was); otherwise the statement is the plain one.
     let (before, observed) = observation_ctes(items.iter().any(|i| i.observe), "id = ANY($1)");
-    let rows: Vec<(i64, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<(i64, bool)> = sql::query_as(sqlx::AssertSqlSafe(format!(
         "WITH {before}
          done AS (
              UPDATE report_requests r
@@ -299,7 +297,7 @@ pub struct DocumentMeta {
 /// row's fenced change to `succeeded` (or, for a row cancelled while its task was
 /// polled, nothing: see `Stored`), then the document row.
 pub async fn complete_streamed(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     job: &JobId,
@@ -309,7 +307,7 @@ pub async fn complete_streamed(
 ) -> Result<Stored, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let (before, observed) = observation_ctes(observe, "id = $1");
-    let done: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    let done: Vec<i64> = sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH {before}
          done AS (
              UPDATE report_requests r
@@ -325,7 +323,7 @@ pub async fn complete_streamed(
     let stored = if done.len() == 1 {
         Stored::Finished
     } else {
-        let cancelled: Option<i64> = sqlx::query_scalar(
+        let cancelled: Option<i64> = sql::query_scalar(
             "SELECT r.id FROM report_requests r
               WHERE r.id = $1 AND r.state = 'cancelled' AND r.upstream_job_id = $2
                 AND NOT EXISTS (SELECT 1 FROM report_documents d WHERE d.request_id = r.id)
@@ -404,14 +402,14 @@ pub async fn complete_streamed(
 /// Fails the row for good, with the reason. Its task, if it has one, stays on the row
 /// (a `report_retry` polls it again before buying another).
 pub async fn fail(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     code: Option<i32>,
     message: &str,
     intent: Intent,
 ) -> Result<Fenced, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    let n: i64 = sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH done AS (
              UPDATE report_requests r
                 SET state = 'failed', finished_at = now(), updated_at = now(), next_poll_at = NULL,
@@ -455,8 +453,8 @@ pub struct LostTask<'a> {
 
 /// The row's current task is over for it: a new task later, or failed (see `LostTask`).
 /// One statement, fenced by the claim.
-pub async fn lose_task(pool: &PgPool, lost: &LostTask<'_>) -> Result<Fenced, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(
+pub async fn lose_task(pool: &Db, lost: &LostTask<'_>) -> Result<Fenced, sqlx::Error> {
+    let n: i64 = sql::query_scalar(
         "WITH done AS (
              UPDATE report_requests r
                 SET state = CASE WHEN $6 THEN 'queued' ELSE 'failed' END,
@@ -514,7 +512,7 @@ pub enum Retry {
 /// Puts a row back for a later try of the same step (create or poll) after `delay`.
 #[allow(clippy::too_many_arguments)]
 pub async fn retry_later(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     kind: Retry,
@@ -523,7 +521,7 @@ pub async fn retry_later(
     delay: Duration,
     intent: Intent,
 ) -> Result<Fenced, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    let n: i64 = sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH done AS (
              UPDATE report_requests r
                 SET run_after = CASE WHEN state = 'queued' THEN now() + $7 * interval '1 second' ELSE run_after END,

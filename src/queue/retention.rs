@@ -6,8 +6,9 @@
 //! id range found by bisecting the primary key; every batch scans only its slice of that
 //! range, never the whole table, however long the history.
 
+use super::Db;
+use super::sql;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 /// A table whose rows can be bisected by time along their id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,12 +31,12 @@ impl Timeline {
 /// The highest id whose time is before `cutoff` (`None`: no such row). About 25
 /// primary-key lookups for 10 million rows.
 async fn last_id_before(
-    pool: &PgPool,
+    pool: &Db,
     timeline: Timeline,
     cutoff: DateTime<Utc>,
 ) -> Result<Option<i64>, sqlx::Error> {
     let (table, at) = timeline.sql();
-    let bounds: (Option<i64>, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let bounds: (Option<i64>, Option<i64>) = sql::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT min(id), max(id) FROM {table}"
     )))
     .fetch_one(pool)
@@ -45,7 +46,7 @@ async fn last_id_before(
     };
     // The first row at or after `id`, and its time.
     let probe = |id: i64| {
-        sqlx::query_as::<_, (i64, DateTime<Utc>)>(sqlx::AssertSqlSafe(format!(
+        sql::query_as::<(i64, DateTime<Utc>)>(sqlx::AssertSqlSafe(format!(
             "SELECT id, {at} FROM {table} WHERE id >= $1 ORDER BY id LIMIT 1"
         )))
         .bind(id)
@@ -83,7 +84,7 @@ pub struct PurgeCursor {
 
 /// Where a purge of `scope` starts: `None` when nothing can qualify.
 pub async fn purge_start(
-    pool: &PgPool,
+    pool: &Db,
     scope: &PurgeScope,
 ) -> Result<Option<PurgeCursor>, sqlx::Error> {
     // A row finished before the cutoff was created before it too.
@@ -106,13 +107,13 @@ pub struct Purged {
 /// Deletes up to `limit` qualifying rows after the cursor and moves it on; `None` when
 /// the purge is done. Rows another transaction holds are skipped, never waited for.
 pub async fn purge_batch(
-    pool: &PgPool,
+    pool: &Db,
     scope: &PurgeScope,
     cursor: &mut PurgeCursor,
     limit: i64,
 ) -> Result<Option<Purged>, sqlx::Error> {
     let row: (i64, i64, Option<i64>, Option<Vec<String>>) = if scope.documents_only {
-        sqlx::query_as(
+        sql::query_as(
             "WITH doomed AS (
                  SELECT d.request_id AS id FROM report_documents d
                   WHERE d.request_id > $1 AND d.request_id <= $2
@@ -127,7 +128,7 @@ pub async fn purge_batch(
                     (SELECT array_agg(object_key) FROM docs WHERE object_key IS NOT NULL)",
         )
     } else {
-        sqlx::query_as(
+        sql::query_as(
             "WITH doomed AS (
                  SELECT id FROM report_requests
                   WHERE id > $1 AND id <= $2 AND finished_at < $3
@@ -160,11 +161,11 @@ pub async fn purge_batch(
 }
 
 /// What a purge of `scope` would remove (for `--dry-run`), counted batch by batch.
-pub async fn purge_count(pool: &PgPool, scope: &PurgeScope) -> Result<(u64, u64), sqlx::Error> {
+pub async fn purge_count(pool: &Db, scope: &PurgeScope) -> Result<(u64, u64), sqlx::Error> {
     let Some(cursor) = purge_start(pool, scope).await? else {
         return Ok((0, 0));
     };
-    let (requests, documents): (i64, i64) = sqlx::query_as(
+    let (requests, documents): (i64, i64) = sql::query_as(
         "SELECT count(*) FILTER (WHERE NOT $4),
                 count(d.request_id)
            FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
@@ -183,12 +184,12 @@ pub async fn purge_count(pool: &PgPool, scope: &PurgeScope) -> Result<(u64, u64)
 /// Deletes up to `limit` events older than `before`, oldest first, from the range left;
 /// returns how many, `None` when done.
 pub async fn purge_events_batch(
-    pool: &PgPool,
+    pool: &Db,
     cursor: &mut PurgeCursor,
     before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let (deleted, last): (i64, Option<i64>) = sqlx::query_as(
+    let (deleted, last): (i64, Option<i64>) = sql::query_as(
         "WITH doomed AS (
              SELECT id FROM report_events WHERE id > $1 AND id <= $2 AND at < $3
               ORDER BY id LIMIT $4),
@@ -210,7 +211,7 @@ pub async fn purge_events_batch(
 
 /// Where a purge of events older than `before` starts.
 pub async fn events_purge_start(
-    pool: &PgPool,
+    pool: &Db,
     before: DateTime<Utc>,
 ) -> Result<Option<PurgeCursor>, sqlx::Error> {
     Ok(last_id_before(pool, Timeline::Events, before)
@@ -219,13 +220,47 @@ pub async fn events_purge_start(
 }
 
 /// Throughput buckets older than two days are of no use to `report_throughput`.
-pub async fn prune_throughput(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub async fn prune_throughput(pool: &Db) -> Result<u64, sqlx::Error> {
     let r =
-        sqlx::query("DELETE FROM report_finished_minutes WHERE minute < now() - interval '2 days'")
+        sql::query("DELETE FROM report_finished_minutes WHERE minute < now() - interval '2 days'")
             .execute(pool)
             .await?;
     Ok(r.rows_affected())
 }
 
-/// The advisory lock that lets one process at a time run scheduled retention.
-pub const RETENTION_LOCK: i64 = 0x7265_706f_7274_5f72; // "report_r"
+/// The scheduled job that purges finished history (`report_schedules`).
+pub const RETENTION_JOB: &str = "retention";
+
+/// Takes `job` for `owner` until `hold` from now, unless another owner holds it (one
+/// statement; `false`: someone else runs it now).
+pub async fn take_schedule(
+    pool: &Db,
+    job: &str,
+    owner: &str,
+    hold: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let won: Option<i32> = sql::query_scalar(
+        "INSERT INTO report_schedules AS s (job, owner, held_until, last_run)
+         VALUES ($1, $2, now() + $3 * interval '1 second', now())
+         ON CONFLICT (job) DO UPDATE
+            SET owner = excluded.owner, held_until = excluded.held_until, last_run = now()
+          WHERE s.held_until < now() OR s.owner = excluded.owner
+         RETURNING 1",
+    )
+    .bind(job)
+    .bind(owner)
+    .bind(hold.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(won.is_some())
+}
+
+/// Gives `job` back (when `owner` still holds it).
+pub async fn release_schedule(pool: &Db, job: &str, owner: &str) -> Result<(), sqlx::Error> {
+    sql::query("UPDATE report_schedules SET held_until = now() WHERE job = $1 AND owner = $2")
+        .bind(job)
+        .bind(owner)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

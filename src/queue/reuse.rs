@@ -1,9 +1,10 @@
 //! Reuse: serving a row from a document already stored for the same identifier and
 //! report type, with no provider call.
 
+use super::sql;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use super::Db;
 
 use super::secs;
 use crate::domain::ReportType;
@@ -29,12 +30,12 @@ const DOWNLOADED: &str = "coalesce(d.downloaded_at, d.created_at)";
 /// `reuse_within` (else `default`). `None` when there is none, or reuse is off for the
 /// row.
 pub async fn find_reusable(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     kind: ReportType,
     default: Option<Duration>,
 ) -> Result<Option<Reusable>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT id, coalesce(reuse_within, $3 * interval '1 second') AS within,
                     nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
@@ -128,12 +129,12 @@ impl SameCompany {
 /// Only for rows that name the company one way (with several identifiers, which one
 /// the provider goes by is undocumented).
 pub async fn find_reusable_same_company(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     kind: ReportType,
     default: Option<Duration>,
 ) -> Result<Option<SameCompany>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "WITH {SAME_COMPANY},
          company_seen AS (
              SELECT c.*, (SELECT observations FROM report_identities i
@@ -179,7 +180,7 @@ pub enum Reused {
 /// reused `source`. The copy carries the source's download time, so copies of copies
 /// age like the original. Fenced by the claim like every outcome.
 pub async fn complete_from(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     token: i64,
     source: i64,
@@ -192,13 +193,13 @@ pub async fn complete_from(
         Some(why) => format!("worker: the document of request {source} ({why})"),
         None => format!("worker: the document of request {source}"),
     };
-    sqlx::query(
+    sql::query(
         "SELECT set_config('report_worker.actor', $1, true), set_config('report_worker.action', 'reuse', true)",
     )
     .bind(actor)
     .execute(&mut *tx)
     .await?;
-    let stored: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    let stored: Option<i64> = sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH source AS (
              SELECT d.* FROM report_documents d
               WHERE d.request_id = $3 AND {DOWNLOADED} > now() - $5 * interval '1 second'),
@@ -227,7 +228,7 @@ pub async fn complete_from(
         tx.commit().await?;
         return Ok(Reused::Served);
     }
-    let held: bool = sqlx::query_scalar(
+    let held: bool = sql::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM report_requests WHERE id = $1 AND lease_token = $2 AND state = 'queued')",
     )
     .bind(id)
@@ -239,8 +240,8 @@ pub async fn complete_from(
 }
 
 /// How many of `ids` were served by reusing a stored document.
-pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+pub async fn reused_among(pool: &Db, ids: &[i64]) -> Result<i64, sqlx::Error> {
+    sql::query_scalar(
         "SELECT count(DISTINCT request_id) FROM report_events WHERE request_id = ANY($1) AND action = 'reuse'",
     )
     .bind(ids)
@@ -262,12 +263,12 @@ pub async fn reused_among(pool: &PgPool, ids: &[i64]) -> Result<i64, sqlx::Error
 /// own task. The order is strict, so two queued rows never wait for each other, and
 /// generating rows wait for nobody.
 pub async fn coalescing_leader(
-    pool: &PgPool,
+    pool: &Db,
     id: i64,
     kind: ReportType,
     give_up: Duration,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
                     nullif(company_name, '') AS name, priority, run_after

@@ -8,7 +8,8 @@
 //! or orphaned tasks. `report_worker` may read and write the queue's tables and call its
 //! functions; neither may change the schema.
 
-use sqlx::PgPool;
+use super::Db;
+use super::sql;
 
 pub const APP_ROLE: &str = "report_app";
 pub const WORKER_ROLE: &str = "report_worker";
@@ -18,7 +19,7 @@ const APP_INSERT_COLUMNS: &str = "company_name, credit_code, org_number, report_
      max_attempts, dedupe_key, metadata, batch, callback_url, reuse_within";
 
 /// Creates the two roles if missing and grants them what they need in this database.
-pub async fn grant(pool: &PgPool) -> Result<(), sqlx::Error> {
+pub async fn grant(pool: &Db) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Roles are shared by every database of the server: another `grant` may be creating
     // them right now.
@@ -34,7 +35,7 @@ pub async fn grant(pool: &PgPool) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     }
-    let schema: String = sqlx::query_scalar("SELECT current_schema()")
+    let schema: String = sql::query_scalar("SELECT current_schema()")
         .fetch_one(&mut *tx)
         .await?;
     let statements = [
@@ -56,7 +57,7 @@ pub async fn grant(pool: &PgPool) -> Result<(), sqlx::Error> {
         format!("REVOKE ALL ON _sqlx_migrations FROM {WORKER_ROLE}"),
     ];
     for statement in statements {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
+        sql::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut *tx)
             .await?;
     }

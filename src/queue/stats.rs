@@ -1,7 +1,8 @@
 //! What operators read: per-state statistics, the account stops, and a batch of rows at
 //! a glance (the demo's progress and summary).
 
-use sqlx::PgPool;
+use super::Db;
+use super::sql;
 
 use super::AccountStop;
 use super::accounts::STOP_COLUMNS;
@@ -15,8 +16,8 @@ pub struct StateStats {
     pub oldest_age_secs: Option<f64>,
 }
 
-pub async fn queue_stats(pool: &PgPool) -> Result<Vec<StateStats>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn queue_stats(pool: &Db) -> Result<Vec<StateStats>, sqlx::Error> {
+    sql::query_as(
         "SELECT state, count, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs
            FROM report_queue_stats",
     )
@@ -24,8 +25,8 @@ pub async fn queue_stats(pool: &PgPool) -> Result<Vec<StateStats>, sqlx::Error> 
     .await
 }
 
-pub async fn account_stops(pool: &PgPool) -> Result<Vec<AccountStop>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+pub async fn account_stops(pool: &Db) -> Result<Vec<AccountStop>, sqlx::Error> {
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {STOP_COLUMNS} FROM report_account_stops ORDER BY account"
     )))
     .fetch_all(pool)
@@ -33,11 +34,8 @@ pub async fn account_stops(pool: &PgPool) -> Result<Vec<AccountStop>, sqlx::Erro
 }
 
 /// How many of `ids` are in each state.
-pub async fn state_counts(
-    pool: &PgPool,
-    ids: &[i64],
-) -> Result<Vec<(RequestState, i64)>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn state_counts(pool: &Db, ids: &[i64]) -> Result<Vec<(RequestState, i64)>, sqlx::Error> {
+    sql::query_as(
         "SELECT state, count(*) FROM report_requests WHERE id = ANY($1) GROUP BY state ORDER BY state",
     )
     .bind(ids)
@@ -61,11 +59,8 @@ pub struct RequestSummary {
     pub byte_size: Option<i64>,
 }
 
-pub async fn request_summaries(
-    pool: &PgPool,
-    ids: &[i64],
-) -> Result<Vec<RequestSummary>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn request_summaries(pool: &Db, ids: &[i64]) -> Result<Vec<RequestSummary>, sqlx::Error> {
+    sql::query_as(
         "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.attempts,
                 r.last_error_code, r.last_error, d.byte_size
            FROM report_requests r LEFT JOIN report_documents d ON d.request_id = r.id
@@ -79,11 +74,11 @@ pub async fn request_summaries(
 /// Rows whose last error, written within `within`, carried `code`: how many rows met the
 /// same undocumented answer lately (several rows mean the account, not the rows).
 pub async fn rows_lost_to(
-    pool: &PgPool,
+    pool: &Db,
     code: i32,
     within: std::time::Duration,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    sql::query_scalar(
         "SELECT count(*) FROM report_requests
           WHERE last_error_code = $1 AND last_error_at > now() - $2 * interval '1 second'
             AND state IN ('queued', 'generating', 'failed')",
@@ -103,8 +98,8 @@ pub struct Throughput {
     pub last_day: i64,
 }
 
-pub async fn throughput(pool: &PgPool) -> Result<Vec<Throughput>, sqlx::Error> {
-    sqlx::query_as("SELECT state, last_minute, last_hour, last_day FROM report_throughput")
+pub async fn throughput(pool: &Db) -> Result<Vec<Throughput>, sqlx::Error> {
+    sql::query_as("SELECT state, last_minute, last_hour, last_day FROM report_throughput")
         .fetch_all(pool)
         .await
 }
@@ -117,16 +112,16 @@ pub struct BatchSummary {
     pub failures: Vec<(Option<i32>, String, i64)>,
 }
 
-pub async fn batch_summary(pool: &PgPool, batch: &str) -> Result<BatchSummary, sqlx::Error> {
+pub async fn batch_summary(pool: &Db, batch: &str) -> Result<BatchSummary, sqlx::Error> {
     // From the counts the triggers keep: the same at 50 rows or 500,000.
-    let states = sqlx::query_as(
+    let states = sql::query_as(
         "SELECT state, sum(n)::bigint FROM report_batch_counts WHERE batch = $1
           GROUP BY state HAVING sum(n) <> 0 ORDER BY state",
     )
     .bind(batch)
     .fetch_all(pool)
     .await?;
-    let failures = sqlx::query_as(
+    let failures = sql::query_as(
         "SELECT last_error_code, coalesce(left(last_error, 200), 'no reason recorded'), count(*)
            FROM report_requests WHERE batch = $1 AND state = 'failed'
           GROUP BY 1, 2 ORDER BY 3 DESC, 1 LIMIT 10",

@@ -2,10 +2,11 @@
 //! when a request with a `callback_url` finishes, claimed under a short lease by one
 //! sender at a time, and recorded attempt by attempt.
 
+use super::sql;
 use std::time::Duration;
 
+use super::Db;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use super::secs;
 
@@ -28,12 +29,12 @@ pub struct DueDelivery {
 /// due again for `lease` (a sender that dies mid-attempt leaves it to be retried then,
 /// the attempt counted).
 pub async fn claim_deliveries(
-    pool: &PgPool,
+    pool: &Db,
     owner: &str,
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<DueDelivery>, sqlx::Error> {
-    sqlx::query_as(
+    sql::query_as(
         "WITH due AS (
              SELECT id FROM report_webhook_deliveries
               WHERE state = 'pending' AND next_attempt_at <= now()
@@ -85,11 +86,11 @@ pub async fn claim_deliveries(
 /// Records a delivered attempt (fenced by the attempt number: a slower sender whose
 /// claim was taken over changes nothing).
 pub async fn record_delivered(
-    pool: &PgPool,
+    pool: &Db,
     delivery: &DueDelivery,
     status: u16,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sql::query(
         "UPDATE report_webhook_deliveries
             SET state = 'delivered', delivered_at = now(), last_status = $3, last_error = NULL,
                 lease_owner = NULL, lease_expires_at = NULL
@@ -105,13 +106,13 @@ pub async fn record_delivered(
 
 /// Records a failed attempt: tried again at `retry_at`, or failed for good when `None`.
 pub async fn record_undelivered(
-    pool: &PgPool,
+    pool: &Db,
     delivery: &DueDelivery,
     status: Option<u16>,
     error: &str,
     retry_at: Option<DateTime<Utc>>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let done = sql::query(
         "UPDATE report_webhook_deliveries
             SET state = CASE WHEN $5::timestamptz IS NULL THEN 'failed' ELSE 'pending' END,
                 next_attempt_at = coalesce($5, next_attempt_at),
@@ -130,8 +131,8 @@ pub async fn record_undelivered(
 }
 
 /// How long until the next pending delivery falls due (zero if one is due now).
-pub async fn next_delivery_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
-    let secs: Option<f64> = sqlx::query_scalar(
+pub async fn next_delivery_due_in(pool: &Db) -> Result<Option<Duration>, sqlx::Error> {
+    let secs: Option<f64> = sql::query_scalar(
         "SELECT greatest(extract(epoch FROM min(next_attempt_at) - now()), 0)::float8
            FROM report_webhook_deliveries WHERE state = 'pending'",
     )
@@ -148,8 +149,8 @@ pub struct DeliveryCounts {
     pub failed: i64,
 }
 
-pub async fn delivery_counts(pool: &PgPool) -> Result<DeliveryCounts, sqlx::Error> {
-    let (pending, failed): (i64, i64) = sqlx::query_as(
+pub async fn delivery_counts(pool: &Db) -> Result<DeliveryCounts, sqlx::Error> {
+    let (pending, failed): (i64, i64) = sql::query_as(
         "SELECT (SELECT count(*) FROM report_webhook_deliveries WHERE state = 'pending'),
                 (SELECT count(*) FROM report_webhook_deliveries WHERE state = 'failed')",
     )

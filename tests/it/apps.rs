@@ -33,7 +33,7 @@ fn bin(args: &[&str], database_url: &str, dir: &std::path::Path) -> Output {
         .expect("the binary runs")
 }
 
-async fn insert(pool: &sqlx::PgPool, sql: &'static str, company: &str) -> i64 {
+async fn insert(pool: &report_worker::queue::Db, sql: &'static str, company: &str) -> i64 {
     sqlx::query_scalar(sql)
         .bind(company)
         .fetch_one(pool)

@@ -6,7 +6,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::{Connection, PgConnection, PgPool};
+use report_worker::queue::Db;
+use sqlx::{Connection, PgConnection};
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -25,7 +26,7 @@ fn url_for(db: &str) -> String {
 pub struct TestDb {
     pub name: String,
     pub url: String,
-    pub pool: PgPool,
+    pub pool: Db,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -308,12 +309,12 @@ pub async fn spawn_fast_worker(
     .await
 }
 
-pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+pub async fn count(pool: &Db, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 /// Waits until no row is queued or generating.
-pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
+pub async fn wait_all_finished(pool: &Db, deadline: Duration) {
     wait_for("every row to finish", deadline, || async {
         let open = count(
             pool,
@@ -326,7 +327,7 @@ pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
 }
 
 pub async fn enqueue(
-    pool: &PgPool,
+    pool: &Db,
     company: Option<&str>,
     code: Option<&str>,
     org: Option<&str>,
@@ -346,10 +347,7 @@ pub async fn enqueue(
 
 /// Every stored document is byte-exact: its sha256 matches its bytes and the one the
 /// simulator recorded when it served that job's document.
-pub async fn assert_documents_exact(
-    pool: &PgPool,
-    sim: &report_worker::simulator::Simulator,
-) -> usize {
+pub async fn assert_documents_exact(pool: &Db, sim: &report_worker::simulator::Simulator) -> usize {
     let rows: Vec<(i64, String, String, bool, String)> = sqlx::query_as(
         "SELECT d.request_id, r.upstream_job_id, d.sha256, encode(sha256(d.content), 'hex') = d.sha256, r.report_type
            FROM report_documents d JOIN report_requests r ON r.id = d.request_id",
@@ -475,7 +473,7 @@ pub fn tasks_for(sim: &report_worker::simulator::Simulator, company: &str) -> u6
 }
 
 /// The state, attempts and last error of a row.
-pub async fn row_state(pool: &PgPool, id: i64) -> (String, i32, Option<String>) {
+pub async fn row_state(pool: &Db, id: i64) -> (String, i32, Option<String>) {
     sqlx::query_as("SELECT state, attempts, last_error FROM report_requests WHERE id = $1")
         .bind(id)
         .fetch_one(pool)
@@ -484,7 +482,7 @@ pub async fn row_state(pool: &PgPool, id: i64) -> (String, i32, Option<String>) 
 }
 
 /// Inserts a row for `company` with `max_attempts`.
-pub async fn enqueue_with_attempts(pool: &PgPool, company: &str, max_attempts: i32) -> i64 {
+pub async fn enqueue_with_attempts(pool: &Db, company: &str, max_attempts: i32) -> i64 {
     sqlx::query_scalar(
         "INSERT INTO report_requests (company_name, report_type, max_attempts) VALUES ($1, 'pdf', $2) RETURNING id",
     )
@@ -625,11 +623,7 @@ pub fn injection(
 }
 
 /// Waits until row `id` is final; its state, attempts and last error.
-pub async fn wait_final(
-    pool: &PgPool,
-    id: i64,
-    deadline: Duration,
-) -> (String, i32, Option<String>) {
+pub async fn wait_final(pool: &Db, id: i64, deadline: Duration) -> (String, i32, Option<String>) {
     wait_for("the row to finish", deadline, || async {
         let row = row_state(pool, id).await;
         matches!(row.0.as_str(), "succeeded" | "failed" | "cancelled").then_some(row)

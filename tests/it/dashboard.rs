@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
-const TOKEN: &str = "correct horse battery staple";
+pub const TOKEN: &str = "correct horse battery staple";
 
 pub struct Dashboard {
     pub base: String,
@@ -37,6 +37,14 @@ impl Dashboard {
         Dashboard {
             base: format!("http://{addr}"),
             cancel,
+        }
+    }
+
+    /// A dashboard someone else serves (the real binary) at `base`.
+    pub fn at(base: String) -> Dashboard {
+        Dashboard {
+            base,
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -67,7 +75,7 @@ async fn get(d: &Dashboard, path: &str) -> (StatusCode, String) {
 
 /// A browser's cookies, kept by hand (name → value).
 #[derive(Default)]
-struct Browser {
+pub struct Browser {
     cookies: HashMap<String, String>,
 }
 
@@ -95,7 +103,7 @@ impl Browser {
         }
     }
 
-    async fn get(&mut self, d: &Dashboard, path: &str) -> (StatusCode, String) {
+    pub async fn get(&mut self, d: &Dashboard, path: &str) -> (StatusCode, String) {
         let r = client()
             .get(d.url(path))
             .header(COOKIE, self.cookie_header())
@@ -107,7 +115,7 @@ impl Browser {
         (status, r.text().await.unwrap())
     }
 
-    async fn post(
+    pub async fn post(
         &mut self,
         d: &Dashboard,
         path: &str,
@@ -132,7 +140,7 @@ impl Browser {
     }
 
     /// The CSRF token on a page's forms.
-    async fn csrf(&mut self, d: &Dashboard, path: &str) -> String {
+    pub async fn csrf(&mut self, d: &Dashboard, path: &str) -> String {
         let (_, html) = self.get(d, path).await;
         let at = html
             .find("name=\"csrf\" value=\"")
@@ -141,7 +149,7 @@ impl Browser {
         rest[..rest.find('"').unwrap()].to_string()
     }
 
-    async fn sign_in(&mut self, d: &Dashboard, name: &str) {
+    pub async fn sign_in(&mut self, d: &Dashboard, name: &str) {
         let csrf = self.csrf(d, "/login").await;
         let r = self
             .post(

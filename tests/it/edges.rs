@@ -225,7 +225,12 @@ async fn redirects_to_another_host_are_refused_unless_allowed() {
     let mut client = client_config(&sim);
     client.download_hosts = vec!["127.0.0.1".into(), "localhost".into()];
     let w = spawn_worker(&db.url, client, config).await;
-    assert_eq!(wait_final(&db.pool, allowed, Duration::from_secs(30)).await.0, "succeeded");
+    assert_eq!(
+        wait_final(&db.pool, allowed, Duration::from_secs(30))
+            .await
+            .0,
+        "succeeded"
+    );
     assert_eq!(sim.stats().calls("download:redirect"), 3);
     w.stop().await;
     sim.stop().await;

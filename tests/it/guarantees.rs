@@ -13,7 +13,7 @@ fn create_fault(fault: Fault, count: u32) -> Injection {
     injection(Endpoint::Create, fault, count)
 }
 
-async fn sql_bool(pool: &sqlx::PgPool, sql: &'static str, id: i64) -> bool {
+async fn sql_bool(pool: &report_worker::queue::Db, sql: &'static str, id: i64) -> bool {
     sqlx::query_scalar(sql)
         .bind(id)
         .fetch_one(pool)
@@ -21,7 +21,7 @@ async fn sql_bool(pool: &sqlx::PgPool, sql: &'static str, id: i64) -> bool {
         .unwrap()
 }
 
-async fn call(pool: &sqlx::PgPool, function: &str, id: i64) -> bool {
+async fn call(pool: &report_worker::queue::Db, function: &str, id: i64) -> bool {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {function}($1)")))
         .bind(id)
         .fetch_one(pool)
@@ -30,7 +30,7 @@ async fn call(pool: &sqlx::PgPool, function: &str, id: i64) -> bool {
 }
 
 /// The job id a row holds now, if any.
-async fn job_of(pool: &sqlx::PgPool, id: i64) -> Option<String> {
+async fn job_of(pool: &report_worker::queue::Db, id: i64) -> Option<String> {
     sqlx::query_scalar("SELECT upstream_job_id FROM report_requests WHERE id = $1")
         .bind(id)
         .fetch_one(pool)

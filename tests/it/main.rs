@@ -14,6 +14,7 @@ mod guarantees;
 mod layout;
 mod objects;
 mod ops;
+mod pgbouncer;
 mod process;
 mod queue;
 mod scale;

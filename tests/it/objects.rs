@@ -10,7 +10,7 @@ use report_worker::store::DocumentStore;
 /// Every stored document is in the bucket under its key, byte-exact, and is what the
 /// simulator served; no row holds bytes itself.
 async fn assert_objects_exact(
-    pool: &sqlx::PgPool,
+    pool: &report_worker::queue::Db,
     sim: &report_worker::simulator::Simulator,
     endpoint: &str,
     bucket: &str,

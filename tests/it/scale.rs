@@ -8,13 +8,13 @@ use crate::common::*;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use report_worker::engine::retention::{purge, purge_dry_run};
+use report_worker::queue::Db;
 use report_worker::queue::{self, ClaimKinds, PurgeScope};
 use report_worker::store::DocumentStore;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// count(*) by state, by batch and state, and the batches: the slow truth.
-async fn truth(pool: &PgPool) -> BTreeMap<String, i64> {
+async fn truth(pool: &Db) -> BTreeMap<String, i64> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT state, count(*) FROM report_requests GROUP BY state
          UNION ALL SELECT batch || '/' || state, count(*) FROM report_requests WHERE batch IS NOT NULL GROUP BY batch, state
@@ -27,7 +27,7 @@ async fn truth(pool: &PgPool) -> BTreeMap<String, i64> {
 }
 
 /// What report_queue_stats says, with the batch counts the triggers keep.
-async fn stats(pool: &PgPool) -> BTreeMap<String, i64> {
+async fn stats(pool: &Db) -> BTreeMap<String, i64> {
     let mut counts: BTreeMap<String, i64> = queue::queue_stats(pool)
         .await
         .unwrap()
@@ -46,7 +46,7 @@ async fn stats(pool: &PgPool) -> BTreeMap<String, i64> {
     counts
 }
 
-async fn ids(pool: &PgPool) -> Vec<i64> {
+async fn ids(pool: &Db) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM report_requests ORDER BY id")
         .fetch_all(pool)
         .await
@@ -65,7 +65,7 @@ fn tolerate_deadlock(r: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) {
 }
 
 /// One random operation of the kinds that move rows between states or remove them.
-async fn random_operation(pool: &PgPool, rng: &mut StdRng, owner: &str) {
+async fn random_operation(pool: &Db, rng: &mut StdRng, owner: &str) {
     let all = ids(pool).await;
     let pick = |rng: &mut StdRng| (!all.is_empty()).then(|| all[rng.random_range(0..all.len())]);
     match rng.random_range(0..10) {

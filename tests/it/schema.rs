@@ -528,7 +528,7 @@ async fn deleting_requests_deletes_their_history() {
 
 /// The schema the migrations build, in a canonical text form: columns, constraints,
 /// indexes, functions, triggers, views and table options of the public schema.
-async fn schema_text(pool: &sqlx::PgPool) -> String {
+async fn schema_text(pool: &report_worker::queue::Db) -> String {
     let lines: Vec<String> = sqlx::query_scalar(
         r#"
         SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)

@@ -98,7 +98,7 @@ async fn status_false_without_a_code_costs_one_attempt() {
     lost_answers_never_cost_more_than_max_attempts(Fault::CreatedThenStatusFalse).await;
 }
 
-async fn intent_is_set(pool: &sqlx::PgPool, id: i64) -> bool {
+async fn intent_is_set(pool: &report_worker::queue::Db, id: i64) -> bool {
     sqlx::query_scalar("SELECT create_started_at IS NOT NULL FROM report_requests WHERE id = $1")
         .bind(id)
         .fetch_one(pool)

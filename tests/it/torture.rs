@@ -590,7 +590,7 @@ fn key(name: &Option<String>, code: &Option<String>, org: &Option<String>, kind:
 }
 
 /// The promises, checked against the simulator's ground truth.
-async fn check(pool: &sqlx::PgPool, sim: &Simulator, reuse_on: bool) -> Vec<String> {
+async fn check(pool: &report_worker::queue::Db, sim: &Simulator, reuse_on: bool) -> Vec<String> {
     let mut v = Vec::new();
     let stats = sim.stats();
     let rows: Vec<Row> = sqlx::query_as(
