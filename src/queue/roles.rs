@@ -18,8 +18,41 @@ pub const WORKER_ROLE: &str = "report_worker";
 const APP_INSERT_COLUMNS: &str = "company_name, credit_code, org_number, report_type, priority, run_after, \
      max_attempts, dedupe_key, metadata, batch, callback_url, reuse_within";
 
-/// Creates the two roles if missing and grants them what they need in this database.
-pub async fn grant(pool: &Db) -> Result<(), sqlx::Error> {
+/// Why `grant` could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The roles do not exist yet and this login may not create roles (a managed
+    /// database's owner usually may: it needs CREATEROLE, not superuser).
+    #[error(
+        "the roles {} do not exist and {user} may not create roles: grant needs CREATEROLE (ALTER ROLE \"{user}\" CREATEROLE; on a managed PostgreSQL the admin login has it), or create them once as a superuser ({})",
+        missing.join(" and "),
+        missing.iter().map(|r| format!("CREATE ROLE {r} NOLOGIN;")).collect::<Vec<_>>().join(" ")
+    )]
+    CannotCreateRoles { user: String, missing: Vec<String> },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Creates the two roles if missing (which needs CREATEROLE, never superuser) and grants
+/// them what they need in this database (which needs only to own its tables: the login
+/// that ran `migrate`).
+pub async fn grant(pool: &Db) -> Result<(), GrantError> {
+    let missing: Vec<String> = sql::query_scalar(
+        "SELECT r FROM unnest($1::text[]) AS r WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)",
+    )
+    .bind([APP_ROLE, WORKER_ROLE])
+    .fetch_all(pool)
+    .await?;
+    if !missing.is_empty() {
+        let (user, may): (String, bool) = sql::query_as(
+            "SELECT current_user::text, rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !may {
+            return Err(GrantError::CannotCreateRoles { user, missing });
+        }
+    }
     let mut tx = pool.begin().await?;
     // Roles are shared by every database of the server: another `grant` may be creating
     // them right now.
@@ -61,5 +94,6 @@ pub async fn grant(pool: &Db) -> Result<(), sqlx::Error> {
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(())
 }

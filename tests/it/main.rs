@@ -12,6 +12,7 @@ mod economy;
 mod edges;
 mod guarantees;
 mod layout;
+mod managed;
 mod objects;
 mod ops;
 mod pgbouncer;

@@ -496,13 +496,50 @@ fn compose_file_is_complete_and_consistent() {
     ] {
         assert!(names.contains(&s), "service {s} missing");
     }
-    // The dashboard reads the same database and bucket, once migrated.
+    // The dashboard reads the same database and bucket, once migrated, granted and its
+    // login created.
     let dashboard = &doc["services"]["dashboard"];
     assert_eq!(dashboard["command"][0].as_str(), Some("dashboard"));
     assert_eq!(
-        dashboard["depends_on"]["migrate"]["condition"].as_str(),
+        dashboard["depends_on"]["logins"]["condition"].as_str(),
         Some("service_completed_successfully")
     );
+    // The owner migrates and grants; the workers and the dashboard log in as a member
+    // of report_worker, never as the owner.
+    let owner = doc["x-database-url"].as_str().unwrap();
+    let login = doc["x-worker-database-url"].as_str().unwrap();
+    assert_ne!(owner, login);
+    for s in ["migrate", "grant"] {
+        assert_eq!(
+            doc["services"][s]["environment"]["DATABASE_URL"].as_str(),
+            Some(owner),
+            "{s}"
+        );
+    }
+    assert_eq!(
+        doc["services"]["grant"]["command"][0].as_str(),
+        Some("grant")
+    );
+    assert_eq!(
+        doc["services"]["grant"]["depends_on"]["migrate"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    let logins = doc["services"]["logins"]["entrypoint"]
+        .as_sequence()
+        .unwrap();
+    let create = logins.last().and_then(|c| c.as_str()).unwrap();
+    assert!(
+        create.contains("LOGIN") && create.contains("IN ROLE report_worker"),
+        "{create}"
+    );
+    assert!(login.starts_with("postgres://worker:"), "{login}");
+    for s in ["worker", "dashboard"] {
+        assert_eq!(
+            doc["services"][s]["environment"]["DATABASE_URL"].as_str(),
+            Some(login),
+            "{s}"
+        );
+    }
     assert_eq!(
         dashboard["environment"]["DOCUMENT_STORE"],
         doc["services"]["worker"]["environment"]["DOCUMENT_STORE"]
@@ -549,7 +586,7 @@ fn compose_file_is_complete_and_consistent() {
     let worker = svc("worker");
     assert_eq!(worker["deploy"]["replicas"].as_u64(), Some(2));
     assert_eq!(
-        worker["depends_on"]["migrate"]["condition"].as_str(),
+        worker["depends_on"]["logins"]["condition"].as_str(),
         Some("service_completed_successfully")
     );
     assert_eq!(
@@ -594,9 +631,22 @@ fn compose_file_is_complete_and_consistent() {
         let v = env[var].as_str().unwrap();
         report_worker::config::parse_duration(v).unwrap_or_else(|e| panic!("{var}={v}: {e}"));
     }
+    // The same database as migrate's, another login.
+    let database = |u: &str| {
+        let u = url::Url::parse(u).unwrap();
+        (
+            u.host_str().map(str::to_string),
+            u.port(),
+            u.path().to_string(),
+        )
+    };
     assert_eq!(
-        env["DATABASE_URL"].as_str(),
-        svc("migrate")["environment"]["DATABASE_URL"].as_str()
+        database(env["DATABASE_URL"].as_str().unwrap()),
+        database(
+            svc("migrate")["environment"]["DATABASE_URL"]
+                .as_str()
+                .unwrap()
+        )
     );
     assert!(
         env["UPSTREAM_BASE_URL"]
