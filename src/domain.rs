@@ -624,3 +624,38 @@ mod tests {
         assert!("xls".parse::<ReportType>().is_err());
     }
 }
+
+/// The byte-order mark that tells a spreadsheet a CSV file is UTF-8 (Excel on Windows
+/// otherwise reads it in the local code page, and Chinese comes out garbled).
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// A CSV cell a spreadsheet reads as the text it is: one that starts with `=`, `+`, `-`,
+/// `@`, a tab or a carriage return would be taken for a formula (and run), so it is
+/// prefixed with `'`, which Excel and LibreOffice show as nothing but text.
+pub fn spreadsheet_cell(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+        _ => cell.into(),
+    }
+}
+
+#[cfg(test)]
+mod spreadsheet_tests {
+    use super::spreadsheet_cell;
+
+    #[test]
+    fn formulas_are_shown_as_text() {
+        for (cell, shown) in [
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+1", "'+1"),
+            ("-2", "'-2"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("小米科技有限责任公司", "小米科技有限责任公司"),
+            ("91110108551385082Q", "91110108551385082Q"),
+            ("", ""),
+        ] {
+            assert_eq!(spreadsheet_cell(cell), shown);
+        }
+    }
+}

@@ -95,6 +95,18 @@ pub struct DashboardAccess {
     /// How often pages refresh themselves when JavaScript is on.
     #[arg(long = "dashboard-refresh", env = "DASHBOARD_REFRESH", default_value = "5s", value_parser = parse_duration)]
     pub refresh: Duration,
+    /// Without DASHBOARD_TOKEN, serve beyond loopback all the same: every request and
+    /// document readable by whoever reaches the port (refused otherwise).
+    #[arg(long = "public-read", env = "DASHBOARD_PUBLIC_READ")]
+    pub public_read: bool,
+    /// Reverse proxies (IP addresses, comma-separated) whose X-Forwarded-For and
+    /// X-Forwarded-Proto are believed: the client's address, and HTTPS for Secure cookies.
+    #[arg(
+        long = "dashboard-trusted-proxies",
+        env = "DASHBOARD_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl DashboardAccess {
@@ -104,6 +116,8 @@ impl DashboardAccess {
     ) -> crate::dashboard::DashboardConfig {
         let mut config = crate::dashboard::DashboardConfig::new(self.token.clone(), documents);
         config.refresh = self.refresh.max(Duration::from_secs(1));
+        config.public_read = self.public_read;
+        config.trusted_proxies = self.trusted_proxies.clone();
         config
     }
 }
@@ -630,6 +644,8 @@ impl RunArgs {
                 "addr": self.dashboard_addr.map(|a| a.to_string()),
                 "token_set": self.dashboard.token.is_some(),
                 "refresh": d(self.dashboard.refresh),
+                "public_read": self.dashboard.public_read,
+                "trusted_proxies": self.dashboard.trusted_proxies.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             },
             "document_store": self.store.document_store,
             "database": {

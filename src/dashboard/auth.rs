@@ -137,9 +137,13 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.trim())
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, for the whole dashboard.
-pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> String {
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, for the whole dashboard; `Secure`
+/// when the request came over HTTPS.
+pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>, secure: bool) -> String {
     let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if secure {
+        c.push_str("; Secure");
+    }
     if let Some(age) = max_age {
         c.push_str(&format!("; Max-Age={}", age.as_secs()));
     }

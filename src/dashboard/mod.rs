@@ -43,12 +43,20 @@ use crate::upstream::Secret;
 /// How the dashboard is served.
 #[derive(Debug, Clone)]
 pub struct DashboardConfig {
-    /// `DASHBOARD_TOKEN`: without it the dashboard is read-only.
+    /// `DASHBOARD_TOKEN`: with it, every page, manifest and document needs signing in
+    /// (and actions are possible); without it the dashboard is read-only, for loopback.
     pub token: Option<Secret>,
     /// Where documents' bytes are (for the download links).
     pub documents: DocumentStore,
     /// How often pages refresh themselves when JavaScript is on.
     pub refresh: Duration,
+    /// `--public-read`: without a token, serve beyond loopback all the same (every
+    /// request and document readable by whoever reaches the port).
+    pub public_read: bool,
+    /// Reverse proxies whose `X-Forwarded-For` / `X-Forwarded-Proto` are believed (the
+    /// client's address for sign-in limits and the event log; HTTPS for `Secure`
+    /// cookies).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl DashboardConfig {
@@ -57,9 +65,17 @@ impl DashboardConfig {
             token: token.filter(|t| !t.expose().trim().is_empty()),
             documents,
             refresh: Duration::from_secs(5),
+            public_read: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
+
+/// Failed sign-ins one client address may make within `SIGN_IN_WINDOW`.
+const SIGN_IN_FAILURES: usize = 5;
+const SIGN_IN_WINDOW: Duration = Duration::from_secs(300);
+/// Client addresses remembered at most (the oldest are forgotten first).
+const SIGN_IN_CLIENTS: usize = 10_000;
 
 #[derive(Clone)]
 struct App {
@@ -67,6 +83,10 @@ struct App {
     auth: Option<Auth>,
     documents: DocumentStore,
     refresh: Duration,
+    trusted_proxies: std::sync::Arc<Vec<std::net::IpAddr>>,
+    /// Recent failed sign-ins per client address (a std mutex, never held across an
+    /// await): what limits guessing the token.
+    failures: std::sync::Arc<std::sync::Mutex<HashMap<std::net::IpAddr, Vec<Instant>>>>,
 }
 
 /// Who is looking, worked out once per request by `context`.
@@ -80,8 +100,11 @@ pub(crate) struct Viewer {
     pub csrf: Option<String>,
     /// The browser's CSRF cookie value.
     csrf_cookie: String,
-    /// The peer's address, for the event log.
-    peer: Option<SocketAddr>,
+    /// The client's address (the peer's, or the one a trusted proxy forwarded), for the
+    /// event log and the sign-in limit.
+    peer: Option<std::net::IpAddr>,
+    /// The request came over HTTPS (through a trusted proxy): cookies are `Secure`.
+    https: bool,
     /// Seconds between live refreshes.
     pub refresh_secs: u64,
 }
@@ -104,6 +127,8 @@ pub fn router(pool: Db, config: DashboardConfig) -> Router {
         auth: config.token.as_ref().map(Auth::new),
         documents: config.documents,
         refresh: config.refresh,
+        trusted_proxies: std::sync::Arc::new(config.trusted_proxies),
+        failures: Default::default(),
     };
     Router::new()
         .route("/", get(overview))
@@ -127,20 +152,36 @@ pub fn router(pool: Db, config: DashboardConfig) -> Router {
         .with_state(app)
 }
 
-/// Serves the dashboard on `addr` until `cancel`; returns the bound address. Warns when
-/// the address is reachable from other hosts and no token protects the actions (they
-/// are off then, but every page is readable).
+/// Serves the dashboard on `addr` until `cancel`; returns the bound address. Without a
+/// token it serves loopback only, unless `public_read` says otherwise explicitly (then
+/// it warns); with one beyond loopback and no trusted proxy, it warns that the token and
+/// the session cross the network in clear unless TLS ends in front of it.
 pub async fn serve(
     addr: SocketAddr,
     pool: Db,
     config: DashboardConfig,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    if !addr.ip().is_loopback() && config.token.is_none() {
-        tracing::warn!(
-            %addr,
-            "the dashboard listens beyond this host without DASHBOARD_TOKEN: anyone who reaches it can read every request (actions stay off)"
-        );
+    if !addr.ip().is_loopback() {
+        match (&config.token, config.public_read) {
+            (None, false) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{addr} is reachable from other hosts and no DASHBOARD_TOKEN is set: anyone who reaches it could read every request and download every document; set DASHBOARD_TOKEN, listen on 127.0.0.1, or pass --public-read (DASHBOARD_PUBLIC_READ=true) to serve it read-only to everyone"
+                    ),
+                ));
+            }
+            (None, true) => tracing::warn!(
+                %addr,
+                "the dashboard is served read-only to everyone who can reach it (--public-read): every request and document is readable"
+            ),
+            (Some(_), _) if config.trusted_proxies.is_empty() => tracing::warn!(
+                %addr,
+                "the dashboard listens beyond this host: put TLS in front of it (and name that proxy in DASHBOARD_TRUSTED_PROXIES for Secure cookies), or the token and sessions cross the network in clear"
+            ),
+            (Some(_), _) => {}
+        }
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -156,18 +197,59 @@ pub async fn serve(
     Ok(bound)
 }
 
-/// Per request: who is looking (session, CSRF cookie — set when missing), then the
-/// security headers and the server time on the way out.
+/// The client's address and whether it came over HTTPS: the peer's own, unless the
+/// peer is a trusted proxy, whose `X-Forwarded-For` (the nearest address that is not
+/// itself a trusted proxy) and `X-Forwarded-Proto` are then believed.
+fn client(
+    trusted: &[std::net::IpAddr],
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+) -> (Option<std::net::IpAddr>, bool) {
+    let Some(peer) = peer.filter(|p| trusted.contains(p)) else {
+        return (peer, false);
+    };
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .collect::<Vec<_>>();
+    let address = forwarded
+        .iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .copied()
+        .unwrap_or(peer);
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    (Some(address), https)
+}
+
+/// Pages anyone may fetch, signed in or not: the sign-in page and the assets it needs.
+fn public_path(path: &str) -> bool {
+    path == "/login" || path.starts_with("/assets/")
+}
+
+/// Per request: who is looking (session, CSRF cookie — set when missing); with a token,
+/// nothing but the sign-in page is served to someone not signed in; then the security
+/// headers and the server time on the way out.
 async fn context(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let headers = req.headers();
     let mut new_csrf_cookie = None;
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (peer, https) = client(&app.trusted_proxies, peer, headers);
     let mut viewer = Viewer {
         token_set: app.auth.is_some(),
-        peer: req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0),
+        peer,
+        https,
         refresh_secs: app.refresh.as_secs().max(1),
         ..Viewer::default()
     };
@@ -185,11 +267,29 @@ async fn context(State(app): State<App>, mut req: Request, next: Next) -> Respon
             .and_then(|v| auth.session_name(v, auth::now_secs()));
         viewer.csrf_cookie = csrf_cookie;
     }
-    req.extensions_mut().insert(viewer);
-    let mut res = next.run(req).await;
+    let path = req.uri().path().to_string();
+    let must_sign_in = viewer.token_set && viewer.name.is_none() && !public_path(&path);
+    let secure = viewer.https;
+    let mut res = if must_sign_in && req.method() == axum::http::Method::GET {
+        // Pages, manifests and documents alike: sign in first, then come back here.
+        let back = req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let to: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("next", &back)
+            .finish();
+        Redirect::to(&format!("/login?{to}")).into_response()
+    } else if must_sign_in && path != "/logout" {
+        PageError::Forbidden("sign in first: this dashboard is for those who have its token".into())
+            .into_response()
+    } else {
+        req.extensions_mut().insert(viewer);
+        next.run(req).await
+    };
     let h = res.headers_mut();
     if let Some(c) = new_csrf_cookie
-        && let Ok(v) = HeaderValue::from_str(&auth::set_cookie(auth::CSRF_COOKIE, &c, None))
+        && let Ok(v) = HeaderValue::from_str(&auth::set_cookie(auth::CSRF_COOKIE, &c, None, secure))
     {
         h.append(header::SET_COOKIE, v);
     }
@@ -519,7 +619,7 @@ async fn manifest(State(app): State<App>, Query(params): Params) -> PageResult {
     let batch = param(&params, "batch")
         .ok_or_else(|| PageError::BadRequest("batch is required".into()))?
         .to_string();
-    let mut out = csv::Writer::from_writer(Vec::new());
+    let mut out = csv::Writer::from_writer(crate::domain::UTF8_BOM.to_vec());
     let csv_error = |e: csv::Error| PageError::Unavailable(format!("writing the manifest: {e}"));
     out.write_record([
         "id",
@@ -542,13 +642,14 @@ async fn manifest(State(app): State<App>, Query(params): Params) -> PageResult {
             } else {
                 String::new()
             };
+            let cell = crate::domain::spreadsheet_cell;
             out.write_record([
                 r.id.to_string(),
-                r.identifier,
+                cell(&r.identifier).into_owned(),
                 r.report_type.as_str().to_string(),
                 r.state.as_str().to_string(),
                 r.sha256.unwrap_or_default(),
-                r.error.unwrap_or_default(),
+                cell(r.error.as_deref().unwrap_or("")).into_owned(),
                 link,
             ])
             .map_err(csv_error)?;
@@ -601,7 +702,7 @@ fn authorize(
         ));
     };
     Ok(match v.peer {
-        Some(peer) => format!("dashboard:{name} ({})", peer.ip()),
+        Some(peer) => format!("dashboard:{name} ({peer})"),
         None => format!("dashboard:{name}"),
     })
 }
@@ -700,6 +801,39 @@ async fn login_page(Extension(v): Extension<Viewer>, Query(params): Params) -> R
     pages::login(&v, None, &next).into_response()
 }
 
+impl App {
+    /// How long this client must wait before its next sign-in, if it has made too many
+    /// wrong ones lately.
+    fn sign_in_pause(&self, client: Option<std::net::IpAddr>) -> Option<Duration> {
+        let client = client?;
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let recent: Vec<&Instant> = failures
+            .get(&client)?
+            .iter()
+            .filter(|at| at.elapsed() < SIGN_IN_WINDOW)
+            .collect();
+        if recent.len() < SIGN_IN_FAILURES {
+            return None;
+        }
+        let oldest = recent.iter().min()?;
+        Some(SIGN_IN_WINDOW.saturating_sub(oldest.elapsed()))
+    }
+
+    fn sign_in_failed(&self, client: Option<std::net::IpAddr>) {
+        let Some(client) = client else { return };
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() >= SIGN_IN_CLIENTS && !failures.contains_key(&client) {
+            failures.retain(|_, at| at.iter().any(|a| a.elapsed() < SIGN_IN_WINDOW));
+            if failures.len() >= SIGN_IN_CLIENTS {
+                return;
+            }
+        }
+        let at = failures.entry(client).or_default();
+        at.retain(|a| a.elapsed() < SIGN_IN_WINDOW);
+        at.push(Instant::now());
+    }
+}
+
 /// Only a path on this dashboard (never `//host` or `https://…`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
@@ -729,12 +863,29 @@ async fn login(
         )
             .into_response())
     };
+    // Guessing the token: a few wrong ones per client address, then a pause.
+    if let Some(wait) = app.sign_in_pause(v.peer) {
+        let message = format!(
+            "too many wrong tokens from this address: try again in {} s",
+            wait.as_secs().max(1)
+        );
+        let mut res = (
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login(&v, Some(&message), &next),
+        )
+            .into_response();
+        if let Ok(after) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            res.headers_mut().insert(header::RETRY_AFTER, after);
+        }
+        return Ok(res);
+    }
     let name = match auth::valid_name(form.get("name").map(String::as_str).unwrap_or("")) {
         Ok(name) => name,
         Err(message) => return refuse(&message),
     };
     if !auth.token_matches(form.get("token").map(String::as_str).unwrap_or("")) {
         tracing::warn!(peer = ?v.peer, "dashboard: sign-in with a wrong token");
+        app.sign_in_failed(v.peer);
         return refuse("that is not the dashboard's token");
     }
     let expires = auth::now_secs() + auth::SESSION_LIFETIME.as_secs();
@@ -742,6 +893,7 @@ async fn login(
         auth::SESSION_COOKIE,
         &auth.session_value(&name, expires),
         Some(auth::SESSION_LIFETIME),
+        v.https,
     );
     let sep = if next.contains('?') { '&' } else { '?' };
     let mut res = Redirect::to(&format!("{next}{sep}done=login")).into_response();
@@ -761,7 +913,7 @@ async fn logout(
         check_csrf(auth, &v, &headers, &form)?;
     }
     let mut res = Redirect::to("/?done=logout").into_response();
-    let cookie = auth::set_cookie(auth::SESSION_COOKIE, "", Some(Duration::ZERO));
+    let cookie = auth::set_cookie(auth::SESSION_COOKIE, "", Some(Duration::ZERO), v.https);
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         res.headers_mut().append(header::SET_COOKIE, v);
     }

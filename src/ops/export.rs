@@ -239,6 +239,7 @@ async fn write_manifest(
         .filter_map(|(id, p)| Some((*id, p.file_name()?.to_string_lossy().into_owned())))
         .collect();
     let part = Part::create(dir, 0).map_err(io)?;
+    std::io::Write::write_all(&mut &part.file, crate::domain::UTF8_BOM).map_err(io)?;
     let mut out = csv::Writer::from_writer(&part.file);
     let row_err = |e: csv::Error| io(std::io::Error::other(e));
     out.write_record([
@@ -257,14 +258,15 @@ async fn write_manifest(
         let Some(last) = page.last() else { break };
         after = last.id;
         for r in page {
+            let cell = crate::domain::spreadsheet_cell;
             out.write_record([
                 r.id.to_string(),
-                r.identifier,
+                cell(&r.identifier).into_owned(),
                 r.report_type.as_str().to_string(),
                 r.state.as_str().to_string(),
-                file_of.get(&r.id).cloned().unwrap_or_default(),
+                cell(file_of.get(&r.id).map_or("", String::as_str)).into_owned(),
                 r.sha256.unwrap_or_default(),
-                r.error.unwrap_or_default(),
+                cell(r.error.as_deref().unwrap_or("")).into_owned(),
             ])
             .map_err(row_err)?;
         }

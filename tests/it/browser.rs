@@ -1,6 +1,6 @@
 //! The dashboard in a real browser: headless Chromium (Debian's package) driven over
 //! WebDriver by chromedriver. Loads the overview with data the simulator produced,
-//! follows a failed row to its page, signs in, presses Retry and sees the state change,
+//! is sent to sign in first, follows a failed row to its page, presses Retry and sees the state change,
 //! checks that no console message is an error (a CSP violation would be), that names
 //! render as text, in Chinese, and that the page fits a phone's width.
 //!
@@ -185,9 +185,38 @@ async fn an_operator_finds_a_failed_row_and_retries_it_in_chromium() {
     let driver = start_driver().await;
     let c = browser(&driver).await;
 
-    // The overview, with the simulator's data.
+    // With a token, nothing is shown before signing in: the overview sends the browser
+    // to the sign-in page, which sends it back once signed in.
     c.goto(&dash.url("/")).await.unwrap();
-    assert_eq!(c.title().await.unwrap(), "Overview · report-worker");
+    assert_eq!(c.title().await.unwrap(), "Sign in · report-worker");
+    c.wait()
+        .for_element(Locator::Css("input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("Operator 王")
+        .await
+        .unwrap();
+    c.find(Locator::Css("input[name=token]"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form.login button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for("the overview", Duration::from_secs(10), || async {
+        c.title()
+            .await
+            .ok()
+            .filter(|t| t == "Overview · report-worker")
+    })
+    .await;
+
+    // The overview, with the simulator's data.
     let cards = text_of(&c, "ul.cards").await;
     assert!(
         cards.contains("succeeded\n4") || cards.contains("succeeded 4"),
@@ -225,39 +254,6 @@ async fn an_operator_finds_a_failed_row_and_retries_it_in_chromium() {
     })
     .await;
     assert!(text_of(&c, ".error-box").await.contains("68300004"));
-    assert!(
-        c.find(Locator::Css("form[action$='/retry'] button"))
-            .await
-            .is_err(),
-        "no Retry before signing in"
-    );
-
-    // Sign in (from the page's own link) and come back to the row.
-    c.find(Locator::LinkText("Sign in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.wait()
-        .for_element(Locator::Css("input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("Operator 王")
-        .await
-        .unwrap();
-    c.find(Locator::Css("input[name=token]"))
-        .await
-        .unwrap()
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    c.find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
     let retry = c
         .wait()
         .for_element(Locator::Css("form[action$='/retry'] button"))

@@ -463,6 +463,28 @@ fn every_setting_reaches_the_engine_from_the_environment() {
             vec![("DOCUMENT_STORE", "s3://bucket/prefix")],
             vec![("/document_store", json!("s3://bucket/prefix"))],
         ),
+        (
+            vec![("DASHBOARD_PUBLIC_READ", "true")],
+            vec![("/dashboard/public_read", json!(true))],
+        ),
+        (
+            vec![("DASHBOARD_TRUSTED_PROXIES", "10.0.0.1,10.0.0.2")],
+            vec![(
+                "/dashboard/trusted_proxies",
+                json!(["10.0.0.1", "10.0.0.2"]),
+            )],
+        ),
+        (
+            vec![("DATABASE_POOL_MODE", "transaction")],
+            vec![
+                ("/database/pool_mode", json!("transaction")),
+                ("/database/listen", json!("off (idle workers poll)")),
+            ],
+        ),
+        (
+            vec![("LISTEN_DATABASE_URL", "postgres://u:pw@db/x")],
+            vec![("/database/listen", json!("postgres://u:***@db/x"))],
+        ),
     ];
     // The defaults: what `run` does with nothing set.
     let defaults = check_config(&[]);

@@ -24,8 +24,12 @@ pub struct Dashboard {
 
 impl Dashboard {
     pub async fn start(db: &TestDb, token: Option<&str>) -> Dashboard {
-        let cancel = CancellationToken::new();
         let config = DashboardConfig::new(token.map(Secret::new), DocumentStore::Postgres);
+        Dashboard::start_with(db, config).await
+    }
+
+    pub async fn start_with(db: &TestDb, config: DashboardConfig) -> Dashboard {
+        let cancel = CancellationToken::new();
         let addr: SocketAddr = serve(
             "127.0.0.1:0".parse().unwrap(),
             db.pool.clone(),
@@ -352,7 +356,9 @@ async fn names_from_applications_are_shown_as_text() {
         "/batches".to_string(),
         "/batches?batch=%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert(2)%3E".to_string(),
     ] {
-        let (status, body) = get(&d, &path).await;
+        let mut b = Browser::default();
+        b.sign_in(&d, "Ann").await;
+        let (status, body) = b.get(&d, &path).await;
         assert_eq!(status, 200, "{path}: {body}");
         assert!(
             !body.contains("<script>alert"),
@@ -746,4 +752,115 @@ async fn a_time_range_deep_in_history_pages_like_any_other_filter() {
     let (_, recent) = get(&d, "/requests?from=2026-01-21T20:00").await;
     assert_eq!(ids(&recent).first(), Some(&30000));
     db.close().await;
+}
+
+#[tokio::test]
+async fn with_a_token_nothing_is_readable_before_signing_in() {
+    let db = TestDb::new().await;
+    let id = failed_row(&db, "保密公司").await;
+    sqlx::query("UPDATE report_requests SET state = 'succeeded', batch = 'b' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO report_documents (request_id, content, content_type, file_name, byte_size, sha256) VALUES ($1, '%PDF-1 %%EOF', 'application/pdf', 'r.pdf', 12, repeat('a', 64))")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let d = Dashboard::start(&db, Some(TOKEN)).await;
+    let http = client();
+    let paths = [
+        "/".to_string(),
+        "/requests".into(),
+        format!("/requests/{id}"),
+        format!("/requests/{id}/document"),
+        "/batches".into(),
+        "/batches/manifest.csv?batch=b".into(),
+        "/spend".into(),
+    ];
+    for path in &paths {
+        let r = http.get(d.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+        let to = r.headers()[LOCATION].to_str().unwrap();
+        assert!(to.starts_with("/login?next="), "{path} → {to}");
+        let body = r.text().await.unwrap();
+        assert!(
+            !body.contains("保密公司") && !body.contains("%PDF"),
+            "{path}: {body}"
+        );
+    }
+    // The sign-in page and its assets are open; posting anything else is refused.
+    assert_eq!(get(&d, "/login").await.0, StatusCode::OK);
+    assert_eq!(get(&d, "/assets/app.css").await.0, StatusCode::OK);
+    let mut b = Browser::default();
+    let r = b
+        .post(&d, &format!("/requests/{id}/cancel"), &[], None)
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Signed in, every one of them answers (and the sign-in returns to where it began).
+    b.sign_in(&d, "Ann").await;
+    for path in &paths {
+        let (status, _) = b.get(&d, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn sign_in_is_limited_per_client_and_cookies_are_secure_over_https() {
+    let db = TestDb::new().await;
+    let mut config = DashboardConfig::new(Some(Secret::new(TOKEN)), DocumentStore::Postgres);
+    config.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    let d = Dashboard::start_with(&db, config).await;
+    let mut b = Browser::default();
+    let csrf = b.csrf(&d, "/login").await;
+    let attempt = |token: &'static str, forwarded: &'static str| {
+        let (d, csrf, cookie) = (&d, csrf.clone(), b.cookie_header());
+        async move {
+            client()
+                .post(d.url("/login"))
+                .header(COOKIE, cookie)
+                .header("x-forwarded-for", forwarded)
+                .header("x-forwarded-proto", "https")
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(
+                    url::form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs([("csrf", csrf.as_str()), ("name", "Eve"), ("token", token)])
+                        .finish(),
+                )
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            attempt("guess", "203.0.113.7").await.status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+    // The sixth wrong token from that address waits; even the right one does, for now.
+    let r = attempt("guess", "203.0.113.7").await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        attempt(TOKEN, "203.0.113.7").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client is not held up; over HTTPS (said by the trusted proxy) its session
+    // cookie is Secure.
+    let r = attempt(TOKEN, "198.51.100.9").await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let session = r
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|c| c.to_str().unwrap().to_string())
+        .find(|c| c.starts_with("rw_session="))
+        .expect("a session cookie");
+    assert!(session.contains("; Secure"), "{session}");
+    // Straight from a client (no trusted proxy): no Secure flag, its own address.
+    let plain = Dashboard::start(&db, Some(TOKEN)).await;
+    let mut b = Browser::default();
+    b.sign_in(&plain, "Ann").await;
 }

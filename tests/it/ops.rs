@@ -741,3 +741,51 @@ fn ctrl_c_during_the_demo_leaves_nothing_running() {
         "a server is still running:\n{running}"
     );
 }
+
+#[tokio::test]
+async fn manifests_are_safe_to_open_in_a_spreadsheet() {
+    let db = TestDb::new().await;
+    for name in [
+        "=HYPERLINK(\"http://evil.example\",\"x\")",
+        "@SUM(A1)",
+        "小米科技有限责任公司",
+    ] {
+        sqlx::query(
+            "INSERT INTO report_requests (company_name, report_type, batch, state, finished_at, last_error)
+             VALUES ($1, 'pdf', 'sheet', 'failed', now(), '-1 is not a company')",
+        )
+        .bind(name)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let filter = report_worker::ops::export::ExportFilter {
+        batch: Some("sheet".into()),
+        state: report_worker::domain::RequestState::Failed,
+        ..Default::default()
+    };
+    report_worker::ops::export::export(
+        &db.pool,
+        &report_worker::store::DocumentStore::Postgres,
+        out.path(),
+        &filter,
+        false,
+    )
+    .await
+    .unwrap();
+    let bytes = std::fs::read(out.path().join("manifest.csv")).unwrap();
+    assert!(
+        bytes.starts_with(report_worker::domain::UTF8_BOM),
+        "a UTF-8 byte-order mark"
+    );
+    let text = String::from_utf8(bytes[3..].to_vec()).unwrap();
+    assert!(
+        text.contains("\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"x\"\")\""),
+        "{text}"
+    );
+    assert!(text.contains("'@SUM(A1)"), "{text}");
+    assert!(text.contains("'-1 is not a company"), "{text}");
+    assert!(text.contains(",小米科技有限责任公司,"), "{text}");
+    db.close().await;
+}

@@ -505,7 +505,7 @@ async fn bad_configuration_is_one_line() {
 }
 
 #[tokio::test]
-async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
+async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig::instant()).await;
     enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
@@ -529,17 +529,30 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    // Listening beyond loopback without a token: it serves, and says so on stderr.
+    // Beyond loopback without a token: refused at start, in one line, saying how.
     let port = free_addr().rsplit(':').next().unwrap().to_string();
-    let open = Command::new(env!("CARGO_BIN_EXE_report-worker"))
-        .args(["dashboard", "--listen", &format!("0.0.0.0:{port}")])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let dashboard = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_report-worker"))
+            .args(["dashboard", "--listen", &format!("0.0.0.0:{port}")])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = dashboard(&[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no DASHBOARD_TOKEN is set") && err.contains("--public-read"),
+        "{err}"
+    );
+    // Asked for explicitly: it serves everyone, and says so.
+    let open = dashboard(&["--public-read"]);
     let local = format!("127.0.0.1:{port}");
     wait_for("the open dashboard", Duration::from_secs(10), || async {
         let r = http.get(format!("http://{local}/")).send().await.ok()?;
@@ -554,7 +567,7 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_warns() {
         stdout.contains(&format!("dashboard on http://0.0.0.0:{port}/")),
         "{stdout}"
     );
-    assert!(stderr.contains("without DASHBOARD_TOKEN"), "{stderr}");
+    assert!(stderr.contains("read-only to everyone"), "{stderr}");
     assert!(out.status.success(), "SIGTERM stops it cleanly: {stderr}");
     sim.stop().await;
     db.close().await;
