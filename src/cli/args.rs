@@ -407,6 +407,13 @@ pub struct RunArgs {
     /// Attempts before a webhook delivery is given up.
     #[arg(long, env = "WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
     pub webhook_max_attempts: i32,
+    /// Let webhooks reach addresses inside the network (loopback, private, link-local):
+    /// refused by default, since any role that may insert a row names the URL.
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+    /// Hosts (comma-separated, exact) webhooks may reach even at private addresses.
+    #[arg(long, env = "WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
+    pub webhook_allow_hosts: Vec<String>,
     /// Also serve the web dashboard here, e.g. 127.0.0.1:8080 (its own small pool).
     #[arg(long, env = "DASHBOARD_ADDR")]
     pub dashboard_addr: Option<std::net::SocketAddr>,
@@ -595,6 +602,8 @@ impl RunArgs {
                 "timeout": d(w.policy.timeout),
                 "retry_min": d(w.policy.base),
                 "max_attempts": w.policy.max_attempts,
+                "allow_private": self.webhook_allow_private,
+                "allow_hosts": self.webhook_allow_hosts,
             })
         });
         Ok(serde_json::json!({
@@ -721,8 +730,18 @@ impl RunArgs {
             cap: Duration::from_secs(3600).max(self.webhook_retry_min),
             max_attempts: self.webhook_max_attempts,
         };
-        let sender = crate::webhook::Sender::new(secret.expose(), self.webhook_timeout)
-            .map_err(|e| anyhow::anyhow!("could not build the webhook client: {e}"))?;
+        let destinations = crate::webhook::Destinations {
+            allow_private: self.webhook_allow_private,
+            allow_hosts: self
+                .webhook_allow_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        };
+        let sender =
+            crate::webhook::Sender::new(secret.expose(), self.webhook_timeout, destinations)
+                .map_err(|e| anyhow::anyhow!("could not build the webhook client: {e}"))?;
         Ok(Some(crate::engine::webhooks::Webhooks { sender, policy }))
     }
 }

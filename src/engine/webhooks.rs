@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::policy::WebhookPolicy;
-use crate::config::redact_url;
 use crate::queue::{self, DueDelivery};
 use crate::webhook::Sender;
 
@@ -93,10 +92,10 @@ async fn attempt(shared: Arc<Shared>, hooks: Webhooks, delivery: DueDelivery) {
         .sender
         .deliver(&delivery.url, delivery.id, &delivery.body)
         .await;
-    let url = redact_url(&delivery.url);
+    let url = crate::webhook::host_of(&delivery.url);
     let (outcome, recorded) = match &result {
         Ok(status) => {
-            tracing::info!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, %url, status, "webhook delivered");
+            tracing::info!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, host = %url, status, "webhook delivered");
             let recorded = (|| queue::record_delivered(&shared.pool, &delivery, *status))
                 .retry(queue::backoff())
                 .when(queue::is_retryable)
@@ -104,15 +103,19 @@ async fn attempt(shared: Arc<Shared>, hooks: Webhooks, delivery: DueDelivery) {
             ("delivered", recorded)
         }
         Err(e) => {
-            let retry_at = hooks.policy.retry_at(
-                delivery.attempts,
-                chrono::Utc::now(),
-                rand::random_range(0.0..1.0),
-            );
+            // A destination inside the network is refused for good: no retries.
+            let retry_at = match e {
+                crate::webhook::DeliveryError::Refused(_) => None,
+                _ => hooks.policy.retry_at(
+                    delivery.attempts,
+                    chrono::Utc::now(),
+                    rand::random_range(0.0..1.0),
+                ),
+            };
             if retry_at.is_some() {
-                tracing::warn!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, %url, error = %e, "webhook not delivered; will retry");
+                tracing::warn!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, host = %url, error = %e, "webhook not delivered; will retry");
             } else {
-                tracing::error!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, %url, error = %e, "webhook not delivered; giving up");
+                tracing::error!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, host = %url, error = %e, "webhook not delivered; giving up");
             }
             let error = e.to_string();
             let recorded = (|| {

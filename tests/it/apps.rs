@@ -272,7 +272,16 @@ async fn webhooks_are_signed_retried_recorded_and_never_redirected() {
         max_attempts: 4,
     };
     config.webhooks = Some(Webhooks {
-        sender: report_worker::webhook::Sender::new(SECRET, policy.timeout).unwrap(),
+        // The receiver is on this host: allowed explicitly.
+        sender: report_worker::webhook::Sender::new(
+            SECRET,
+            policy.timeout,
+            report_worker::webhook::Destinations {
+                allow_private: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
         policy,
     });
     let worker = spawn_worker(&db.url, client_config(&sim), config).await;
@@ -901,4 +910,143 @@ async fn the_node_example_enqueues_waits_and_saves_the_document() {
         return;
     }
     example_application_works("node", "node/wait-for-report.mjs").await;
+}
+
+/// Deliveries the worker's webhook sender made for the rows of `db`, once settled.
+async fn settled_deliveries(db: &TestDb) -> Vec<(String, String, i32, Option<String>)> {
+    wait_for(
+        "every delivery to settle",
+        Duration::from_secs(30),
+        || async {
+            let open = count(
+                &db.pool,
+                "SELECT count(*) FROM report_webhook_deliveries WHERE state = 'pending'",
+            )
+            .await;
+            (open == 0).then_some(())
+        },
+    )
+    .await;
+    sqlx::query_as(
+        "SELECT url, state, attempts, last_error FROM report_webhook_deliveries ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn webhooks_never_reach_inside_the_network_unless_allowed() {
+    const SECRET: &str = "whsec-test-0123456789abcdef";
+    let receiver = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = Router::new()
+        .route("/{*path}", post(receive).get(receive))
+        .with_state(receiver.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let sim = start_sim(SimConfig::instant()).await;
+    let policy = WebhookPolicy {
+        timeout: Duration::from_millis(500),
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(200),
+        max_attempts: 4,
+    };
+    let run = |url: String, destinations: report_worker::webhook::Destinations| {
+        let mut config = fast_worker_config(&sim.config().client_id);
+        config.webhooks = Some(Webhooks {
+            sender: report_worker::webhook::Sender::new(SECRET, policy.timeout, destinations)
+                .unwrap(),
+            policy: policy.clone(),
+        });
+        let client = client_config(&sim);
+        async move { spawn_worker(&url, client, config).await }
+    };
+    let hook = |db: &TestDb, url: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("INSERT INTO report_requests (company_name, report_type, callback_url) VALUES ('回调', 'pdf', $1)")
+                .bind(url)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+
+    // By default: loopback by address and by name, the metadata service, a private
+    // range, IPv6 loopback — every one refused on its first attempt, none sent.
+    let db = TestDb::new().await;
+    let inside = [
+        format!("http://127.0.0.1:{port}/t/PATH-SECRET?sig=QUERY-SECRET"),
+        format!("http://localhost:{port}/t/PATH-SECRET?key=QUERY-SECRET"),
+        "http://169.254.169.254/latest/meta-data/iam".to_string(),
+        "http://10.0.0.1/hook".to_string(),
+        format!("http://[::1]:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+    ];
+    for url in &inside {
+        hook(&db, url.clone()).await;
+    }
+    let w = run(db.url.clone(), Default::default()).await;
+    wait_all_finished(&db.pool, Duration::from_secs(20)).await;
+    let deliveries = settled_deliveries(&db).await;
+    w.stop().await;
+    assert_eq!(deliveries.len(), inside.len());
+    for (url, state, attempts, error) in &deliveries {
+        let error = error.clone().unwrap_or_default();
+        assert_eq!((state.as_str(), *attempts), ("failed", 1), "{url}: {error}");
+        assert!(
+            error.starts_with("refused:") && error.contains("WEBHOOK_ALLOW_PRIVATE"),
+            "{url}: {error}"
+        );
+        assert!(
+            !error.contains("SECRET"),
+            "the path or query in a message: {error}"
+        );
+    }
+    assert!(
+        receiver.seen.lock().unwrap().is_empty(),
+        "nothing reached the receiver"
+    );
+    db.close().await;
+
+    // Allowed by name: that host is delivered to, the others still are not.
+    let db = TestDb::new().await;
+    hook(&db, format!("http://localhost:{port}/allowed")).await;
+    hook(&db, format!("http://127.0.0.1:{port}/not-allowed")).await;
+    let allowed = report_worker::webhook::Destinations {
+        allow_hosts: vec!["localhost".into()],
+        ..Default::default()
+    };
+    let w = run(db.url.clone(), allowed).await;
+    wait_all_finished(&db.pool, Duration::from_secs(20)).await;
+    let deliveries = settled_deliveries(&db).await;
+    w.stop().await;
+    let state_of = |path: &str| {
+        deliveries
+            .iter()
+            .find(|d| d.0.ends_with(path))
+            .map(|d| d.1.clone())
+    };
+    assert_eq!(
+        state_of("/allowed").as_deref(),
+        Some("delivered"),
+        "{deliveries:?}"
+    );
+    assert_eq!(
+        state_of("/not-allowed").as_deref(),
+        Some("failed"),
+        "{deliveries:?}"
+    );
+    let seen: Vec<String> = receiver
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(seen, ["/allowed"]);
+    server.abort();
+    sim.stop().await;
+    db.close().await;
 }
