@@ -10,6 +10,7 @@
 //! daily_limit = 1000           # default: none of ours
 //! daily_headroom = 50          # default: 5 % of daily_limit
 //! weight = 2                   # share of new creates; default: qps
+//! create_path = "/gw/create"   # default: UPSTREAM_CREATE_PATH (token_path, status_path too)
 //!
 //! [[account]]
 //! id = "client-b"
@@ -25,6 +26,7 @@ use serde::Deserialize;
 
 use crate::engine::DailyLimit;
 use crate::upstream::Secret;
+use crate::upstream::client::Paths;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +44,31 @@ struct Entry {
     daily_limit: Option<u32>,
     daily_headroom: Option<u32>,
     weight: Option<f64>,
+    token_path: Option<String>,
+    create_path: Option<String>,
+    status_path: Option<String>,
+}
+
+/// An account's own endpoint paths, where they differ from UPSTREAM_*_PATH.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathOverrides {
+    pub token: Option<String>,
+    pub create: Option<String>,
+    pub status: Option<String>,
+}
+
+impl PathOverrides {
+    /// These paths over the deployment's `defaults`.
+    pub fn over(&self, defaults: &Paths) -> Paths {
+        let pick = |own: &Option<String>, default: &String| {
+            own.as_deref().map(str::trim).unwrap_or(default).to_string()
+        };
+        Paths {
+            token: pick(&self.token, &defaults.token),
+            create: pick(&self.create, &defaults.create),
+            status: pick(&self.status, &defaults.status),
+        }
+    }
 }
 
 /// One account, ready for the worker.
@@ -52,6 +79,7 @@ pub struct AccountSpec {
     pub qps: f64,
     pub daily_limit: Option<DailyLimit>,
     pub weight: f64,
+    pub paths: PathOverrides,
 }
 
 /// The daily limit with its headroom (default 5 % of the limit), checked.
@@ -141,6 +169,11 @@ fn parse(
             secret: Secret::new(secret),
             qps,
             weight,
+            paths: PathOverrides {
+                token: entry.token_path,
+                create: entry.create_path,
+                status: entry.status_path,
+            },
         });
     }
     Ok(accounts)
@@ -199,6 +232,21 @@ mod tests {
         );
         // The secret never shows in debug output.
         assert!(!format!("{accounts:?}").contains("sa"));
+    }
+
+    #[test]
+    fn an_accounts_own_paths_win_over_the_deployments() {
+        let text =
+            "[[account]]\nid = \"a\"\nsecret_env = \"A_SECRET\"\ncreate_path = \" /gw/create \"\n";
+        let accounts = parse(text, 5.0, env).unwrap();
+        let paths = accounts[0].paths.over(&Paths::default());
+        assert_eq!(paths.create, "/gw/create");
+        assert_eq!(paths.token, Paths::default().token);
+        assert_eq!(paths.status, Paths::default().status);
+        assert!(
+            err("[[account]]\nid = \"a\"\nsecret_env = \"A_SECRET\"\ncreate = \"/x\"\n")
+                .contains("create")
+        );
     }
 
     #[test]

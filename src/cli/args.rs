@@ -66,6 +66,35 @@ pub enum Command {
     /// Serve the web dashboard over the database until SIGINT/SIGTERM (read-only unless
     /// DASHBOARD_TOKEN is set).
     Dashboard(DashboardArgs),
+    /// Check the configured provider with one token call per account: reachable,
+    /// credentials accepted, the token's shape, rate-limit headers. With --create, also
+    /// one paid create and one status call of its task. Exits 1 when a check fails.
+    CheckProvider(CheckProviderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckProviderArgs {
+    #[command(flatten)]
+    pub provider: ProviderArgs,
+    /// Only this account of UPSTREAM_ACCOUNTS (default: each in turn).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Also make one create (a paid report, kept nowhere) for the company named by
+    /// --company-name/--credit-code/--org-number, then one status call of its task.
+    #[arg(long)]
+    pub create: bool,
+    /// Enterprise name for --create.
+    #[arg(long, requires = "create")]
+    pub company_name: Option<String>,
+    /// Unified social credit code for --create.
+    #[arg(long, requires = "create")]
+    pub credit_code: Option<String>,
+    /// Organization code for --create.
+    #[arg(long, requires = "create")]
+    pub org_number: Option<String>,
+    /// Report type for --create (default pdf).
+    #[arg(long = "type", requires = "create")]
+    pub report_type: Option<ReportType>,
 }
 
 #[derive(Debug, Args)]
@@ -256,15 +285,21 @@ pub struct DemoArgs {
     pub dashboard_addr: std::net::SocketAddr,
 }
 
+/// The provider and the accounts used with it: what `run` and `check-provider` share.
 #[derive(Debug, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub db: DbArgs,
-    #[command(flatten)]
-    pub store: StoreArgs,
+pub struct ProviderArgs {
     /// The provider's base URL.
     #[arg(long, env = "UPSTREAM_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub upstream_base_url: String,
+    /// The token call's path under the base URL.
+    #[arg(long, env = "UPSTREAM_TOKEN_PATH", default_value = crate::upstream::client::TOKEN_PATH)]
+    pub upstream_token_path: String,
+    /// The create call's path under the base URL.
+    #[arg(long, env = "UPSTREAM_CREATE_PATH", default_value = crate::upstream::client::CREATE_PATH)]
+    pub upstream_create_path: String,
+    /// The status call's path under the base URL.
+    #[arg(long, env = "UPSTREAM_STATUS_PATH", default_value = crate::upstream::client::STATUS_PATH)]
+    pub upstream_status_path: String,
     /// The account's client id (also sent as the apikey); or UPSTREAM_ACCOUNTS.
     #[arg(long, env = "UPSTREAM_CLIENT_ID")]
     pub upstream_client_id: Option<String>,
@@ -282,6 +317,24 @@ pub struct RunArgs {
     /// Timeout of one HTTP call (above the provider's 10 s maximum).
     #[arg(long, env = "UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
+    /// Creates per day (Asia/Shanghai) the account may make, shared by every process:
+    /// creating stops before the provider's 67200007 (default: no limit of ours).
+    #[arg(long, env = "UPSTREAM_DAILY_LIMIT")]
+    pub upstream_daily_limit: Option<u32>,
+    /// The last creates of UPSTREAM_DAILY_LIMIT kept for rows already paid for (retries);
+    /// new rows wait for the next day instead (default: 5 % of the limit).
+    #[arg(long, env = "UPSTREAM_DAILY_HEADROOM")]
+    pub upstream_daily_headroom: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub provider: ProviderArgs,
     /// Largest document accepted, in bytes.
     #[arg(long, env = "UPSTREAM_MAX_DOWNLOAD_BYTES", default_value_t = 200 * 1024 * 1024)]
     pub upstream_max_download_bytes: u64,
@@ -318,14 +371,6 @@ pub struct RunArgs {
     /// `reuse_within` overrides it (default: off).
     #[arg(long, env = "REPORT_REUSE_WITHIN", value_parser = parse_duration)]
     pub report_reuse_within: Option<Duration>,
-    /// Creates per day (Asia/Shanghai) the account may make, shared by every process:
-    /// creating stops before the provider's 67200007 (default: no limit of ours).
-    #[arg(long, env = "UPSTREAM_DAILY_LIMIT")]
-    pub upstream_daily_limit: Option<u32>,
-    /// The last creates of UPSTREAM_DAILY_LIMIT kept for rows already paid for (retries);
-    /// new rows wait for the next day instead (default: 5 % of the limit).
-    #[arg(long, env = "UPSTREAM_DAILY_HEADROOM")]
-    pub upstream_daily_headroom: Option<u32>,
     /// Learned polling: the median detection delay (ready → noticed) the schedule aims
     /// for, learned from this account's generation times; 0 keeps the fixed schedule
     /// (REPORT_FIRST_POLL, REPORT_POLL_MIN/MAX), which is also used until 50 reports of
@@ -426,80 +471,30 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The accounts: those of UPSTREAM_ACCOUNTS, or the one of UPSTREAM_CLIENT_ID.
-    pub fn accounts(&self) -> anyhow::Result<Vec<AccountSpec>> {
-        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
-            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
-        }
-        if let Some(path) = &self.upstream_accounts {
-            if self.upstream_client_id.is_some() || self.upstream_client_secret.is_some() {
-                anyhow::bail!(
-                    "UPSTREAM_ACCOUNTS and UPSTREAM_CLIENT_ID/UPSTREAM_CLIENT_SECRET are both set: list every account in the file and unset the others"
-                );
-            }
-            if self.upstream_daily_limit.is_some() || self.upstream_daily_headroom.is_some() {
-                anyhow::bail!(
-                    "UPSTREAM_DAILY_LIMIT/UPSTREAM_DAILY_HEADROOM are per account with UPSTREAM_ACCOUNTS: set daily_limit and daily_headroom in the file"
-                );
-            }
-            return super::accounts::load(path, self.upstream_qps, |var| std::env::var(var).ok());
-        }
-        let id = self.upstream_client_id.as_deref().unwrap_or("").trim();
-        if id.is_empty() {
-            anyhow::bail!(
-                "UPSTREAM_CLIENT_ID is not set or empty (or list accounts in UPSTREAM_ACCOUNTS)"
-            );
-        }
-        let secret = match &self.upstream_client_secret {
-            Some(s) if !s.expose().is_empty() => s.clone(),
-            _ => anyhow::bail!("UPSTREAM_CLIENT_SECRET is not set or empty"),
-        };
-        Ok(vec![AccountSpec {
-            id: id.to_string(),
-            secret,
-            qps: self.upstream_qps,
-            daily_limit: super::accounts::daily_limit(
-                self.upstream_daily_limit,
-                self.upstream_daily_headroom,
-                "UPSTREAM_DAILY_LIMIT",
-            )?,
-            weight: 1.0,
-        }])
-    }
-
     /// The client's and the worker's configuration, checked for consistency, with the
     /// accounts (the client is the first account's; the others' differ only in their
     /// credentials).
     pub fn configs(&self) -> anyhow::Result<(ClientConfig, WorkerConfig, Vec<AccountSpec>)> {
-        let accounts = self.accounts()?;
+        let (mut client, accounts) = self.provider.client_config()?;
         let first = &accounts[0];
-        url::Url::parse(&self.upstream_base_url).map_err(|e| {
-            anyhow::anyhow!(
-                "UPSTREAM_BASE_URL {:?} is not a URL: {e}",
-                self.upstream_base_url
-            )
-        })?;
+        let upstream_timeout = self.provider.upstream_timeout;
         if self.worker_concurrency == 0 || self.worker_concurrency > 1024 {
             anyhow::bail!("WORKER_CONCURRENCY must be between 1 and 1024");
         }
-        if self.upstream_timeout.is_zero() || self.worker_lease < Duration::from_secs(1) {
-            anyhow::bail!("UPSTREAM_TIMEOUT and WORKER_LEASE must be positive (lease at least 1s)");
+        if self.worker_lease < Duration::from_secs(1) {
+            anyhow::bail!("WORKER_LEASE must be at least 1s");
         }
         let shutdown_timeout = self
             .worker_shutdown_timeout
-            .unwrap_or(self.upstream_timeout + Duration::from_secs(15));
-        if shutdown_timeout < self.upstream_timeout {
+            .unwrap_or(upstream_timeout + Duration::from_secs(15));
+        if shutdown_timeout < upstream_timeout {
             anyhow::bail!(
                 "WORKER_SHUTDOWN_TIMEOUT ({}) is shorter than UPSTREAM_TIMEOUT ({}): a create still on the wire at shutdown would be abandoned and possibly paid for twice; set it to at least {}",
                 humantime::format_duration(shutdown_timeout),
-                humantime::format_duration(self.upstream_timeout),
-                humantime::format_duration(self.upstream_timeout)
+                humantime::format_duration(upstream_timeout),
+                humantime::format_duration(upstream_timeout)
             );
         }
-        let credentials = Credentials {
-            client_id: first.id.clone(),
-            client_secret: first.secret.clone(),
-        };
         if self.upstream_download_memory < self.upstream_max_download_bytes {
             anyhow::bail!(
                 "UPSTREAM_DOWNLOAD_MEMORY ({}) is below UPSTREAM_MAX_DOWNLOAD_BYTES ({}): the largest document could never be held",
@@ -510,8 +505,6 @@ impl RunArgs {
         if self.report_download_tries == 0 {
             anyhow::bail!("REPORT_DOWNLOAD_TRIES must be at least 1");
         }
-        let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
-        client.timeout = self.upstream_timeout;
         client.max_download_bytes = self.upstream_max_download_bytes;
         client.download_timeout = self.upstream_download_timeout;
         client.download_hosts = self
@@ -576,6 +569,94 @@ impl RunArgs {
     }
 }
 
+impl ProviderArgs {
+    /// The accounts: those of UPSTREAM_ACCOUNTS, or the one of UPSTREAM_CLIENT_ID.
+    pub fn accounts(&self) -> anyhow::Result<Vec<AccountSpec>> {
+        if !(self.upstream_qps >= 0.0 && self.upstream_qps.is_finite()) {
+            anyhow::bail!("UPSTREAM_QPS must be 0 (no pacing) or a positive number");
+        }
+        if let Some(path) = &self.upstream_accounts {
+            if self.upstream_client_id.is_some() || self.upstream_client_secret.is_some() {
+                anyhow::bail!(
+                    "UPSTREAM_ACCOUNTS and UPSTREAM_CLIENT_ID/UPSTREAM_CLIENT_SECRET are both set: list every account in the file and unset the others"
+                );
+            }
+            if self.upstream_daily_limit.is_some() || self.upstream_daily_headroom.is_some() {
+                anyhow::bail!(
+                    "UPSTREAM_DAILY_LIMIT/UPSTREAM_DAILY_HEADROOM are per account with UPSTREAM_ACCOUNTS: set daily_limit and daily_headroom in the file"
+                );
+            }
+            return super::accounts::load(path, self.upstream_qps, |var| std::env::var(var).ok());
+        }
+        let id = self.upstream_client_id.as_deref().unwrap_or("").trim();
+        if id.is_empty() {
+            anyhow::bail!(
+                "UPSTREAM_CLIENT_ID is not set or empty (or list accounts in UPSTREAM_ACCOUNTS)"
+            );
+        }
+        let secret = match &self.upstream_client_secret {
+            Some(s) if !s.expose().is_empty() => s.clone(),
+            _ => anyhow::bail!("UPSTREAM_CLIENT_SECRET is not set or empty"),
+        };
+        Ok(vec![AccountSpec {
+            id: id.to_string(),
+            secret,
+            qps: self.upstream_qps,
+            daily_limit: super::accounts::daily_limit(
+                self.upstream_daily_limit,
+                self.upstream_daily_headroom,
+                "UPSTREAM_DAILY_LIMIT",
+            )?,
+            weight: 1.0,
+            paths: Default::default(),
+        }])
+    }
+
+    /// The first account's client configuration (the others' differ only in their
+    /// credentials and their own paths) with every account, checked: the URL, the
+    /// timeout, each account's paths.
+    pub fn client_config(&self) -> anyhow::Result<(ClientConfig, Vec<AccountSpec>)> {
+        let accounts = self.accounts()?;
+        let first = &accounts[0];
+        url::Url::parse(&self.upstream_base_url).map_err(|e| {
+            anyhow::anyhow!(
+                "UPSTREAM_BASE_URL {:?} is not a URL: {e}",
+                self.upstream_base_url
+            )
+        })?;
+        if self.upstream_timeout.is_zero() {
+            anyhow::bail!("UPSTREAM_TIMEOUT must be above zero");
+        }
+        let credentials = Credentials {
+            client_id: first.id.clone(),
+            client_secret: first.secret.clone(),
+        };
+        let mut client = ClientConfig::new(self.upstream_base_url.clone(), credentials);
+        client.timeout = self.upstream_timeout;
+        client.paths = crate::upstream::client::Paths {
+            token: self.upstream_token_path.trim().to_string(),
+            create: self.upstream_create_path.trim().to_string(),
+            status: self.upstream_status_path.trim().to_string(),
+        };
+        client
+            .paths
+            .check(crate::upstream::client::Paths::SETTINGS)
+            .map_err(anyhow::Error::msg)?;
+        for account in &accounts {
+            account
+                .paths
+                .over(&client.paths)
+                .check(["token_path", "create_path", "status_path"])
+                .map_err(|e| anyhow::anyhow!("UPSTREAM_ACCOUNTS account {:?}: {e}", account.id))?;
+        }
+        Ok((client, accounts))
+    }
+}
+
+fn paths_json(paths: &crate::upstream::client::Paths) -> serde_json::Value {
+    serde_json::json!({"token": paths.token, "create": paths.create, "status": paths.status})
+}
+
 impl RunArgs {
     /// The configuration `run` works with, as `run --check-config` prints it: every
     /// setting after parsing and checking, durations as written (`30s`), never a secret
@@ -593,6 +674,7 @@ impl RunArgs {
                     "daily_limit": a.daily_limit.map(|l| l.limit),
                     "daily_headroom": a.daily_limit.map(|l| l.headroom),
                     "weight": a.weight,
+                    "paths": paths_json(&a.paths.over(&client.paths)),
                 })
             })
             .collect();
@@ -610,6 +692,7 @@ impl RunArgs {
             "accounts": accounts,
             "upstream": {
                 "base_url": client.base_url,
+                "paths": paths_json(&client.paths),
                 "timeout": d(client.timeout),
                 "max_download_bytes": client.max_download_bytes,
                 "download_timeout": d(client.download_timeout),
@@ -679,6 +762,7 @@ impl RunArgs {
             .iter()
             .map(|spec| {
                 let mut config = client.clone();
+                config.paths = spec.paths.over(&client.paths);
                 config.credentials = Credentials {
                     client_id: spec.id.clone(),
                     client_secret: spec.secret.clone(),

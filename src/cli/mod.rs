@@ -80,7 +80,8 @@ fn init_tracing(command: &Command, format: LogFormat) {
         | Command::Status(_)
         | Command::Purge(_)
         | Command::Grant(_)
-        | Command::MoveDocuments(_) => "warn",
+        | Command::MoveDocuments(_)
+        | Command::CheckProvider(_) => "warn",
         Command::Simulate(_) | Command::Run(_) | Command::Dashboard(_) => "info",
         Command::Export(_) => "warn",
         Command::Demo(_) | Command::Bench(_) => "error",
@@ -192,6 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Purge(args) => return purge(args).await,
+        Command::CheckProvider(args) => return check_provider(args).await,
         Command::Grant(args) => {
             let pool = args.connect(2).await?;
             queue::roles::grant(&pool).await.context("granting")?;
@@ -241,6 +243,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check-provider`: the findings of each account, exit 1 when one failed.
+async fn check_provider(args: CheckProviderArgs) -> anyhow::Result<ExitCode> {
+    let (client, accounts) = args.provider.client_config()?;
+    let accounts: Vec<_> = match &args.account {
+        Some(id) => {
+            let Some(one) = accounts.iter().find(|a| &a.id == id) else {
+                anyhow::bail!("--account {id:?} is not one of the configured accounts");
+            };
+            vec![one.clone()]
+        }
+        None => accounts,
+    };
+    let task = if args.create {
+        let request = NewRequest::new(
+            args.company_name.as_deref(),
+            args.credit_code.as_deref(),
+            args.org_number.as_deref(),
+            args.report_type.unwrap_or(ReportType::Pdf),
+        )
+        .map_err(|e| anyhow::anyhow!("--create: {e}"))?;
+        Some(crate::upstream::client::CreateTask {
+            company_name: request.company_name,
+            credit_code: request.credit_code,
+            org_number: request.org_number,
+            report_type: Some(request.report_type),
+        })
+    } else {
+        None
+    };
+    let setups = RunArgs::account_setups(&client, &accounts)?;
+    let mut passed = true;
+    for (setup, spec) in setups.iter().zip(&accounts) {
+        let report = crate::upstream::probe::check(&setup.client, spec.qps, task.as_ref()).await;
+        println!(
+            "account {} at {}: {}",
+            spec.id,
+            setup.client.config().base_url,
+            if report.passed() { "ok" } else { "FAILED" }
+        );
+        print!("{}", report.render());
+        passed &= report.passed();
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn enqueue_one(args: EnqueueArgs) -> anyhow::Result<ExitCode> {

@@ -65,6 +65,15 @@ pub struct SimConfig {
     /// it); the daily limit and balance are each account's own too.
     #[arg(long = "account", value_name = "ID:SECRET[:QPS]", value_parser = parse_sim_account)]
     pub accounts: Vec<SimAccount>,
+    /// Where the token call is served.
+    #[arg(long, default_value = crate::upstream::client::TOKEN_PATH)]
+    pub token_path: String,
+    /// Where the create call is served.
+    #[arg(long, default_value = crate::upstream::client::CREATE_PATH)]
+    pub create_path: String,
+    /// Where the status call is served.
+    #[arg(long, default_value = crate::upstream::client::STATUS_PATH)]
+    pub status_path: String,
 }
 
 /// An account of the simulated provider besides the main one.
@@ -117,6 +126,17 @@ impl SimConfig {
     }
 }
 
+impl SimConfig {
+    /// The paths the calls are served on.
+    pub fn paths(&self) -> crate::upstream::client::Paths {
+        crate::upstream::client::Paths {
+            token: self.token_path.clone(),
+            create: self.create_path.clone(),
+            status: self.status_path.clone(),
+        }
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
@@ -135,6 +155,9 @@ impl Default for SimConfig {
             doc_size: 300_000,
             clock_offset_secs: 0,
             accounts: Vec::new(),
+            token_path: crate::upstream::client::TOKEN_PATH.into(),
+            create_path: crate::upstream::client::CREATE_PATH.into(),
+            status_path: crate::upstream::client::STATUS_PATH.into(),
         }
     }
 }

@@ -38,13 +38,13 @@ pub use self::config::{
 };
 use self::state::{AppState, Inner, Job, Shared, shanghai_today};
 use crate::domain::ReportType;
-use crate::upstream::client::{CREATE_PATH, STATUS_PATH, TOKEN_PATH};
 
 fn router(state: AppState) -> Router {
+    let config = &state.config;
     Router::new()
-        .route(TOKEN_PATH, post(api::token))
-        .route(CREATE_PATH, post(api::create))
-        .route(STATUS_PATH, get(api::status))
+        .route(&config.token_path, post(api::token))
+        .route(&config.create_path, post(api::create))
+        .route(&config.status_path, get(api::status))
         .route("/cos/company-report/{job_id}/{file}", get(cos::download))
         .route("/_sim/stats", get(control::sim_stats))
         .route("/_sim/outage", post(control::sim_outage))
@@ -64,6 +64,10 @@ pub struct Simulator {
 impl Simulator {
     /// Binds `listen` (port 0 for any) and serves until `stop` or the token is cancelled.
     pub async fn start(config: SimConfig, listen: SocketAddr) -> std::io::Result<Simulator> {
+        config
+            .paths()
+            .check(["--token-path", "--create-path", "--status-path"])
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let seed = config
             .seed
             .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64);
@@ -133,10 +137,9 @@ impl Simulator {
             client_id: account.client_id.clone(),
             client_secret: crate::upstream::Secret::new(account.client_secret.clone()),
         };
-        Some(crate::upstream::ClientConfig::new(
-            self.base_url(),
-            credentials,
-        ))
+        let mut config = crate::upstream::ClientConfig::new(self.base_url(), credentials);
+        config.paths = self.paths();
+        Some(config)
     }
 
     /// How a client reaches this simulator with its account.
@@ -145,7 +148,14 @@ impl Simulator {
             client_id: self.shared.config.client_id.clone(),
             client_secret: crate::upstream::Secret::new(self.shared.config.client_secret.clone()),
         };
-        crate::upstream::ClientConfig::new(self.base_url(), credentials)
+        let mut config = crate::upstream::ClientConfig::new(self.base_url(), credentials);
+        config.paths = self.paths();
+        config
+    }
+
+    /// The paths this simulator serves the calls on.
+    pub fn paths(&self) -> crate::upstream::client::Paths {
+        self.shared.config.paths()
     }
 
     pub fn stats(&self) -> SimStats {

@@ -21,9 +21,56 @@ use super::{CreateError, Secret, UpstreamError};
 use crate::domain::{Clock, JobId, ReportType, clip};
 
 pub const DEFAULT_BASE_URL: &str = "https://connect.patsnap.com";
+/// The endpoints' paths as public clients of the platform call them (the endpoint text
+/// this project starts from names none): the defaults of `Paths`.
 pub const CREATE_PATH: &str = "/innovation/company-report/task/create";
 pub const STATUS_PATH: &str = "/innovation/company-report/job_id/status";
 pub const TOKEN_PATH: &str = "/oauth/token";
+
+/// Where the three calls go, under the base URL (`UPSTREAM_TOKEN_PATH`,
+/// `UPSTREAM_CREATE_PATH`, `UPSTREAM_STATUS_PATH`): a contract that documents other
+/// paths, or a gateway in front of the provider, needs no change to the code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub token: String,
+    pub create: String,
+    pub status: String,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            token: TOKEN_PATH.into(),
+            create: CREATE_PATH.into(),
+            status: STATUS_PATH.into(),
+        }
+    }
+}
+
+impl Paths {
+    /// The settings' names, for errors.
+    pub const SETTINGS: [&str; 3] = [
+        "UPSTREAM_TOKEN_PATH",
+        "UPSTREAM_CREATE_PATH",
+        "UPSTREAM_STATUS_PATH",
+    ];
+
+    /// Each path must start with `/` and hold no query or fragment (the calls add
+    /// their own query); an error names the path by `names` (token, create, status).
+    pub fn check(&self, names: [&str; 3]) -> Result<(), String> {
+        for (name, path) in names
+            .into_iter()
+            .zip([&self.token, &self.create, &self.status])
+        {
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                return Err(format!(
+                    "{name} {path:?} must be a path that starts with / and holds no query, fragment or space"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 /// API answers are small; anything larger is not an answer.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
@@ -55,6 +102,8 @@ pub struct ClientConfig {
     pub download_memory: u64,
     /// The client's clock: "now" for answers that depend on the time (67200007).
     pub clock: Clock,
+    /// The calls' paths under `base_url`.
+    pub paths: Paths,
 }
 
 impl ClientConfig {
@@ -69,6 +118,7 @@ impl ClientConfig {
             download_hosts: Vec::new(),
             download_memory: 512 * 1024 * 1024,
             clock: Clock::default(),
+            paths: Paths::default(),
         }
     }
 
@@ -113,6 +163,25 @@ pub enum TaskStatus {
     Ready { download_url: String },
     /// `job_status` 3: generation failed, with the provider's `abnormal_cause`.
     Failed { cause: String },
+}
+
+/// An answer as it came back (`Client::token_exchange`). Not `Debug`: the body holds
+/// the token.
+pub struct RawAnswer {
+    pub status: u16,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub elapsed: Duration,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// A token and when to fetch the next one.
@@ -215,7 +284,8 @@ impl Client {
         self.token_fetches.load(Ordering::Relaxed)
     }
 
-    fn url(&self, path: &str) -> String {
+    /// The address of `path` under the base URL.
+    pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.config.base_url.trim_end_matches('/'), path)
     }
 
@@ -256,16 +326,50 @@ impl Client {
 
     async fn fetch_token(&self) -> Result<super::envelope::TokenAnswer, UpstreamError> {
         self.token_fetches.fetch_add(1, Ordering::Relaxed);
+        let (status, _, body) = self.send(self.token_request()).await?;
+        parse_token(status, &body, self.config.clock.now())
+    }
+
+    fn token_request(&self) -> reqwest::RequestBuilder {
         let creds = &self.config.credentials;
-        let request = self
-            .http
-            .post(self.url(TOKEN_PATH))
+        self.http
+            .post(self.url(&self.config.paths.token))
             .basic_auth(&creds.client_id, Some(creds.client_secret.expose()))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body("grant_type=client_credentials")
-            .timeout(self.config.timeout);
-        let (status, _, body) = self.send(request).await?;
-        parse_token(status, &body, self.config.clock.now())
+            .timeout(self.config.timeout)
+    }
+
+    /// One token call exactly as it came back, headers and all, for `check-provider`:
+    /// nothing is cached or interpreted. Only a failure to get any answer is an error.
+    pub async fn token_exchange(&self) -> Result<RawAnswer, UpstreamError> {
+        self.token_fetches.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let response = self.token_request().send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_string(), value)
+            })
+            .collect();
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(transport_error)?;
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(UpstreamError::transient("answer larger than 1 MiB"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(RawAnswer {
+            status,
+            headers,
+            body,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Sends one request and reads its (small) answer. Transport failures are transient.
@@ -376,7 +480,7 @@ impl Client {
         }
         let body = Value::Object(body);
         let request = self
-            .api_request(reqwest::Method::POST, CREATE_PATH, token)
+            .api_request(reqwest::Method::POST, &self.config.paths.create, token)
             .json(&body)
             .timeout(timeout.min(self.config.timeout));
         let (status, retry_after, answer) = match self.exchange(request).await {
@@ -410,7 +514,7 @@ impl Client {
     pub async fn task_status(&self, job: &JobId) -> Result<TaskStatus, UpstreamError> {
         let data = self
             .call(|token| {
-                self.api_request(reqwest::Method::GET, STATUS_PATH, token)
+                self.api_request(reqwest::Method::GET, &self.config.paths.status, token)
                     .query(&[("job_id", job.as_str())])
             })
             .await

@@ -9,6 +9,7 @@ pub mod document;
 pub mod download;
 pub mod envelope;
 pub mod links;
+pub mod probe;
 
 use std::fmt;
 use std::time::Duration;

@@ -223,6 +223,7 @@ fn help_everywhere() {
         &["migrate", "--help"],
         &["enqueue", "--help"],
         &["status", "--help"],
+        &["check-provider", "--help"],
     ] {
         let o = bin(args, None);
         assert!(o.status.success(), "{args:?}");
@@ -259,12 +260,13 @@ fn check_config(env: &[(&str, &str)]) -> Output {
 /// variables that only make sense together).
 #[test]
 fn every_setting_reaches_the_engine_from_the_environment() {
+    use report_worker::upstream::client;
     use serde_json::{Value, json};
     let dir = tempfile::tempdir().unwrap();
     let accounts = dir.path().join("accounts.toml");
     std::fs::write(
         &accounts,
-        "[[account]]\nid = \"a\"\nsecret_env = \"A_SECRET\"\nqps = 3\ndaily_limit = 100\n[[account]]\nid = \"b\"\nsecret_env = \"A_SECRET\"\nweight = 7\n",
+        "[[account]]\nid = \"a\"\nsecret_env = \"A_SECRET\"\nqps = 3\ndaily_limit = 100\n[[account]]\nid = \"b\"\nsecret_env = \"A_SECRET\"\nweight = 7\ncreate_path = \"/b/create\"\n",
     )
     .unwrap();
     let accounts = accounts.display().to_string();
@@ -274,6 +276,19 @@ fn every_setting_reaches_the_engine_from_the_environment() {
         (
             vec![("UPSTREAM_BASE_URL", "http://provider.internal:8080")],
             vec![("/upstream/base_url", json!("http://provider.internal:8080"))],
+        ),
+        (
+            vec![
+                ("UPSTREAM_TOKEN_PATH", "/gw/oauth/token"),
+                ("UPSTREAM_CREATE_PATH", "/gw/create"),
+                ("UPSTREAM_STATUS_PATH", "/gw/status"),
+            ],
+            vec![
+                ("/upstream/paths/token", json!("/gw/oauth/token")),
+                ("/upstream/paths/create", json!("/gw/create")),
+                ("/upstream/paths/status", json!("/gw/status")),
+                ("/accounts/0/paths/create", json!("/gw/create")),
+            ],
         ),
         (
             vec![("UPSTREAM_QPS", "2.5")],
@@ -333,6 +348,8 @@ fn every_setting_reaches_the_engine_from_the_environment() {
                 ("/accounts/0/daily_limit", json!(100)),
                 ("/accounts/1/id", json!("b")),
                 ("/accounts/1/weight", json!(7.0)),
+                // An account's own path wins; the others are the deployment's.
+                ("/accounts/1/paths/create", json!("/b/create")),
             ],
         ),
         (
@@ -501,6 +518,9 @@ fn every_setting_reaches_the_engine_from_the_environment() {
         ("/poll/detection_target", json!("15s")),
         ("/retry/new_task_after", json!("30s")),
         ("/upstream/timeout", json!("30s")),
+        ("/upstream/paths/token", json!(client::TOKEN_PATH)),
+        ("/upstream/paths/create", json!(client::CREATE_PATH)),
+        ("/upstream/paths/status", json!(client::STATUS_PATH)),
         ("/worker/shutdown_timeout", json!("45s")),
         ("/reuse_within", Value::Null),
         ("/webhooks", Value::Null),
@@ -541,6 +561,14 @@ fn settings_that_only_burn_money_are_refused_at_start() {
         (
             vec![("REPORT_RETRY_MIN", "0s")],
             "REPORT_RETRY_MIN must be above zero",
+        ),
+        (
+            vec![("UPSTREAM_CREATE_PATH", "task/create")],
+            "UPSTREAM_CREATE_PATH \"task/create\" must be a path that starts with /",
+        ),
+        (
+            vec![("UPSTREAM_STATUS_PATH", "/status?job_id=1")],
+            "UPSTREAM_STATUS_PATH \"/status?job_id=1\" must be a path",
         ),
         (
             vec![("WORKER_SHUTDOWN_TIMEOUT", "5s")],

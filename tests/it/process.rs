@@ -649,3 +649,161 @@ async fn run_pools_the_accounts_listed_in_upstream_accounts() {
     sim.stop().await;
     db.close().await;
 }
+
+/// A provider whose calls live on other paths (a gateway, another contract) is worked
+/// through the settings alone: an account with its own paths in UPSTREAM_ACCOUNTS
+/// makes every report; an account left on the compiled-in defaults meets "the API
+/// requested does not exist" (67200101) and stops, with the code on its stop.
+#[tokio::test]
+async fn run_calls_the_paths_it_is_configured_with() {
+    use report_worker::simulator::SimAccount;
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        token_path: "/gw/oauth/token".into(),
+        create_path: "/gw/report/create".into(),
+        status_path: "/gw/report/status".into(),
+        accounts: vec![SimAccount {
+            client_id: "default-paths".into(),
+            client_secret: "second-secret".into(),
+            qps: None,
+        }],
+        ..SimConfig::instant()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        format!(
+            "[[account]]\nid = {:?}\nsecret_env = \"FIRST_SECRET\"\nweight = 1\n\
+             token_path = \"/gw/oauth/token\"\ncreate_path = \"/gw/report/create\"\nstatus_path = \"/gw/report/status\"\n\n\
+             [[account]]\nid = \"default-paths\"\nsecret_env = \"SECOND_SECRET\"\nweight = 10\n",
+            sim.config().client_id,
+        ),
+    )
+    .unwrap();
+    for i in 0..4 {
+        enqueue(&db.pool, Some(&format!("网关{i}")), None, None, "pdf").await;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_report-worker"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("UPSTREAM_BASE_URL", sim.base_url())
+        .env("UPSTREAM_ACCOUNTS", &accounts)
+        .env("FIRST_SECRET", &sim.config().client_secret)
+        .env("SECOND_SECRET", "second-secret")
+        .env("UPSTREAM_QPS", "0")
+        .env("REPORT_FIRST_POLL", "200ms")
+        .env("REPORT_POLL_MIN", "200ms")
+        .env("REPORT_POLL_MAX", "300ms")
+        .env("WORKER_IDLE_POLL", "200ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the worker starts");
+    wait_all_finished(&db.pool, Duration::from_secs(30)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(succeeded(&db).await, 4);
+    let stats = sim.stats();
+    let tasks = |a: &str| stats.accounts.get(a).map_or(0, |s| s.tasks_created);
+    assert_eq!(tasks(&sim.config().client_id), 4, "{stats:?}");
+    assert_eq!(tasks("default-paths"), 0, "{stats:?}");
+    let stop: (String, Option<i32>) =
+        sqlx::query_as("SELECT account, error_code FROM report_account_stops")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stop, ("default-paths".to_string(), Some(67200101)));
+    sim.stop().await;
+    db.close().await;
+}
+
+/// `check-provider`: one token call, told in plain words, exit 1 when something is
+/// wrong; `--create` makes exactly one paid create and one status call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_provider_says_what_it_found() {
+    let sim = start_sim(SimConfig {
+        token_path: "/gw/token".into(),
+        create_path: "/gw/create".into(),
+        status_path: "/gw/status".into(),
+        ..SimConfig::instant()
+    })
+    .await;
+    let check = |extra: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
+        cmd.arg("check-provider")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("UPSTREAM_BASE_URL", sim.base_url())
+            .env("UPSTREAM_CLIENT_ID", &sim.config().client_id)
+            .env("UPSTREAM_CLIENT_SECRET", &sim.config().client_secret)
+            .env("UPSTREAM_TOKEN_PATH", "/gw/token")
+            .env("UPSTREAM_CREATE_PATH", "/gw/create")
+            .env("UPSTREAM_STATUS_PATH", "/gw/status");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("the binary runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains(&sim.config().client_secret) || sim.config().client_secret.is_empty(),
+            "{text}"
+        );
+        (out.status.code(), text)
+    };
+    let line = |text: &str, topic: &str| -> String {
+        text.lines()
+            .find(|l| {
+                let l = l.trim_start();
+                let after_ok = l.strip_prefix("ok").map_or(l, str::trim_start);
+                l.starts_with(topic) || after_ok.starts_with(topic)
+            })
+            .unwrap_or_else(|| panic!("no {topic} line in {text}"))
+            .to_string()
+    };
+
+    let (code, text) = check(&[], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(line(&text, "credentials").contains("accepted"), "{text}");
+    assert!(line(&text, "token").contains("characters"), "{text}");
+    assert!(line(&text, "expires in").contains("30m"), "{text}");
+    assert!(line(&text, "create").contains("not tried"), "{text}");
+    assert_eq!(sim.stats().tasks_created, 0);
+
+    let (code, text) = check(&[], &["--create", "--company-name", "小米科技有限责任公司"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(line(&text, "create").contains("made task"), "{text}");
+    assert!(line(&text, "status").contains("says the task is"), "{text}");
+    assert_eq!(sim.stats().tasks_created, 1);
+
+    let (code, text) = check(&[("UPSTREAM_CLIENT_SECRET", "wrong")], &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        line(&text, "FAIL credentials").contains("refused"),
+        "{text}"
+    );
+
+    let (code, text) = check(&[("UPSTREAM_TOKEN_PATH", "/oauth/token")], &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        line(&text, "FAIL token").contains("UPSTREAM_TOKEN_PATH"),
+        "{text}"
+    );
+
+    let (code, text) = check(&[("UPSTREAM_BASE_URL", "http://127.0.0.1:1")], &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(line(&text, "FAIL reachable").contains("no:"), "{text}");
+
+    // --create names a company, or nothing is sent.
+    let (code, text) = check(&[], &["--create"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert_eq!(sim.stats().tasks_created, 1);
+    sim.stop().await;
+}
