@@ -181,7 +181,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub db: DbArgs,
     /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps,
-    /// inflight, idle, stats, purge, rss, hot, dashboard.
+    /// inflight, idle, stats, purge, rss, hot, dashboard, pgbouncer (with --pooler).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Reports in the burn-down.
@@ -212,6 +212,11 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// A PgBouncer in transaction mode in front of DATABASE_URL's server (its database
+    /// name is replaced): the `pgbouncer` scenario runs the burn-down and the pickup
+    /// through it.
+    #[arg(long, env = "BENCH_POOLER_URL")]
+    pub pooler: Option<String>,
 }
 
 #[derive(Debug, Args)]

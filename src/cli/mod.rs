@@ -158,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stats_rows: args.stats_rows,
                 document_mb: args.document_mb,
                 dashboard_rows: args.dashboard_rows,
+                pooler_url: args.pooler,
             };
             let results = crate::ops::bench::run(&options).await?;
             if args.json {

@@ -40,6 +40,9 @@ pub struct BenchOptions {
     pub document_mb: usize,
     /// Rows of history in the dashboard scenario.
     pub dashboard_rows: usize,
+    /// A transaction pooler (PgBouncer, `pool_mode = transaction`) in front of
+    /// DATABASE_URL's server: the `pgbouncer` scenario runs the worker through it.
+    pub pooler_url: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -58,6 +61,56 @@ pub struct BenchResults {
     pub rss: Option<DocumentRss>,
     pub hot: Option<Vec<HotUpdates>>,
     pub dashboard: Option<DashboardLoad>,
+    pub pgbouncer: Option<ThroughPooler>,
+}
+
+/// The burn-down and pickup with the worker's connections through a transaction pooler
+/// (`DATABASE_POOL_MODE=transaction`): LISTEN over a direct session
+/// (`LISTEN_DATABASE_URL`), or none (idle workers poll every `WORKER_IDLE_POLL`).
+#[derive(Debug, Serialize)]
+pub struct ThroughPooler {
+    pub burn_down: BurnDown,
+    pub pickup_listen: Pickup,
+    pub pickup_polling: Pickup,
+    pub idle_poll_ms: f64,
+}
+
+/// How the bench's worker reaches the database.
+#[derive(Debug, Clone, Copy)]
+enum Via<'a> {
+    Direct,
+    /// Through the pooler at this URL (its database name replaced), in transaction
+    /// mode, listening over a direct session when `listen`.
+    Pooler { url: &'a str, listen: bool },
+}
+
+impl Via<'_> {
+    /// The worker's pool for the database at `url` (direct), and its way to listen.
+    async fn worker_pool(
+        self,
+        url: &str,
+        size: u32,
+    ) -> anyhow::Result<(Db, crate::engine::Listen)> {
+        Ok(match self {
+            Via::Direct => (
+                queue::connect_worker(url, size).await?,
+                crate::engine::Listen::Pool,
+            ),
+            Via::Pooler { url: pooler, listen } => {
+                let mut pooled = url::Url::parse(pooler).context("--pooler")?;
+                pooled.set_path(url::Url::parse(url)?.path());
+                let pool =
+                    queue::connect_worker_in(pooled.as_str(), size, queue::PoolMode::Transaction)
+                        .await?;
+                let listen = if listen {
+                    crate::engine::Listen::Url(url.to_string())
+                } else {
+                    crate::engine::Listen::Off
+                };
+                (pool, listen)
+            }
+        })
+    }
 }
 
 /// Dashboard pages over a large table: server time (the `Server-Timing` header) of
@@ -185,17 +238,26 @@ fn wants(o: &BenchOptions, name: &str) -> bool {
 }
 
 pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
+    if o.pooler_url.is_none() && o.only.iter().any(|n| n == "pgbouncer") {
+        anyhow::bail!(
+            "the pgbouncer scenario needs --pooler (BENCH_POOLER_URL): a PgBouncer in transaction mode"
+        );
+    }
     let mut r = BenchResults {
         date: chrono::Utc::now().to_rfc3339(),
         machine: machine(),
         ..Default::default()
     };
     if wants(o, "burn-down") {
-        r.burn_down = Some(burn_down(o).await.context("burn-down")?);
+        r.burn_down = Some(burn_down(o, Via::Direct).await.context("burn-down")?);
         eprintln!("{:?}", r.burn_down);
     }
     if wants(o, "pickup") {
-        r.pickup = Some(pickup(o).await.context("pickup")?);
+        r.pickup = Some(
+            pickup(o, Via::Direct, Duration::from_secs(5))
+                .await
+                .context("pickup")?,
+        );
         eprintln!("{:?}", r.pickup);
     }
     if wants(o, "bulk-enqueue") {
@@ -233,6 +295,31 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     if wants(o, "dashboard") {
         r.dashboard = Some(dashboard(o).await.context("dashboard")?);
         eprintln!("{:?}", r.dashboard);
+    }
+    if let Some(pooler) = o.pooler_url.as_deref().filter(|_| wants(o, "pgbouncer")) {
+        let listen = Via::Pooler {
+            url: pooler,
+            listen: true,
+        };
+        let polling = Via::Pooler {
+            url: pooler,
+            listen: false,
+        };
+        // The worker's default WORKER_IDLE_POLL: what idle workers cost without LISTEN.
+        let idle_poll = Duration::from_secs(1);
+        r.pgbouncer = Some(ThroughPooler {
+            burn_down: burn_down(o, listen)
+                .await
+                .context("burn-down through the pooler")?,
+            pickup_listen: pickup(o, listen, Duration::from_secs(5))
+                .await
+                .context("pickup through the pooler, listening")?,
+            pickup_polling: pickup(o, polling, idle_poll)
+                .await
+                .context("pickup through the pooler, polling")?,
+            idle_poll_ms: idle_poll.as_secs_f64() * 1000.0,
+        });
+        eprintln!("{:?}", r.pgbouncer);
     }
     if wants(o, "hot") {
         let mut runs = Vec::new();
@@ -320,7 +407,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
+async fn burn_down(o: &BenchOptions, via: Via<'_>) -> anyhow::Result<BurnDown> {
     let (url, pool) = fresh_db(&o.database_url, "rw_bench_burn_down").await?;
     fixtures::insert_backlog(&pool, "企业", o.reports, true).await?;
     let sim = Simulator::start(
@@ -339,7 +426,10 @@ async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
         first_poll: Duration::ZERO,
         ..PollPolicy::default()
     };
-    let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(o.concurrency)).await?;
+    let (worker_pool, listen) = via
+        .worker_pool(&url, crate::engine::pool_size(o.concurrency))
+        .await?;
+    config.listen = listen;
     let before = transactions(&pool).await?;
     let stop = CancellationToken::new();
     let start = Instant::now();
@@ -379,14 +469,18 @@ async fn burn_down(o: &BenchOptions) -> anyhow::Result<BurnDown> {
     })
 }
 
-async fn pickup(o: &BenchOptions) -> anyhow::Result<Pickup> {
+/// Pickup latency; `idle_poll` is the worker's fallback poll (long, so that only
+/// NOTIFY counts, when it listens).
+async fn pickup(o: &BenchOptions, via: Via<'_>, idle_poll: Duration) -> anyhow::Result<Pickup> {
     let (url, pool) = fresh_db(&o.database_url, "rw_bench_pickup").await?;
     let sim = Simulator::start(SimConfig::instant(), "127.0.0.1:0".parse()?).await?;
     let mut config = WorkerConfig::new(sim.config().client_id.clone());
     config.qps = 0.0;
-    config.idle_poll = Duration::from_secs(5);
-    let worker_pool =
-        queue::connect_worker(&url, crate::engine::pool_size(config.concurrency)).await?;
+    config.idle_poll = idle_poll;
+    let (worker_pool, listen) = via
+        .worker_pool(&url, crate::engine::pool_size(config.concurrency))
+        .await?;
+    config.listen = listen;
     let stop = CancellationToken::new();
     let handle = tokio::spawn(
         Worker::new(
@@ -1301,6 +1395,19 @@ pub fn table(r: &BenchResults) -> String {
             b.reports_per_s,
             b.transactions_per_report,
             b.upstream_calls_per_report
+        );
+    }
+    if let Some(t) = &r.pgbouncer {
+        let b = &t.burn_down;
+        s += &format!(
+            "1b. through PgBouncer (transaction mode): burn-down {:.0} reports/s, {:.1} transactions/report; pickup p50 {:.1} ms, p99 {:.1} ms listening over LISTEN_DATABASE_URL, p50 {:.1} ms, p99 {:.1} ms polling every {:.0} ms\n",
+            b.reports_per_s,
+            b.transactions_per_report,
+            t.pickup_listen.p50_ms,
+            t.pickup_listen.p99_ms,
+            t.pickup_polling.p50_ms,
+            t.pickup_polling.p99_ms,
+            t.idle_poll_ms
         );
     }
     if let Some(p) = &r.pickup {
