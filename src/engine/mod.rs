@@ -22,6 +22,7 @@ mod learning;
 mod leases;
 pub mod metrics;
 pub mod policy;
+mod recent;
 pub mod retention;
 mod row;
 pub mod schedule;
@@ -92,6 +93,9 @@ pub struct WorkerConfig {
     /// Where LISTEN happens (inserts wake idle workers at once; without it they find
     /// new rows by polling every `idle_poll`).
     pub listen: Listen,
+    /// How often the job ids this process wrote lately are checked against the
+    /// database (a failover may have lost them; see `recent`).
+    pub recheck_every: Duration,
 }
 
 /// Where a worker LISTENs for new rows and webhook deliveries.
@@ -128,6 +132,7 @@ impl WorkerConfig {
             daily_limit: None,
             reuse_within: None,
             listen: Listen::Pool,
+            recheck_every: recent::RECHECK_EVERY,
         }
     }
 }
@@ -194,6 +199,8 @@ pub(crate) struct Shared {
     webhook_wake: Notify,
     /// The poll schedule learned from observed generation times.
     learning: learning::Learning,
+    /// Job ids written lately, checked again in case a failover lost them.
+    recent: recent::Recent,
 }
 
 pub struct Worker {
@@ -242,6 +249,7 @@ impl Worker {
                 wake: Notify::new(),
                 webhook_wake: Notify::new(),
                 learning,
+                recent: recent::Recent::default(),
             }),
         }
     }
@@ -257,6 +265,7 @@ impl Worker {
             tokio::spawn(retention::scheduled(shared.clone(), background.clone())),
             tokio::spawn(webhooks::deliver(shared.clone(), background.clone())),
             tokio::spawn(background::flush_calls(shared.clone(), background.clone())),
+            tokio::spawn(recent::periodically(shared.clone(), background.clone())),
         ];
         let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
@@ -283,7 +292,16 @@ impl Worker {
             }
             // Whether this claim could take polls (an account stop of scope `all` forbids
             // them): an idle nap does not wake for polls it may not make.
-            let (rows, polls_allowed) = match shared.claim_round(free).await {
+            // After the database failed, first make sure it still knows the tasks this
+            // process created lately (a failover may have lost their commits), before
+            // a row is claimed and perhaps bought again.
+            let round = async {
+                if db_failures > 0 {
+                    shared.recent.recheck(&shared).await?;
+                }
+                shared.claim_round(free).await
+            };
+            let (rows, polls_allowed) = match round.await {
                 Ok(claimed) => {
                     db_failures = 0;
                     claimed

@@ -951,7 +951,17 @@ impl RowTask {
         let mut pause = Duration::from_millis(200);
         let reason = loop {
             match shared.writer.created(created.clone()).await {
-                Ok(Fenced::Written) => return,
+                Ok(Fenced::Written) => {
+                    shared.recent.written(Orphan {
+                        request_id: self.row.id,
+                        job_id: job,
+                        started_at: Some(started_at),
+                        account: self.account().name().to_string(),
+                        report_type: self.row.report_type,
+                        reason: String::new(),
+                    });
+                    return;
+                }
                 Ok(Fenced::Lost) => {
                     break "the row was cancelled or taken over while its create was on the wire"
                         .to_string();

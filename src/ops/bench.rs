@@ -81,7 +81,10 @@ enum Via<'a> {
     Direct,
     /// Through the pooler at this URL (its database name replaced), in transaction
     /// mode, listening over a direct session when `listen`.
-    Pooler { url: &'a str, listen: bool },
+    Pooler {
+        url: &'a str,
+        listen: bool,
+    },
 }
 
 impl Via<'_> {
@@ -96,7 +99,10 @@ impl Via<'_> {
                 queue::connect_worker(url, size).await?,
                 crate::engine::Listen::Pool,
             ),
-            Via::Pooler { url: pooler, listen } => {
+            Via::Pooler {
+                url: pooler,
+                listen,
+            } => {
                 let mut pooled = url::Url::parse(pooler).context("--pooler")?;
                 pooled.set_path(url::Url::parse(url)?.path());
                 let pool =

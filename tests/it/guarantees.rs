@@ -738,3 +738,86 @@ async fn a_gateway_error_quoting_a_provider_code_still_costs_the_attempt() {
     sim.stop().await;
     db.close().await;
 }
+
+/// A failover to an asynchronous standby loses the last commits the old primary
+/// acknowledged. Here the job id's commit (and its event) vanish, as if the new primary
+/// never had them: the row is back to its create intent, its lease still this worker's,
+/// and would buy again once the intent's deadline passed. The worker still knows the job
+/// id and hands the task back to its row: one paid task, the row succeeds with it.
+#[tokio::test]
+async fn a_job_id_lost_with_a_failover_is_handed_back_not_bought_again() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        create_latency: (Duration::from_millis(300), Duration::from_millis(300)),
+        ..SimConfig::instant()
+    })
+    .await;
+    let mut config = fast_worker_config_with(
+        &sim.config().client_id,
+        &[
+            "--worker-lease",
+            "2s",
+            "--report-first-poll",
+            "3s",
+            "--report-window",
+            "10s",
+        ],
+    );
+    config.recheck_every = Duration::from_millis(300);
+    let owner = config.owner.clone();
+    let w = spawn_worker(&db.url, client_config(&sim), config).await;
+    let company = "失联公司";
+    let id = enqueue_with_attempts(&db.pool, company, 3).await;
+    let pool = &db.pool;
+    let intent: chrono::DateTime<chrono::Utc> =
+        wait_for("the create intent", Duration::from_secs(10), || async {
+            sqlx::query_scalar("SELECT create_started_at FROM report_requests WHERE id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        })
+        .await;
+    let job = wait_for("the job id", Duration::from_secs(10), || job_of(pool, id)).await;
+    // The new primary: the row as the intent's commit left it, the job id never written.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE report_requests
+            SET state = 'queued', upstream_job_id = NULL, upstream_created_at = NULL,
+                next_poll_at = NULL, create_started_at = $2,
+                create_deadline = now() + interval '3 seconds',
+                lease_owner = $3, lease_expires_at = now() + interval '2 seconds'
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(intent)
+    .bind(&owner)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM report_events WHERE request_id = $1 AND upstream_job_id = $2")
+        .bind(id)
+        .bind(&job)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let (state, attempts, _) = wait_final(pool, id, Duration::from_secs(30)).await;
+    assert_eq!((state.as_str(), attempts), ("succeeded", 1));
+    assert_eq!(tasks_for(&sim, company), 1, "one paid task");
+    assert_eq!(job_of(pool, id).await.as_deref(), Some(job.as_str()));
+    let (reason, adopted): (String, bool) = sqlx::query_as(
+        "SELECT reason, adopted_at IS NOT NULL FROM report_orphan_tasks WHERE job_id = $1",
+    )
+    .bind(&job)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(reason.contains("lost with the database"), "{reason}");
+    assert!(adopted);
+    assert_documents_exact(pool, &sim).await;
+    w.stop().await;
+    sim.stop().await;
+    db.close().await;
+}
