@@ -70,6 +70,14 @@ async fn every_command_works_through_pgbouncer_in_transaction_mode() {
     for _ in 0..2 {
         assert!(ok(&bin(&url, &["migrate"])).contains("migrations applied"));
     }
+    ok(&bin(&url, &["grant"]));
+    let has_roles: bool = sqlx::query_scalar(
+        "SELECT count(*) = 2 FROM pg_roles WHERE rolname IN ('report_app', 'report_worker')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(has_roles);
     let one: i64 = ok(&bin(&url, &["enqueue", "--company-name", "经由连接池"]))
         .trim()
         .parse()
@@ -205,6 +213,23 @@ async fn every_command_works_through_pgbouncer_in_transaction_mode() {
     ));
     assert!(purged.contains("would remove 31 requests"), "{purged}");
     sim.stop().await;
+    db.close().await;
+}
+
+/// The demo with DATABASE_URL pointing at PgBouncer in transaction mode: the whole loop,
+/// documents on disk.
+#[tokio::test]
+async fn the_demo_runs_through_pgbouncer() {
+    let Some(pgbouncer) = pgbouncer() else {
+        return;
+    };
+    let db = TestDb::empty().await;
+    let url = through(&pgbouncer, &db);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("docs");
+    let printed = ok(&bin(&url, &["demo", "--out", out.to_str().unwrap()]));
+    let files = std::fs::read_dir(&out).unwrap().count();
+    assert!(files > 0, "{printed}");
     db.close().await;
 }
 
