@@ -51,16 +51,21 @@ pub fn install_crypto_provider() {
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
             let secret = |k: &str| {
                 let k = k.to_ascii_lowercase();
-                ["password", "passwd", "secret", "token", "sslkey"]
+                ["password", "passwd", "secret", "token", "key", "sig"]
                     .iter()
                     .any(|s| k.contains(s))
             };
-            if u.query_pairs().any(|(k, _)| secret(&k)) {
+            let secret_query = u.query_pairs().any(|(k, _)| secret(&k));
+            if u.password().is_none() && !secret_query {
+                // Nothing to hide: shown as written.
+                return raw.to_string();
+            }
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if secret_query {
                 let pairs: Vec<(String, String)> = u
                     .query_pairs()
                     .map(|(k, v)| {
@@ -132,6 +137,8 @@ mod tests {
             "postgres://u@db/x?password=hunter2",
             "postgres://u@db/x?sslmode=require&sslpassword=hunter2",
             "postgres://u@db/x?options=-c&PASSWORD=hunter2",
+            "https://gw.example/?apikey=hunter2",
+            "https://gw.example/?sig=hunter2",
         ] {
             let r = redact_url(url);
             assert!(!r.contains("hunter2"), "{r}");

@@ -634,7 +634,10 @@ pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// prefixed with `'`, which Excel and LibreOffice show as nothing but text.
 pub fn spreadsheet_cell(cell: &str) -> std::borrow::Cow<'_, str> {
     match cell.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+        // The full-width forms too: some spreadsheets read them as the ASCII ones.
+        Some('=' | '+' | '-' | '@' | '\t' | '\r' | '＝' | '＋' | '－' | '＠') => {
+            format!("'{cell}").into()
+        }
         _ => cell.into(),
     }
 }
@@ -651,6 +654,7 @@ mod spreadsheet_tests {
             ("-2", "'-2"),
             ("@SUM(A1)", "'@SUM(A1)"),
             ("\tx", "'\tx"),
+            ("＝1+1", "'＝1+1"),
             ("小米科技有限责任公司", "小米科技有限责任公司"),
             ("91110108551385082Q", "91110108551385082Q"),
             ("", ""),

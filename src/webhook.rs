@@ -112,6 +112,7 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 192 && b == 0 && c == 0)
+                || (a == 192 && b == 88 && c == 99)
                 || (a == 198 && (18..20).contains(&b))
                 || a >= 240)
         }
@@ -125,11 +126,24 @@ pub fn is_public(ip: IpAddr) -> bool {
                 let v4 = std::net::Ipv4Addr::new((a >> 8) as u8, a as u8, (b >> 8) as u8, b as u8);
                 return is_public(IpAddr::V4(v4));
             }
+            // 6to4 (2002::/16) carries an IPv4 address in its next 32 bits;
+            // IPv4-translated (::ffff:0:a.b.c.d) in its last.
+            let embedded = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            if seg[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(seg[1], seg[2])));
+            }
+            if seg[..6] == [0, 0, 0, 0, 0xffff, 0] {
+                return is_public(IpAddr::V4(embedded(seg[6], seg[7])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (seg[0] & 0xfe00) == 0xfc00
                 || (seg[0] & 0xffc0) == 0xfe80
+                // Site-local (deprecated, still routed inside some networks).
+                || (seg[0] & 0xffc0) == 0xfec0
                 || (seg[0] == 0x2001 && seg[1] == 0x0db8)
                 || seg[..6] == [0, 0, 0, 0, 0, 0])
         }
@@ -154,9 +168,13 @@ impl std::fmt::Display for RefusedDestination {
 
 impl std::error::Error for RefusedDestination {}
 
+/// The refusal as stored with the delivery (where `report_app` can read it): the host,
+/// never the address it resolved to, so that callback URLs cannot map the inside of the
+/// network. The address goes to the worker's log only.
 fn refusal(host: &str, ip: IpAddr) -> String {
+    tracing::warn!(%host, %ip, "webhook refused: the host resolves inside the network");
     format!(
-        "refused: {host} is {ip}, an address inside the network (loopback, private, link-local or reserved); webhooks go there only with WEBHOOK_ALLOW_PRIVATE=true or the host in WEBHOOK_ALLOW_HOSTS"
+        "refused: {host} is an address inside the network (loopback, private, link-local or reserved); webhooks go there only with WEBHOOK_ALLOW_PRIVATE=true or the host in WEBHOOK_ALLOW_HOSTS"
     )
 }
 
@@ -326,6 +344,11 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
+            "::ffff:0:a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "192.88.99.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -334,6 +357,7 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
+            "2002:808:808::1",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }

@@ -565,7 +565,19 @@ impl RunArgs {
         worker.detection_target = Some(self.report_detection_target).filter(|t| !t.is_zero());
         worker.listen = match (&self.listen_database_url, self.db.database_pool_mode) {
             (Some(url), _) if !url.trim().is_empty() => {
-                crate::engine::Listen::Url(url.trim().to_string())
+                let url = url.trim();
+                let scheme_ok = ["postgres://", "postgresql://"]
+                    .iter()
+                    .any(|s| url.to_ascii_lowercase().starts_with(s));
+                let parsed = url.parse::<sqlx::postgres::PgConnectOptions>();
+                if !scheme_ok || parsed.is_err() {
+                    anyhow::bail!(
+                        "LISTEN_DATABASE_URL {} is not a PostgreSQL URL (postgres://user@host/db){}",
+                        crate::config::redact_url(url),
+                        parsed.err().map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+                crate::engine::Listen::Url(url.to_string())
             }
             (_, crate::queue::PoolMode::Session) => crate::engine::Listen::Pool,
             (_, crate::queue::PoolMode::Transaction) => crate::engine::Listen::Off,
@@ -696,7 +708,7 @@ impl RunArgs {
         Ok(serde_json::json!({
             "accounts": accounts,
             "upstream": {
-                "base_url": client.base_url,
+                "base_url": crate::config::redact_url(&client.base_url),
                 "paths": paths_json(&client.paths),
                 "timeout": d(client.timeout),
                 "max_download_bytes": client.max_download_bytes,

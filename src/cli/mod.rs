@@ -282,7 +282,7 @@ async fn check_provider(args: CheckProviderArgs) -> anyhow::Result<ExitCode> {
         println!(
             "account {} at {}: {}",
             spec.id,
-            setup.client.config().base_url,
+            crate::config::redact_url(&setup.client.config().base_url),
             if report.passed() { "ok" } else { "FAILED" }
         );
         print!("{}", report.render());

@@ -71,11 +71,18 @@ impl DashboardConfig {
     }
 }
 
-/// Failed sign-ins one client address may make within `SIGN_IN_WINDOW`.
+/// Failed sign-ins one client (an IPv4 address, an IPv6 /64) may make within
+/// `SIGN_IN_WINDOW`.
 const SIGN_IN_FAILURES: usize = 5;
 const SIGN_IN_WINDOW: Duration = Duration::from_secs(300);
-/// Client addresses remembered at most (the oldest are forgotten first).
+/// Failed sign-ins all clients together may make within `SIGN_IN_WINDOW`: many
+/// addresses guessing at once pause every sign-in.
+const SIGN_IN_FAILURES_ALL: usize = 100;
+/// Clients remembered at most; when that many failed lately, a client not among them
+/// waits too (a flood of new addresses buys no fresh guesses).
 const SIGN_IN_CLIENTS: usize = 10_000;
+/// The shortest `DASHBOARD_TOKEN` accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
 
 #[derive(Clone)]
 struct App {
@@ -162,6 +169,16 @@ pub async fn serve(
     config: DashboardConfig,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    if let Some(token) = &config.token
+        && token.expose().trim().chars().count() < MIN_TOKEN_CHARS
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "DASHBOARD_TOKEN is shorter than {MIN_TOKEN_CHARS} characters: anyone could guess it; use a long random value (e.g. openssl rand -hex 16)"
+            ),
+        ));
+    }
     if !addr.ip().is_loopback() {
         match (&config.token, config.public_read) {
             (None, false) => {
@@ -198,35 +215,53 @@ pub async fn serve(
 }
 
 /// The client's address and whether it came over HTTPS: the peer's own, unless the
-/// peer is a trusted proxy, whose `X-Forwarded-For` (the nearest address that is not
-/// itself a trusted proxy) and `X-Forwarded-Proto` are then believed.
+/// peer is a trusted proxy, whose `X-Forwarded-For` and `X-Forwarded-Proto` are then
+/// believed. `X-Forwarded-For` is read from the right, hop by hop, for as long as each
+/// hop is a trusted proxy: the first address that is not is the client; an entry that
+/// cannot be read ends the walk at the last trusted hop (a client cannot pick its own
+/// address by sending garbage before it). Addresses are compared canonically (an IPv4
+/// proxy seen as `::ffff:a.b.c.d` on a dual-stack socket is the same proxy).
 fn client(
     trusted: &[std::net::IpAddr],
     peer: Option<std::net::IpAddr>,
     headers: &HeaderMap,
 ) -> (Option<std::net::IpAddr>, bool) {
-    let Some(peer) = peer.filter(|p| trusted.contains(p)) else {
+    let peer = peer.map(|p| p.to_canonical());
+    let is_trusted = |a: std::net::IpAddr| trusted.iter().any(|t| t.to_canonical() == a);
+    let Some(peer) = peer.filter(|p| is_trusted(*p)) else {
         return (peer, false);
     };
-    let forwarded = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
-        .collect::<Vec<_>>();
-    let address = forwarded
-        .iter()
-        .rev()
-        .find(|a| !trusted.contains(a))
-        .copied()
-        .unwrap_or(peer);
+        .collect();
+    let mut address = peer;
+    for hop in hops.iter().rev() {
+        let Some(ip) = forwarded_address(hop) else {
+            break;
+        };
+        address = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
     let https = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
     (Some(address), https)
+}
+
+/// One `X-Forwarded-For` entry: an address, `a.b.c.d:port` or `[v6]:port`.
+fn forwarded_address(hop: &str) -> Option<std::net::IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .map(|ip| ip.to_canonical())
 }
 
 /// Pages anyone may fetch, signed in or not: the sign-in page and the assets it needs.
@@ -525,19 +560,25 @@ async fn document(State(app): State<App>, Path(id): Path<String>) -> PageResult 
         None => {
             let pool = app.pool.clone();
             let size = doc.byte_size;
+            let sha256 = doc.sha256.clone();
             let chunks = futures_util::stream::unfold(0i64, move |offset| {
-                let pool = pool.clone();
+                let (pool, sha256) = (pool.clone(), sha256.clone());
                 async move {
                     if offset >= size {
                         return None;
                     }
                     let len = DOCUMENT_CHUNK.min(size - offset);
-                    match queue::document_slice(&pool, id, offset, len).await {
+                    match queue::document_slice(&pool, id, &sha256, offset, len).await {
                         Ok(Some(bytes)) if !bytes.is_empty() => {
                             let next = offset + bytes.len() as i64;
                             Some((Ok(bytes::Bytes::from(bytes)), next))
                         }
-                        Ok(_) => Some((Err(std::io::Error::other("the document is gone")), size)),
+                        Ok(_) => Some((
+                            Err(std::io::Error::other(
+                                "the document is gone or was replaced",
+                            )),
+                            size,
+                        )),
                         Err(e) => Some((Err(std::io::Error::other(e)), size)),
                     }
                 }
@@ -802,42 +843,77 @@ async fn login_page(Extension(v): Extension<Viewer>, Query(params): Params) -> R
 }
 
 impl App {
-    /// How long this client must wait before its next sign-in, if it has made too many
-    /// wrong ones lately.
+    /// How long this client must wait before its next sign-in, if it (or everyone
+    /// together) made too many wrong ones lately.
     fn sign_in_pause(&self, client: Option<std::net::IpAddr>) -> Option<Duration> {
-        let client = client?;
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let recent: Vec<&Instant> = failures
-            .get(&client)?
-            .iter()
-            .filter(|at| at.elapsed() < SIGN_IN_WINDOW)
-            .collect();
-        if recent.len() < SIGN_IN_FAILURES {
-            return None;
+        let wait = |recent: &[Instant], limit: usize| {
+            let recent: Vec<&Instant> = recent
+                .iter()
+                .filter(|at| at.elapsed() < SIGN_IN_WINDOW)
+                .collect();
+            (recent.len() >= limit)
+                .then(|| {
+                    recent
+                        .iter()
+                        .min()
+                        .map(|o| SIGN_IN_WINDOW.saturating_sub(o.elapsed()))
+                })
+                .flatten()
+        };
+        let all: Vec<Instant> = failures.values().flatten().copied().collect();
+        if let Some(pause) = wait(&all, SIGN_IN_FAILURES_ALL) {
+            return Some(pause);
         }
-        let oldest = recent.iter().min()?;
-        Some(SIGN_IN_WINDOW.saturating_sub(oldest.elapsed()))
+        let key = client.map(sign_in_key)?;
+        match failures.get(&key) {
+            Some(own) => wait(own, SIGN_IN_FAILURES),
+            None if failures.len() >= SIGN_IN_CLIENTS => Some(SIGN_IN_WINDOW),
+            None => None,
+        }
     }
 
     fn sign_in_failed(&self, client: Option<std::net::IpAddr>) {
-        let Some(client) = client else { return };
+        let Some(key) = client.map(sign_in_key) else {
+            return;
+        };
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() >= SIGN_IN_CLIENTS && !failures.contains_key(&client) {
+        if failures.len() >= SIGN_IN_CLIENTS && !failures.contains_key(&key) {
             failures.retain(|_, at| at.iter().any(|a| a.elapsed() < SIGN_IN_WINDOW));
             if failures.len() >= SIGN_IN_CLIENTS {
                 return;
             }
         }
-        let at = failures.entry(client).or_default();
+        let at = failures.entry(key).or_default();
         at.retain(|a| a.elapsed() < SIGN_IN_WINDOW);
         at.push(Instant::now());
+    }
+}
+
+/// Whose sign-ins count together: an IPv4 address, or an IPv6 address's /64 (one
+/// host can hold a whole /64).
+fn sign_in_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 
 /// Only a path on this dashboard (never `//host` or `https://…`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                // Browsers drop tabs and newlines from URLs: `/\t/evil` is `//evil`.
+                && !n.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            n.into()
+        }
         _ => "/".into(),
     }
 }
@@ -948,4 +1024,43 @@ async fn icon() -> Response {
 
 async fn not_found() -> PageError {
     PageError::NotFound("there is no such page".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_after_sign_in_stays_on_this_dashboard() {
+        for bad in [
+            "//evil.example",
+            "/\\evil",
+            "/\t/evil.example",
+            "/\n/x",
+            "https://e",
+            "x",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(
+            safe_next(Some("/requests?state=failed")),
+            "/requests?state=failed"
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_recognised_in_either_address_family() {
+        let trusted = vec!["10.0.0.1".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "198.51.100.3".parse().unwrap());
+        // On a dual-stack socket the IPv4 proxy arrives as ::ffff:10.0.0.1.
+        let peer = Some("::ffff:10.0.0.1".parse().unwrap());
+        assert_eq!(
+            client(&trusted, peer, &headers).0,
+            Some("198.51.100.3".parse().unwrap())
+        );
+        // An untrusted peer is itself, whatever it says.
+        let peer = Some("192.0.2.5".parse().unwrap());
+        assert_eq!(client(&trusted, peer, &headers).0, peer);
+    }
 }

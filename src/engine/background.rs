@@ -57,6 +57,7 @@ pub(super) async fn listen(shared: Arc<Shared>, cancel: CancellationToken) {
                 Ok(()) => return,
                 Err(e) => {
                     failures += 1;
+                    shared.recent.suspect();
                     tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
                 }
             },
@@ -111,6 +112,7 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, cancel: CancellationToken) {
             }
             Err(e) => {
                 conn = None;
+                shared.recent.suspect();
                 tracing::warn!(error = %e, rows = held.len(), "heartbeat failed");
                 if last_success.elapsed() >= shared.config.lease {
                     tracing::warn!(

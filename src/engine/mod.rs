@@ -236,6 +236,12 @@ impl Worker {
             .into_iter()
             .map(|setup| Account::new(pool.clone(), setup, config.stop_probe_base))
             .collect();
+        let mut config = config;
+        if config.listen == Listen::Pool && pool.mode() == queue::PoolMode::Transaction {
+            // LISTEN on a pooled connection hears nothing once the pooler hands the
+            // session to another client: poll instead (see `Listen::Off`).
+            config.listen = Listen::Off;
+        }
         let learning = learning::Learning::new(config.detection_target, config.poll.clone());
         Worker {
             shared: Arc::new(Shared {
@@ -296,8 +302,15 @@ impl Worker {
             // process created lately (a failover may have lost their commits), before
             // a row is claimed and perhaps bought again.
             let round = async {
-                if db_failures > 0 {
-                    shared.recent.recheck(&shared).await?;
+                if db_failures > 0 || shared.recent.suspected() {
+                    match shared.recent.recheck(&shared).await {
+                        Ok(_) => {}
+                        Err(e) if queue::is_retryable(&e) => return Err(e),
+                        // Not "not now": claiming goes on; the next check tries again.
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not hand back a lost job id")
+                        }
+                    }
                 }
                 shared.claim_round(free).await
             };
@@ -413,7 +426,9 @@ impl Shared {
             if plan.kinds.polls {
                 polls_for.push(account.name().to_string());
             }
-            creates |= plan.kinds.creates;
+            // After the server changed, no new creates until every process had time
+            // to hand back the job ids the change lost (see `recent`).
+            creates |= plan.kinds.creates && !self.recent.creates_held();
             let Some(kinds) = plan.probe else { continue };
             let own = [account.name().to_string()];
             let probe = queue::claim_for(

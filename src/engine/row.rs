@@ -49,6 +49,8 @@ enum Outcome {
     TaskCreated {
         job: JobId,
         started_at: DateTime<Utc>,
+        /// The attempt it was created for.
+        attempt: i32,
     },
     /// The create was sent and no usable answer came back: its attempt stays spent.
     Unanswered {
@@ -314,7 +316,13 @@ impl RowTask {
             }
             let refund = Intent::Refund;
             match result {
-                Ok(job) => return Outcome::TaskCreated { job, started_at },
+                Ok(job) => {
+                    return Outcome::TaskCreated {
+                        job,
+                        started_at,
+                        attempt,
+                    };
+                }
                 Err(CreateError::Unknown(error)) => {
                     return Outcome::Unanswered {
                         error,
@@ -807,7 +815,11 @@ impl RowTask {
     /// Writes the outcome of this claim, fenced by its lease token.
     async fn settle(&self, outcome: Outcome) {
         match outcome {
-            Outcome::TaskCreated { job, started_at } => self.record_task(job, started_at).await,
+            Outcome::TaskCreated {
+                job,
+                started_at,
+                attempt,
+            } => self.record_task(job, started_at, attempt).await,
             Outcome::Unanswered {
                 error,
                 attempt,
@@ -934,7 +946,7 @@ impl RowTask {
     /// lease meanwhile); if the row is no longer ours, kept as an orphan — adopted at
     /// once when the row waits for exactly this create (a cancel and retry while it was
     /// on the wire), otherwise recorded for a later retry and for operators.
-    async fn record_task(&self, job: JobId, started_at: DateTime<Utc>) {
+    async fn record_task(&self, job: JobId, started_at: DateTime<Utc>, attempt: i32) {
         tracing::Span::current().record("job", tracing::field::display(&job));
         tracing::debug!("upstream task created");
         let shared = &self.shared;
@@ -952,15 +964,22 @@ impl RowTask {
         let reason = loop {
             match shared.writer.created(created.clone()).await {
                 Ok(Fenced::Written) => {
-                    shared.recent.written(Orphan {
+                    let written = Orphan {
                         request_id: self.row.id,
                         job_id: job,
                         started_at: Some(started_at),
                         account: self.account().name().to_string(),
                         report_type: self.row.report_type,
                         reason: String::new(),
-                    });
+                    };
+                    shared.recent.written(written, attempt);
                     return;
+                }
+                Err(WriteError::Unavailable(e)) => {
+                    shared.recent.suspect();
+                    tracing::error!(job = %job, error = %e, "cannot record the new task's job id yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
                 Ok(Fenced::Lost) => {
                     break "the row was cancelled or taken over while its create was on the wire"
@@ -968,11 +987,6 @@ impl RowTask {
                 }
                 Err(WriteError::Refused { message, .. }) => {
                     break format!("the job id could not be written to its row: {message}");
-                }
-                Err(WriteError::Unavailable(e)) => {
-                    tracing::error!(job = %job, error = %e, "cannot record the new task's job id yet; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
         };
@@ -989,6 +1003,10 @@ impl RowTask {
             .when(queue::is_retryable)
             .notify(|e, _| tracing::error!(job = %job, error = %e, "cannot record the orphaned task yet; retrying"))
             .await;
+        if fate.is_ok() {
+            // The orphan's write is as easily lost as the row's would have been.
+            shared.recent.written(orphan.clone(), attempt);
+        }
         match fate {
             Ok(OrphanFate::Adopted) => {
                 tracing::info!(

@@ -91,8 +91,10 @@ impl ThrowawayPostgres {
     /// Creates a cluster in a new temporary folder and starts it on a private socket.
     pub async fn start() -> Result<ThrowawayPostgres, EmbeddedPgError> {
         let bindir = find_bindir().ok_or(EmbeddedPgError::NotInstalled)?;
+        static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
-            std::env::temp_dir().join(format!("report-worker-demo-pg-{}", std::process::id()));
+            std::env::temp_dir().join(format!("report-worker-demo-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("sock"))
             .map_err(|e| failed("creating the temporary folder", e))?;
@@ -138,12 +140,37 @@ impl ThrowawayPostgres {
                 String::from_utf8_lossy(&out.stderr).trim(),
             ));
         }
-        let log = std::fs::File::create(dir.join("postgres.log"))
+        pg.launch(&bindir).await?;
+        Ok(pg)
+    }
+
+    /// Stops the server (a fast shutdown) and starts it again on the same data: a new
+    /// server process, as a restart or a failover makes one.
+    pub async fn restart(&mut self) -> Result<(), EmbeddedPgError> {
+        let bindir = find_bindir().ok_or(EmbeddedPgError::NotInstalled)?;
+        self.stop_server();
+        self.launch(&bindir).await
+    }
+
+    /// Starts `postgres` on the cluster and waits until it accepts connections.
+    async fn launch(&mut self, bindir: &Path) -> Result<(), EmbeddedPgError> {
+        let dir = self.dir.clone();
+        let user = run_as();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("postgres.log"))
             .map_err(|e| failed("creating the server log", e))?;
         if let Some((uid, gid)) = user {
             let _ = std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid));
         }
-        let child = command("postgres")
+        let mut command = Command::new(bindir.join("postgres"));
+        if let Some((uid, gid)) = user {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
+        let child = command
+            .current_dir(&dir)
             .args(["-D", "data", "-k"])
             .arg(dir.join("sock"))
             .args(["-c", "listen_addresses=", "-p", "5432", "-F"])
@@ -160,14 +187,18 @@ impl ThrowawayPostgres {
             .stderr(log)
             .spawn()
             .map_err(|e| failed("starting postgres", e))?;
-        pg.child = Some(child);
+        self.child = Some(child);
         // Ready when a connection succeeds.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if crate::queue::connect(&pg.url(), 1).await.is_ok() {
-                return Ok(pg);
+            if crate::queue::connect(&self.url(), 1).await.is_ok() {
+                return Ok(());
             }
-            if let Some(status) = pg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();
                 return Err(failed(
@@ -202,6 +233,13 @@ impl ThrowawayPostgres {
     }
 
     fn shutdown(&mut self) {
+        self.stop_server();
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn stop_server(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGINT: PostgreSQL's fast shutdown; SIGKILL if it does not finish.
             let _ = Command::new("kill")
@@ -215,9 +253,6 @@ impl ThrowawayPostgres {
             }
             let _ = child.kill();
             let _ = child.wait();
-        }
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

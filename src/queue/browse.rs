@@ -406,19 +406,24 @@ pub async fn document_meta(pool: &Db, id: i64) -> Result<Option<StoredDocument>,
 }
 
 /// `len` bytes of a document stored in PostgreSQL, from `offset` (the column is stored
-/// uncompressed, so PostgreSQL reads only the chunks asked for).
+/// uncompressed, so PostgreSQL reads only the chunks asked for) — of the document whose
+/// digest is `sha256` only: `None` once another document replaced it, so that a stream
+/// read in several statements never mixes two documents.
 pub async fn document_slice(
     pool: &Db,
     id: i64,
+    sha256: &str,
     offset: i64,
     len: i64,
 ) -> Result<Option<Vec<u8>>, sqlx::Error> {
     sql::query_scalar(
-        "SELECT substring(content FROM $2::int + 1 FOR $3::int) FROM report_documents WHERE request_id = $1",
+        "SELECT substring(content FROM $2::int + 1 FOR $3::int) FROM report_documents
+          WHERE request_id = $1 AND sha256 = $4",
     )
     .bind(id)
     .bind(offset)
     .bind(len)
+    .bind(sha256)
     .fetch_optional(pool)
     .await
     .map(Option::flatten)

@@ -133,9 +133,29 @@ async fn open(
     Ok(Db { pool, mode })
 }
 
+/// The advisory lock every `migrate` holds, whichever way it reaches the database: a
+/// session lock directly, a transaction lock through a pooler (the two exclude each
+/// other), so a direct and a pooled run never overlap.
+const MIGRATE_LOCK: i64 = 7235632648424535154;
+
 pub async fn migrate(db: &Db) -> Result<(), DbError> {
+    let sql_error = sqlx::migrate::MigrateError::from;
     match db.mode() {
-        PoolMode::Session => MIGRATOR.run(db.pool()).await?,
+        PoolMode::Session => {
+            let mut conn = db.pool().acquire().await.map_err(sql_error)?;
+            sql::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATE_LOCK)
+                .execute(&mut *conn)
+                .await
+                .map_err(sql_error)?;
+            let ran = MIGRATOR.run(&mut *conn).await;
+            let unlocked = sql::query("SELECT pg_advisory_unlock($1)")
+                .bind(MIGRATE_LOCK)
+                .execute(&mut *conn)
+                .await;
+            ran?;
+            unlocked.map_err(sql_error)?;
+        }
         PoolMode::Transaction => {
             // Through a transaction pooler a session (and its advisory lock) does not
             // outlive a transaction: the whole run is one transaction instead, under a
@@ -150,10 +170,12 @@ pub async fn migrate(db: &Db) -> Result<(), DbError> {
                 .map_err(sqlx::migrate::MigrateError::from)?;
             // The migrator's own statements are named: none may outlive this
             // transaction on its server session (DEALLOCATE ALL before and after).
-            sqlx::raw_sql("SELECT pg_advisory_xact_lock(7235632648424535154); DEALLOCATE ALL")
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlx::migrate::MigrateError::from)?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_advisory_xact_lock({MIGRATE_LOCK}); DEALLOCATE ALL"
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error)?;
             migrator.run(&mut *tx).await?;
             sqlx::raw_sql("DEALLOCATE ALL")
                 .execute(&mut *tx)

@@ -73,7 +73,7 @@ impl Report {
 pub async fn check(client: &Client, qps: f64, create: Option<&CreateTask>) -> Report {
     let mut report = Report::default();
     let config = client.config();
-    let url = client.url(&config.paths.token);
+    let url = crate::config::redact_url(&client.url(&config.paths.token));
     let answer = match client.token_exchange().await {
         Ok(answer) => answer,
         Err(e) => {
@@ -297,7 +297,7 @@ fn clock(report: &mut Report, answer: &RawAnswer) {
 /// One paid create, then one status call of its task.
 async fn create_and_status(report: &mut Report, client: &Client, task: &CreateTask) {
     let config = client.config();
-    let url = client.url(&config.paths.create);
+    let url = crate::config::redact_url(&client.url(&config.paths.create));
     let token = match client.token_for_create().await {
         Ok(token) => token,
         Err(e) => {
@@ -329,7 +329,7 @@ async fn create_and_status(report: &mut Report, client: &Client, task: &CreateTa
             "POST {url} made task {job}: one paid report, outside the queue (this command keeps nothing)"
         ),
     );
-    let url = client.url(&config.paths.status);
+    let url = crate::config::redact_url(&client.url(&config.paths.status));
     match client.task_status(&job).await {
         Ok(status) => report.say(
             "status",

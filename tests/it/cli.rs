@@ -567,6 +567,10 @@ fn settings_that_only_burn_money_are_refused_at_start() {
             "UPSTREAM_CREATE_PATH \"task/create\" must be a path that starts with /",
         ),
         (
+            vec![("LISTEN_DATABASE_URL", "mysql://u:pw@db/x")],
+            "LISTEN_DATABASE_URL mysql://u:***@db/x is not a PostgreSQL URL",
+        ),
+        (
             vec![("UPSTREAM_STATUS_PATH", "/status?job_id=1")],
             "UPSTREAM_STATUS_PATH \"/status?job_id=1\" must be a path",
         ),

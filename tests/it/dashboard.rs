@@ -847,6 +847,45 @@ async fn sign_in_is_limited_per_client_and_cookies_are_secure_over_https() {
         attempt(TOKEN, "203.0.113.7").await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
+    // A client cannot pick its own address: whatever it puts before the proxy's entry
+    // (here written as address:port), the proxy's entry is who it is.
+    let spoofed = [
+        "10.9.8.1, 203.0.113.8:4000",
+        "10.9.8.2, 203.0.113.8:4000",
+        "x, 203.0.113.8:4001",
+        "10.9.8.4,203.0.113.8",
+        "[2001:db8::1]:80, 203.0.113.8:4002",
+    ];
+    for forwarded in spoofed {
+        assert_eq!(
+            attempt("guess", forwarded).await.status(),
+            StatusCode::FORBIDDEN,
+            "{forwarded}"
+        );
+    }
+    assert_eq!(
+        attempt("guess", "10.9.8.9, 203.0.113.8:4003")
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // One IPv6 host holds a whole /64: its addresses count together.
+    for forwarded in [
+        "2001:db8:1:2::1",
+        "2001:db8:1:2::2",
+        "2001:db8:1:2::3",
+        "2001:db8:1:2:ffff::4",
+        "2001:db8:1:2::5",
+    ] {
+        assert_eq!(
+            attempt("guess", forwarded).await.status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+    assert_eq!(
+        attempt("guess", "2001:db8:1:2::6").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // Another client is not held up; over HTTPS (said by the trusted proxy) its session
     // cookie is Secure.
     let r = attempt(TOKEN, "198.51.100.9").await;

@@ -120,3 +120,103 @@ async fn a_non_superuser_owner_migrates_and_grants_and_least_privilege_logins_wo
     sim.stop().await;
     drop(pg);
 }
+
+/// A failover to an asynchronous standby: a new server, without the last commits the
+/// old one acknowledged. Here the row's create intent and its job id are both undone
+/// (the row queued again, its attempt and create count as before them) and the server
+/// is restarted, a new server process as a failover makes one. The worker that wrote the
+/// job id sees the server change and hands the task back: the row adopts it, one paid
+/// task. (The row is kept from being due while the test undoes its commits; the
+/// periodic check is an hour away, so only the change itself can bring the job id back.)
+#[tokio::test]
+async fn after_the_server_changes_a_lost_job_id_is_handed_back_not_bought_again() {
+    if find_bindir().is_none() {
+        if std::env::var("CI").is_ok() {
+            panic!("PostgreSQL's server binaries are required under CI");
+        }
+        eprintln!("skipping: no PostgreSQL server binaries (initdb, postgres)");
+        return;
+    }
+    let mut pg = ThrowawayPostgres::start()
+        .await
+        .expect("a throwaway server");
+    let url = pg.url();
+    let pool = report_worker::queue::connect(&url, 2).await.unwrap();
+    report_worker::queue::migrate(&pool).await.unwrap();
+    let sim = start_sim(SimConfig {
+        create_latency: (Duration::from_millis(200), Duration::from_millis(200)),
+        ..SimConfig::instant()
+    })
+    .await;
+    let mut config = fast_worker_config_with(
+        &sim.config().client_id,
+        &["--report-first-poll", "3s", "--report-window", "10s"],
+    );
+    config.recheck_every = Duration::from_secs(3600);
+    let w = spawn_worker(&url, client_config(&sim), config).await;
+    let company = "换了主库";
+    let id = enqueue_with_attempts(&pool, company, 3).await;
+    let job: String = wait_for("the job id", Duration::from_secs(20), || async {
+        sqlx::query_scalar("SELECT upstream_job_id FROM report_requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE report_requests
+            SET state = 'queued', upstream_job_id = NULL, upstream_created_at = NULL,
+                next_poll_at = NULL, create_started_at = NULL, create_deadline = NULL,
+                attempts = attempts - 1, creates_sent = creates_sent - 1,
+                lease_owner = NULL, lease_expires_at = NULL,
+                run_after = now() + interval '1 hour'
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM report_events WHERE request_id = $1 AND upstream_job_id = $2")
+        .bind(id)
+        .bind(&job)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    pool.close().await;
+    pg.restart().await.expect("the server restarts");
+    let pool = report_worker::queue::connect(&url, 2).await.unwrap();
+    wait_for(
+        "the lost job id handed back",
+        Duration::from_secs(30),
+        || async {
+            let kept: Option<String> =
+                sqlx::query_scalar("SELECT reason FROM report_orphan_tasks WHERE job_id = $1")
+                    .bind(&job)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            kept.filter(|r| r.contains("lost with the database"))
+        },
+    )
+    .await;
+    sqlx::query("UPDATE report_requests SET run_after = now() WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (state, _, _) = wait_final(&pool, id, Duration::from_secs(30)).await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(tasks_for(&sim, company), 1, "one paid task");
+    let now: Option<String> =
+        sqlx::query_scalar("SELECT upstream_job_id FROM report_requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(now.as_deref(), Some(job.as_str()));
+    w.stop().await;
+    sim.stop().await;
+}

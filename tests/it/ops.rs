@@ -504,6 +504,15 @@ fn compose_file_is_complete_and_consistent() {
         dashboard["depends_on"]["logins"]["condition"].as_str(),
         Some("service_completed_successfully")
     );
+    // It starts without a token: listening on 0.0.0.0 inside the container needs
+    // --public-read then (else it refuses to start and restarts forever), and that is
+    // safe only while the port is published on the host's loopback alone.
+    assert_eq!(dashboard["command"][2].as_str(), Some("0.0.0.0:8080"));
+    assert_eq!(
+        dashboard["environment"]["DASHBOARD_PUBLIC_READ"].as_str(),
+        Some("true")
+    );
+    assert_eq!(dashboard["ports"][0].as_str(), Some("127.0.0.1:8080:8080"));
     // The owner migrates and grants; the workers and the dashboard log in as a member
     // of report_worker, never as the owner.
     let owner = doc["x-database-url"].as_str().unwrap();

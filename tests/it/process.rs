@@ -551,6 +551,14 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
         err.contains("no DASHBOARD_TOKEN is set") && err.contains("--public-read"),
         "{err}"
     );
+    // A token anyone could guess is refused too.
+    let short = dashboard(&["--dashboard-token", "hunter2"])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert!(!short.status.success());
+    assert!(err.contains("DASHBOARD_TOKEN is shorter than 16"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
     // Asked for explicitly: it serves everyone, and says so.
     let open = dashboard(&["--public-read"]);
     let local = format!("127.0.0.1:{port}");
