@@ -248,15 +248,19 @@ pub(super) async fn periodically(shared: Arc<Shared>, cancel: CancellationToken)
             _ = tokio::time::sleep(tick) => {}
         }
         let recent = &shared.recent;
-        let result = async {
+        let work = async {
             recent.check_server(&shared, hold).await?;
             if recent.suspected() || last_recheck.elapsed() >= every {
                 recent.recheck(&shared).await?;
                 last_recheck = Instant::now();
             }
             Ok::<(), sqlx::Error>(())
-        }
-        .await;
+        };
+        // A statement stuck on a dead connection must not hold up shutdown.
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = work => r,
+        };
         match result {
             Ok(()) => failures = 0,
             Err(e) => {

@@ -581,6 +581,35 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
     db.close().await;
 }
 
+/// `run` with the accounts of `accounts` (the first one's secret in FIRST_SECRET) and
+/// `env`, polling quickly.
+fn run_with_accounts(
+    db: &TestDb,
+    sim: &report_worker::simulator::Simulator,
+    accounts: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_report-worker"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("UPSTREAM_BASE_URL", sim.base_url())
+        .env("UPSTREAM_ACCOUNTS", accounts)
+        .env("FIRST_SECRET", &sim.config().client_secret)
+        .env("UPSTREAM_QPS", "0")
+        .env("REPORT_FIRST_POLL", "200ms")
+        .env("REPORT_POLL_MIN", "200ms")
+        .env("REPORT_POLL_MAX", "300ms")
+        .env("WORKER_IDLE_POLL", "200ms")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the worker starts")
+}
+
 #[tokio::test]
 async fn run_pools_the_accounts_listed_in_upstream_accounts() {
     use report_worker::simulator::SimAccount;
@@ -611,25 +640,7 @@ async fn run_pools_the_accounts_listed_in_upstream_accounts() {
     for i in 0..8 {
         enqueue(&db.pool, Some(&format!("多账户{i}")), None, None, "pdf").await;
     }
-    let mut child = {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
-        cmd.arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env("UPSTREAM_BASE_URL", sim.base_url())
-            .env("UPSTREAM_ACCOUNTS", &accounts)
-            .env("FIRST_SECRET", &sim.config().client_secret)
-            .env("UPSTREAM_QPS", "0")
-            .env("REPORT_FIRST_POLL", "200ms")
-            .env("REPORT_POLL_MIN", "200ms")
-            .env("REPORT_POLL_MAX", "300ms")
-            .env("WORKER_IDLE_POLL", "200ms")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd.spawn().expect("the worker starts")
-    };
+    let mut child = run_with_accounts(&db, &sim, &accounts, &[]);
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -693,25 +704,7 @@ async fn run_calls_the_paths_it_is_configured_with() {
     for i in 0..4 {
         enqueue(&db.pool, Some(&format!("网关{i}")), None, None, "pdf").await;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_report-worker"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("UPSTREAM_BASE_URL", sim.base_url())
-        .env("UPSTREAM_ACCOUNTS", &accounts)
-        .env("FIRST_SECRET", &sim.config().client_secret)
-        .env("SECOND_SECRET", "second-secret")
-        .env("UPSTREAM_QPS", "0")
-        .env("REPORT_FIRST_POLL", "200ms")
-        .env("REPORT_POLL_MIN", "200ms")
-        .env("REPORT_POLL_MAX", "300ms")
-        .env("WORKER_IDLE_POLL", "200ms")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the worker starts");
+    let mut child = run_with_accounts(&db, &sim, &accounts, &[("SECOND_SECRET", "second-secret")]);
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
     child.kill().unwrap();
     child.wait().unwrap();
