@@ -6,8 +6,27 @@ use std::time::Duration;
 /// Parses `250ms`, `30s`, `10m`, `1h 30m` (humantime); a bare number is refused so that
 /// nobody has to guess its unit.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e} (write durations like 250ms, 30s, 10m)"))
+    let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: a duration is 0 or more (write durations like 250ms, 30s, 10m)"
+        ));
+    }
+    if s.is_empty() {
+        return Err("empty: write durations like 250ms, 30s, 10m".into());
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        let why = match e {
+            humantime::DurationError::NumberExpected(_) => "a number is missing".to_string(),
+            humantime::DurationError::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+            humantime::DurationError::InvalidCharacter(_) => {
+                "it holds a character no duration has".into()
+            }
+            humantime::DurationError::NumberOverflow => "it is too long".into(),
+            humantime::DurationError::Empty => "it is empty".into(),
+        };
+        format!("{s:?} is not a duration: {why} (write durations like 250ms, 30s, 10m)")
+    })
 }
 
 /// A duration as an operator writes it, in its largest whole unit (`90d`, `2h`, `90s`,

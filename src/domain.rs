@@ -345,11 +345,16 @@ impl Clock {
 
 /// Shortens a hostile value before it is quoted in an error message.
 pub fn clip(s: &str) -> String {
-    const MAX: usize = 60;
-    if s.chars().count() <= MAX {
+    clip_to(s, 60)
+}
+
+/// `clip` at `max` characters: the provider's own messages (the longest it documents
+/// is about 105 characters) are kept whole up to 300.
+pub fn clip_to(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
         s.to_string()
     } else {
-        let head: String = s.chars().take(MAX).collect();
+        let head: String = s.chars().take(max).collect();
         format!("{head}…")
     }
 }

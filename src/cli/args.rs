@@ -907,7 +907,19 @@ pub struct DbArgs {
 
 impl DbArgs {
     /// A pool of at most `max_connections` on DATABASE_URL, in its pool mode.
-    pub async fn connect(
+    /// A pool for a command that works on the queue: its schema checked first, so that
+    /// an unmigrated database (or one newer than this binary) is one clear line.
+    pub async fn connect(&self, max_connections: u32) -> anyhow::Result<crate::queue::Db> {
+        let pool = self.connect_unchecked(max_connections).await?;
+        if let Some(problem) = crate::queue::schema(&pool).await?.problem() {
+            pool.close().await;
+            anyhow::bail!("{problem}");
+        }
+        Ok(pool)
+    }
+
+    /// A pool whatever the schema (for `migrate`).
+    pub async fn connect_unchecked(
         &self,
         max_connections: u32,
     ) -> Result<crate::queue::Db, crate::queue::DbError> {

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod args;
+pub(crate) mod errors;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,10 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            if let Some(line) = errors::usage_from_environment(&e) {
+                eprintln!("error: {line}");
+                return ExitCode::from(2);
+            }
             // clap's message runs until its first blank line (then usage and tips follow):
             // fold that part into one line.
             let rendered = e.render().to_string();
@@ -51,7 +56,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let message = one_line(&format!("{e:#}"));
+            let message = errors::error_line(&e);
             match format {
                 LogFormat::Text => eprintln!("error: {message}"),
                 // A log pipeline gets the fatal error as one more JSON line.
@@ -69,10 +74,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 fn init_tracing(command: &Command, format: LogFormat) {
     let default = match command {
         Command::Migrate(_)
@@ -88,8 +89,11 @@ fn init_tracing(command: &Command, format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a person at a terminal, never into files and pipelines.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => logs.try_init(),
@@ -105,9 +109,19 @@ fn init_tracing(command: &Command, format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => {
-            let pool = args.connect(2).await?;
+            let pool = args.connect_unchecked(2).await?;
+            let before = queue::schema(&pool).await?;
+            if let queue::Schema::Ahead { .. } = before {
+                anyhow::bail!("{}", before.problem().unwrap_or_default());
+            }
             queue::migrate(&pool).await?;
-            println!("migrations applied");
+            let latest = queue::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            match before {
+                queue::Schema::Current => {
+                    println!("up to date (schema {latest}): nothing to apply")
+                }
+                _ => println!("migrations applied: schema {latest}"),
+            }
         }
         Command::Enqueue(args) => return enqueue_one(args).await,
         Command::Status(args) => {
@@ -131,11 +145,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dashboard(args) => {
             let pool = args.db.connect(6).await?;
-            if !queue::is_migrated(&pool).await? {
-                anyhow::bail!(
-                    "the database has no report_requests table: run `report-worker migrate` first"
-                );
-            }
             let config = args.access.config(args.store.open().await?);
             let cancel = tokio_util::sync::CancellationToken::new();
             tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
@@ -488,10 +497,8 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         pool = connecting => pool?,
         _ = cancel.cancelled() => return Ok(()),
     };
-    if !queue::is_migrated(&pool).await? {
-        anyhow::bail!(
-            "the database has no report_requests table: run `report-worker migrate` first"
-        );
+    if let Some(problem) = queue::schema(&pool).await?.problem() {
+        anyhow::bail!("{problem}");
     }
     let metrics = std::sync::Arc::new(crate::engine::metrics::Metrics::new());
     if let Some(addr) = args.metrics_addr {

@@ -960,7 +960,10 @@ async fn login(
         Err(message) => return refuse(&message),
     };
     if !auth.token_matches(form.get("token").map(String::as_str).unwrap_or("")) {
-        tracing::warn!(peer = ?v.peer, "dashboard: sign-in with a wrong token");
+        tracing::warn!(
+            peer = v.peer.map(tracing::field::display),
+            "dashboard: sign-in with a wrong token"
+        );
         app.sign_in_failed(v.peer);
         return refuse("that is not the dashboard's token");
     }

@@ -186,7 +186,7 @@ impl Account {
             return;
         };
         let scope = if on_create { *scope } else { StopScope::All };
-        tracing::warn!(account = %self.name, code, %reason, ?until, %scope, "account-wide stop");
+        tracing::warn!(account = %self.name, code, %reason, until = until.map(tracing::field::display), %scope, "account-wide stop");
         let recorded = (|| {
             queue::record_stop(
                 &self.pool,

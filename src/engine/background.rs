@@ -193,7 +193,19 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
         .collect();
     let owner = &shared.config.owner;
     loop {
-        if let Err(e) = queue::worker_seen(&shared.pool, owner, &names, true).await {
+        let trouble: serde_json::Map<String, serde_json::Value> = shared
+            .accounts
+            .iter()
+            .filter_map(|a| {
+                let u = a.client.unanswered()?;
+                let value = serde_json::json!({
+                    "since": u.since.to_rfc3339(), "calls": u.calls, "error": u.error,
+                });
+                Some((a.name().to_string(), value))
+            })
+            .collect();
+        let trouble = serde_json::Value::Object(trouble);
+        if let Err(e) = queue::worker_seen(&shared.pool, owner, &names, true, &trouble).await {
             tracing::warn!(error = %e, "could not record this worker in report_workers");
         }
         let release_every = RELEASE_UNPOLLED_EVERY.min(shared.config.poll.give_up_after / 2);

@@ -244,8 +244,23 @@ async fn healthz(State(s): State<Http>) -> Response {
             (name, serde_json::Value::from(rows))
         })
         .collect();
+    // This process's accounts that a running worker calls without an answer (nothing
+    // listens, DNS, TLS, timeouts): since when, how many calls, the last error.
+    let unreachable: serde_json::Map<String, serde_json::Value> = queue::provider_trouble(&s.pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| s.accounts.contains(&t.account))
+        .map(|t| {
+            let detail = serde_json::json!({
+                "since": t.since, "calls": t.calls, "error": t.error,
+            });
+            (t.account, detail)
+        })
+        .collect();
     let body = serde_json::json!({
         "database": if db.is_ok() { "ok" } else { "unreachable" },
+        "provider_unreachable": unreachable,
         "account_stop": first.unwrap_or(serde_json::Value::Null),
         "account_stops": stops,
         "unpolled_accounts": unpolled,

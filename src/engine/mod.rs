@@ -324,7 +324,7 @@ impl Worker {
                     let pause = Duration::from_millis(200)
                         .saturating_mul(1 << db_failures.min(7))
                         .min(Duration::from_secs(15));
-                    tracing::warn!(error = %e, ?pause, "claiming failed; the database may be restarting");
+                    tracing::warn!(error = %e, pause = %humantime::format_duration(pause), "claiming failed; the database may be restarting");
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(pause) => continue,

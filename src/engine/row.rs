@@ -828,7 +828,7 @@ impl RowTask {
             } => {
                 let written = if attempt < self.row.max_attempts {
                     let delay = self.shared.config.retry.new_task_delay(attempt, unit());
-                    tracing::warn!(outcome = "retry", %error, attempt, ?delay, "the create got no usable answer: the attempt counts, a new task later");
+                    tracing::warn!(outcome = "retry", %error, attempt, delay = %humantime::format_duration(delay), "the create got no usable answer: the attempt counts, a new task later");
                     let message = CreateError::Unknown(error.clone()).to_string();
                     self.retry_write(
                         Retry::Noted,
@@ -872,7 +872,7 @@ impl RowTask {
                         .config
                         .retry
                         .transient_delay(tries as u32, unit());
-                    tracing::info!(outcome = "retry", %error, tries, ?delay, "unusable download; trying again later");
+                    tracing::info!(outcome = "retry", %error, tries, delay = %humantime::format_duration(delay), "unusable download; trying again later");
                     self.retry_write(
                         Retry::BadDownload,
                         None,
@@ -1165,7 +1165,7 @@ impl RowTask {
         }
         if written == Some(Fenced::Written) {
             self.shared.metrics.finished("failed");
-            tracing::info!(outcome = "failed", ?code, message, "report failed");
+            tracing::info!(outcome = "failed", code, error = %message, "report failed");
         }
         written
     }
@@ -1209,7 +1209,7 @@ impl RowTask {
             .await;
         if written == Some(Fenced::Written) && new_task_after.is_none() {
             self.shared.metrics.finished("failed");
-            tracing::info!(outcome = "failed", ?code, message, "report failed");
+            tracing::info!(outcome = "failed", code, error = %message, "report failed");
         }
     }
 
@@ -1248,7 +1248,7 @@ impl RowTask {
                 }
                 let n = (self.row.transient_errors + 1).max(1) as u32;
                 let delay = retry.transient_delay(n, unit());
-                tracing::debug!(?delay, error = %message, "transient error; retrying later");
+                tracing::debug!(delay = %humantime::format_duration(delay), error = %message, "transient error; retrying later");
                 (Retry::Transient, delay)
             }
         };

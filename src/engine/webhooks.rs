@@ -68,7 +68,7 @@ pub(super) async fn deliver(shared: Arc<Shared>, cancel: CancellationToken) {
                     nap = Duration::from_millis(500)
                         .saturating_mul(1 << failures.min(6))
                         .min(IDLE_NAP);
-                    tracing::warn!(error = %e, ?nap, "could not claim webhook deliveries");
+                    tracing::warn!(error = %e, nap = %humantime::format_duration(nap), "could not claim webhook deliveries");
                 }
             }
         } else {

@@ -1,8 +1,14 @@
 //! `enqueue --csv`: many requests from a CSV file, streamed in constant memory and
 //! inserted in batches. Bad lines are reported by line number and skipped (or, with
 //! all-or-nothing, refuse the whole file); duplicates by `dedupe_key` are counted.
+//!
+//! One request per line: values follow RFC 4180's quoting (`"a, b"`, `""` for a quote
+//! inside a quoted value) but never span lines, so a stray quote costs its own line and
+//! never swallows the lines after it. Lines end in LF, CRLF or CR; line numbers count
+//! from the header, line 1. A file that is not text in its encoding (a GBK file read as
+//! UTF-8, a spreadsheet, a directory) is refused whole, in one line, before any insert.
 
-use std::io::Read;
+use std::io::{BufRead, Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,12 +24,12 @@ use crate::queue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CsvError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("bad header: {0}")]
+    #[error("cannot read {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
+    /// The file as a whole cannot be read as CSV text: nothing is inserted.
+    #[error("{path} {why}")]
+    NotCsv { path: String, why: String },
+    #[error("bad header (line 1): {0}")]
     Header(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -32,7 +38,7 @@ pub enum CsvError {
 #[derive(Debug, Clone)]
 pub struct CsvOptions {
     pub encoding: &'static Encoding,
-    /// For rows without a `report_type` column or value.
+    /// For rows without a `report_type` column or value (`None`: pdf).
     pub default_type: Option<ReportType>,
     pub all_or_nothing: bool,
     pub batch_size: usize,
@@ -91,7 +97,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn from_header(header: &csv::StringRecord) -> Result<Columns, String> {
+    fn from_header(header: &Fields) -> Result<Columns, String> {
         let mut index = [None; 10];
         for (i, raw) in header.iter().enumerate() {
             let name = raw
@@ -123,7 +129,7 @@ impl Columns {
         })
     }
 
-    fn get<'r>(&self, record: &'r csv::StringRecord, column: usize) -> Option<&'r str> {
+    fn get<'r>(&self, record: &'r Fields, column: usize) -> Option<&'r str> {
         self.index[column]
             .and_then(|i| record.get(i))
             .filter(|v| !v.trim().is_empty())
@@ -154,19 +160,16 @@ impl From<&str> for BadLine {
 
 fn parse_line(
     cols: &Columns,
-    record: &csv::StringRecord,
+    record: &Fields,
     default_type: Option<ReportType>,
     batch: Option<&str>,
 ) -> Result<NewRequest, BadLine> {
     if record.len() != cols.width {
         return Err(format!("{} fields, the header has {}", record.len(), cols.width).into());
     }
-    if record.iter().any(|f| f.contains('\u{fffd}')) {
-        return Err("not valid text in this encoding (for GBK files use --encoding gbk)".into());
-    }
     let report_type = match cols.get(record, 3) {
         Some(t) => t.parse::<ReportType>()?,
-        None => default_type.ok_or("no report_type (add the column or pass --type)")?,
+        None => default_type.unwrap_or(ReportType::Pdf),
     };
     let mut r = NewRequest::new(
         cols.get(record, 0),
@@ -201,6 +204,228 @@ fn parse_line(
         r = r.with_max_attempts(Some(n))?;
     }
     Ok(r)
+}
+
+/// The longest line read: a file without line breaks (a binary file, a minified
+/// export) is refused line by line, never held in memory whole.
+const MAX_LINE: usize = 1 << 20;
+
+/// How much of the file is looked at before any insert.
+const SNIFF: usize = 64 << 10;
+
+/// Looks at the start of the file: why it cannot be CSV text in `encoding`, if it
+/// cannot (then nothing is inserted). Leaves the file at its start.
+fn sniff(file: &mut std::fs::File, encoding: &'static Encoding) -> std::io::Result<Option<String>> {
+    let mut head = Vec::with_capacity(SNIFF);
+    file.by_ref().take(SNIFF as u64).read_to_end(&mut head)?;
+    file.rewind()?;
+    let bom = Encoding::for_bom(&head).map(|(e, _)| e);
+    if head.starts_with(b"PK\x03\x04") {
+        return Ok(Some(
+            "is a zip file (an .xlsx or .ods spreadsheet?), not CSV: save it as \"CSV UTF-8\""
+                .into(),
+        ));
+    }
+    let utf16 = bom.is_some_and(|e| e == encoding_rs::UTF_16LE || e == encoding_rs::UTF_16BE);
+    if !utf16 && head.contains(&0) {
+        return Ok(Some(
+            "is not a text file (it holds NUL bytes): is it a spreadsheet? Save it as \"CSV UTF-8\"".into(),
+        ));
+    }
+    if bom.is_some() || encoding != encoding_rs::UTF_8 {
+        return Ok(None);
+    }
+    let valid = match std::str::from_utf8(&head) {
+        Ok(_) => None,
+        // A character cut by the end of the sample is fine.
+        Err(e) if e.error_len().is_none() => None,
+        Err(e) => Some(e.valid_up_to()),
+    };
+    let Some(at) = valid else { return Ok(None) };
+    let line = 1 + head[..at].iter().filter(|&&b| b == b'\n').count();
+    let (_, _, gbk_errors) = encoding_rs::GB18030.decode(&head);
+    Ok(Some(if gbk_errors {
+        format!("is not UTF-8 text (line {line}): pass --encoding with its encoding (utf-8 or gbk)")
+    } else {
+        format!(
+            "is not UTF-8 text (line {line}) but reads as GBK, as Excel in Chinese saves CSV: pass --encoding gbk"
+        )
+    }))
+}
+
+/// One physical line of the (decoded) file.
+enum Line<'a> {
+    Text(&'a str),
+    Blank,
+    TooLong,
+}
+
+/// The file's lines, numbered from 1, ending in LF, CRLF or CR.
+struct Lines<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// The number of the line read next.
+    number: u64,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn new(inner: R) -> Lines<R> {
+        Lines {
+            inner,
+            buf: Vec::new(),
+            number: 1,
+        }
+    }
+
+    fn next_line(&mut self) -> std::io::Result<Option<(u64, Line<'_>)>> {
+        self.buf.clear();
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let chunk = self.inner.fill_buf()?;
+            if chunk.is_empty() {
+                break;
+            }
+            any = true;
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+                Some(i) => {
+                    let cr = chunk[i] == b'\r';
+                    if !too_long && self.buf.len() + i <= MAX_LINE {
+                        self.buf.extend_from_slice(&chunk[..i]);
+                    } else {
+                        too_long = true;
+                    }
+                    self.inner.consume(i + 1);
+                    if cr {
+                        // CRLF is one line end.
+                        let next = self.inner.fill_buf()?;
+                        if next.first() == Some(&b'\n') {
+                            self.inner.consume(1);
+                        }
+                    }
+                    break;
+                }
+                None => {
+                    let n = chunk.len();
+                    if !too_long && self.buf.len() + n <= MAX_LINE {
+                        self.buf.extend_from_slice(chunk);
+                    } else {
+                        too_long = true;
+                        self.buf.clear();
+                    }
+                    self.inner.consume(n);
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        let number = self.number;
+        self.number += 1;
+        if too_long {
+            return Ok(Some((number, Line::TooLong)));
+        }
+        // The decoder's output is UTF-8 (what it could not decode is U+FFFD).
+        let text = std::str::from_utf8(&self.buf).unwrap_or("\u{fffd}");
+        Ok(Some((
+            number,
+            if text.trim().is_empty() {
+                Line::Blank
+            } else {
+                Line::Text(text)
+            },
+        )))
+    }
+}
+
+/// One line's values, kept in one buffer.
+#[derive(Default)]
+struct Fields {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Fields {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+}
+
+/// Splits a line into its values by RFC 4180's quoting, a value never spanning lines.
+/// A quote must open a value (spaces before it are allowed) and be doubled inside
+/// it; anything else is refused with the value's index (from 0), because a lenient
+/// reading of `"华为"技术"` would buy a report for a name nobody wrote.
+fn split_line(line: &str, out: &mut Fields) -> Result<(), (usize, String)> {
+    out.text.clear();
+    out.ends.clear();
+    let mut rest = line;
+    loop {
+        let index = out.ends.len();
+        let value = rest.trim_start_matches([' ', '\t']);
+        if let Some(quoted) = value.strip_prefix('"') {
+            let mut s = quoted;
+            loop {
+                let Some(at) = s.find('"') else {
+                    return Err((
+                        index,
+                        "a quote opens a value and is not closed on this line (a value cannot span lines)".into(),
+                    ));
+                };
+                out.text.push_str(&s[..at]);
+                s = &s[at + 1..];
+                match s.strip_prefix('"') {
+                    Some(after) => {
+                        out.text.push('"');
+                        s = after;
+                    }
+                    None => break,
+                }
+            }
+            out.ends.push(out.text.len());
+            let after = s.trim_start_matches([' ', '\t']);
+            if after.is_empty() {
+                return Ok(());
+            }
+            match after.strip_prefix(',') {
+                Some(next) => rest = next,
+                None => {
+                    return Err((
+                        index,
+                        "a quote inside a quoted value must be doubled: \"华为\"\"技术\"\" for 华为\"技术\"".into(),
+                    ));
+                }
+            }
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            let v = &rest[..end];
+            if v.contains('"') {
+                return Err((
+                    index,
+                    format!(
+                        "{:?} has a quote but is not quoted: write it as \"{}\"",
+                        v.trim(),
+                        v.trim().replace('"', "\"\"")
+                    ),
+                ));
+            }
+            out.text.push_str(v);
+            out.ends.push(out.text.len());
+            if end == rest.len() {
+                return Ok(());
+            }
+            rest = &rest[end + 1..];
+        }
+    }
 }
 
 /// Counts bytes read, for the progress bar.
@@ -248,12 +473,22 @@ pub async fn import(
     options: &CsvOptions,
     mut on_reject: impl FnMut(u64, &str),
 ) -> Result<CsvSummary, CsvError> {
-    let io_err = |source| CsvError::Io {
+    let io_err = |cause| CsvError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     };
-    let file = std::fs::File::open(path).map_err(io_err)?;
+    let not_csv = |why: String| CsvError::NotCsv {
+        path: path.display().to_string(),
+        why,
+    };
+    if path.is_dir() {
+        return Err(not_csv("is a directory, not a CSV file".into()));
+    }
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if let Some(why) = sniff(&mut file, options.encoding).map_err(io_err)? {
+        return Err(not_csv(why));
+    }
     let read = Arc::new(AtomicU64::new(0));
     let decoded = encoding_rs_io::DecodeReaderBytesBuilder::new()
         .encoding(Some(options.encoding))
@@ -262,15 +497,31 @@ pub async fn import(
             inner: std::io::BufReader::with_capacity(1 << 16, file),
             read: read.clone(),
         });
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .has_headers(true)
-        .from_reader(decoded);
-    let header = reader
-        .headers()
-        .map_err(|e| CsvError::Header(e.to_string()))?
-        .clone();
-    let columns = Columns::from_header(&header).map_err(CsvError::Header)?;
+    let mut lines = Lines::new(std::io::BufReader::with_capacity(1 << 16, decoded));
+    let mut record = Fields::default();
+    let header_problem = |line: u64, why: String| {
+        CsvError::Header(if line == 1 {
+            why
+        } else {
+            format!("line {line}: {why}")
+        })
+    };
+    let columns = loop {
+        match lines.next_line().map_err(io_err)? {
+            None => return Err(CsvError::Header("the file is empty".into())),
+            Some((_, Line::Blank)) => continue,
+            Some((n, Line::TooLong)) => {
+                return Err(header_problem(n, format!("longer than {} bytes", MAX_LINE)));
+            }
+            Some((n, Line::Text(text))) => {
+                let text = text.trim_start_matches('\u{feff}');
+                split_line(text, &mut record).map_err(|(_, why)| header_problem(n, why))?;
+                break Columns::from_header(&record).map_err(|why| header_problem(n, why))?;
+            }
+        }
+    };
+    let names: Vec<String> = record.iter().map(|n| n.trim().to_string()).collect();
+    let mut encoding_hint = options.encoding == encoding_rs::UTF_8;
 
     let bar = if options.progress {
         let bar = indicatif::ProgressBar::new(total);
@@ -301,43 +552,61 @@ pub async fn import(
     }
     let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
     let mut batch: Vec<(u64, NewRequest)> = Vec::with_capacity(options.batch_size);
-    let mut record = csv::StringRecord::new();
     loop {
-        let line = reader.position().line();
-        let more = match reader.read_record(&mut record) {
-            Ok(false) => false,
-            Ok(true) => {
-                let line = record.position().map(|p| p.line()).unwrap_or(line);
-                match parse_line(
-                    &columns,
-                    &record,
-                    options.default_type,
-                    options.batch.as_deref(),
-                ) {
+        let next = lines.next_line().map_err(io_err)?;
+        let more = next.is_some();
+        let problem = match next {
+            None | Some((_, Line::Blank)) => None,
+            Some((line, Line::TooLong)) => {
+                Some((line, format!("longer than {MAX_LINE} bytes: not read")))
+            }
+            Some((line, Line::Text(text))) => {
+                let parsed = if text.contains('\u{fffd}') {
+                    let mut why = format!("not valid {} text", options.encoding.name());
+                    if std::mem::take(&mut encoding_hint) {
+                        why.push_str(
+                            " (a GBK file, as Excel in Chinese saves one, needs --encoding gbk)",
+                        );
+                    }
+                    Err(BadLine::Unreadable(why))
+                } else {
+                    split_line(text, &mut record)
+                        .map_err(|(column, why)| {
+                            let name = names
+                                .get(column)
+                                .filter(|n| !n.is_empty())
+                                .map(|n| format!("{n}: "))
+                                .unwrap_or_default();
+                            BadLine::Unreadable(format!("{name}{why}"))
+                        })
+                        .and_then(|()| {
+                            parse_line(
+                                &columns,
+                                &record,
+                                options.default_type,
+                                options.batch.as_deref(),
+                            )
+                        })
+                };
+                match parsed {
                     Ok(r) => {
                         if !(options.all_or_nothing && summary.rejected > 0) {
                             batch.push((line, r));
                         }
+                        None
                     }
-                    Err(reason) => {
-                        summary.rejected += 1;
-                        bar.suspend(|| on_reject(line, &reason.to_string()));
-                        if options.all_or_nothing {
-                            // Nothing will be committed: stop sending rows.
-                            batch.clear();
-                        }
-                    }
+                    Err(reason) => Some((line, reason.to_string())),
                 }
-                true
-            }
-            Err(e) => {
-                // Broken quoting or bytes the decoder could not read: this line only.
-                summary.rejected += 1;
-                let line = e.position().map(|p| p.line()).unwrap_or(line + 1);
-                bar.suspend(|| on_reject(line, &format!("unreadable CSV: {e}")));
-                !matches!(e.kind(), csv::ErrorKind::Io(_))
             }
         };
+        if let Some((line, reason)) = problem {
+            summary.rejected += 1;
+            bar.suspend(|| on_reject(line, &reason));
+            if options.all_or_nothing {
+                // Nothing will be committed: stop sending rows.
+                batch.clear();
+            }
+        }
         if batch.len() >= options.batch_size || (!more && !batch.is_empty()) {
             if idle.is_empty() {
                 let oldest = in_flight

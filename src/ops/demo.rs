@@ -79,8 +79,21 @@ pub async fn run(
     let cancel = CancellationToken::new();
     tokio::spawn(crate::ops::signals::on_signal(cancel.clone()));
     let mut throwaway = None;
+    let mut own = None;
     let url = match database_url {
-        Some(url) => url,
+        Some(url) => {
+            let db = tokio::select! {
+                db = OwnDatabase::create(&url, pool_mode) => db?,
+                _ = cancel.cancelled() => anyhow::bail!("interrupted"),
+            };
+            println!(
+                "Created the database {} on DATABASE_URL's server for the demo (yours is not touched).",
+                db.name
+            );
+            let url = db.url.clone();
+            own = Some(db);
+            url
+        }
         None => {
             println!("Starting a throwaway PostgreSQL (no DATABASE_URL set)…");
             let pg = tokio::select! {
@@ -105,19 +118,167 @@ pub async fn run(
         }
         other => other,
     };
+    let look = "  SELECT * FROM report_queue_stats;\n  SELECT request_id, at, state, error_code, error FROM report_events ORDER BY id;\n  SELECT request_id, file_name, byte_size, sha256 FROM report_documents;";
+    if let Some(db) = own {
+        if keep {
+            println!(
+                "\nKept the database {}. Look further with SQL:\n  psql \"{}\"{}\n{look}\nRemove it with: psql \"{}\" -c 'DROP DATABASE {} WITH (FORCE)'",
+                db.name,
+                db.shown_url(),
+                db.password_note(),
+                db.shown_admin_url(),
+                db.name
+            );
+        } else {
+            db.drop_it().await;
+            println!(
+                "\nRemoved the demo's database {} (`demo --keep` keeps it to look at with SQL).",
+                db.name
+            );
+        }
+    }
     if let Some(mut pg) = throwaway {
         if keep {
             pg.keep();
+            drop(pg);
+            let kept = ThrowawayPostgres::kept_commands(&pg_dir_of(&url));
             println!(
-                "Kept the database folder {} (start it with: postgres -D <that folder>)",
-                pg.data_dir().display()
+                "\nKept the throwaway database (stopped). Start it again and look with SQL:\n  {}\n  psql \"{url}\"\n{look}",
+                kept
+            );
+        } else {
+            drop(pg);
+            println!(
+                "\nThe throwaway PostgreSQL is stopped and removed (`demo --keep` keeps it to look at with SQL)."
             );
         }
-        drop(pg);
     }
     result?;
     println!("Done in {:.1} s.", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The folder of a throwaway server from its URL (its socket lives in `<dir>/sock`).
+fn pg_dir_of(url: &str) -> std::path::PathBuf {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "host")
+                .map(|(_, v)| std::path::PathBuf::from(v.into_owned()))
+        })
+        .and_then(|sock| sock.parent().map(Path::to_path_buf))
+        .unwrap_or_default()
+}
+
+/// The demo's own database on DATABASE_URL's server, `rw_demo_<pid>`: the demo never
+/// writes to the user's database (its rows, simulator documents and identity links
+/// would be served to real requests with reuse on). Dropped at the end unless kept.
+struct OwnDatabase {
+    name: String,
+    /// DATABASE_URL, which the demo only uses to create and drop its database.
+    admin_url: String,
+    /// DATABASE_URL with the demo's database in its path.
+    url: String,
+    pool_mode: queue::PoolMode,
+}
+
+impl OwnDatabase {
+    async fn create(admin_url: &str, pool_mode: queue::PoolMode) -> anyhow::Result<OwnDatabase> {
+        let name = format!("rw_demo_{}", std::process::id());
+        let mut url = url::Url::parse(admin_url)
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a URL: {e}"))?;
+        url.set_path(&format!("/{name}"));
+        let admin = queue::connect_in(admin_url, 1, pool_mode).await?;
+        // A left-over of an earlier demo with this process id goes first (each
+        // statement on its own: neither may run in a transaction).
+        let mut created = Ok(());
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            // Straight on the pool: through a transaction pooler `Db` wraps statements
+            // in a transaction, which these may not run in.
+            created = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(admin.pool())
+                .await
+                .map(|_| ());
+            if created.is_err() {
+                break;
+            }
+        }
+        let user: String = queue::sql::query_scalar("SELECT current_user::text")
+            .fetch_one(&admin)
+            .await
+            .unwrap_or_default();
+        admin.close().await;
+        match created {
+            Ok(_) => Ok(OwnDatabase {
+                name,
+                admin_url: admin_url.to_string(),
+                url: url.to_string(),
+                pool_mode,
+            }),
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42501") => {
+                anyhow::bail!(
+                    "the demo runs in a database of its own ({name}) and {user} may not create databases: ALTER ROLE \"{user}\" CREATEDB, or unset DATABASE_URL to run it on a throwaway PostgreSQL"
+                )
+            }
+            Err(e) => {
+                Err(anyhow::Error::new(e).context(format!("creating the demo's database {name}")))
+            }
+        }
+    }
+
+    async fn drop_it(&self) {
+        let dropped = async {
+            let admin = queue::connect_in(&self.admin_url, 1, self.pool_mode).await?;
+            let r = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(admin.pool())
+            .await;
+            admin.close().await;
+            r.map_err(anyhow::Error::new)
+        };
+        if let Err(e) = dropped.await {
+            eprintln!(
+                "could not remove the demo's database {}: {} (DROP DATABASE {} WITH (FORCE) removes it)",
+                self.name,
+                crate::config::error_chain(e.as_ref()),
+                self.name
+            );
+        }
+    }
+
+    /// The demo database's URL without its password (which a hint must not print).
+    fn shown_url(&self) -> String {
+        without_password(&self.url)
+    }
+
+    fn shown_admin_url(&self) -> String {
+        without_password(&self.admin_url)
+    }
+
+    fn password_note(&self) -> &'static str {
+        match url::Url::parse(&self.url) {
+            Ok(u) if u.password().is_some() => {
+                " (with DATABASE_URL's password in PGPASSWORD or ~/.pgpass)"
+            }
+            _ => "",
+        }
+    }
+}
+
+fn without_password(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => raw.to_string(),
+    }
 }
 
 async fn body(
@@ -251,10 +412,18 @@ async fn body(
     let store = DocumentStore::Postgres;
     let exported = export::export(&pool, &store, out, &filter, false).await?;
     print_summary(&pool, &ids, &exported).await?;
+    let files: std::collections::BTreeSet<&std::path::PathBuf> =
+        exported.files.iter().map(|(_, path)| path).collect();
+    let shared = exported.files.len() - files.len();
     println!(
-        "\n{} documents in {}. Look further with SQL (psql \"$DATABASE_URL\"):\n  SELECT * FROM report_queue_stats;\n  SELECT request_id, at, state, error_code, error FROM report_events ORDER BY id;\n  SELECT request_id, file_name, byte_size, sha256 FROM report_documents;\n  SELECT * FROM report_account_stops;",
+        "\n{} documents stored, {} files written to {}{}.",
         exported.files.len(),
-        out.display()
+        files.len(),
+        out.display(),
+        match shared {
+            0 => String::new(),
+            n => format!(" ({n} served again from a stored document: the same bytes, one file)"),
+        }
     );
     if let (Some(url), Some(kept)) = (dashboard_url, kept) {
         println!(

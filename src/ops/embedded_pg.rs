@@ -62,6 +62,28 @@ pub fn find_bindir() -> Option<PathBuf> {
     versions.pop().map(|(_, bin)| bin)
 }
 
+/// The user `run_as` picks, by name (for the commands a person pastes).
+fn run_as_name() -> Option<String> {
+    let (uid, _) = run_as()?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[2] == uid.to_string()).then(|| f[0].to_string())
+    })
+}
+
+/// Quoted for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-=".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// PostgreSQL refuses to run as root: run it as the `postgres` user (or `nobody`).
 fn run_as() -> Option<(u32, u32)> {
     let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
@@ -221,6 +243,22 @@ impl ThrowawayPostgres {
         )
         .to_string();
         format!("postgres://postgres@localhost:5432/postgres?host={encoded}")
+    }
+
+    /// The shell command that starts a kept throwaway server in `dir` again, in the
+    /// background, as it ran (its data, its private socket, no TCP), as the user it
+    /// ran as.
+    pub fn kept_commands(dir: &Path) -> String {
+        let bindir = find_bindir().unwrap_or_default();
+        let postgres = shell_quote(&bindir.join("postgres").to_string_lossy());
+        let data = shell_quote(&dir.join("data").to_string_lossy());
+        let sock = shell_quote(&dir.join("sock").to_string_lossy());
+        let log = shell_quote(&dir.join("postgres.log").to_string_lossy());
+        let server = format!("{postgres} -D {data} -k {sock} -c listen_addresses= -p 5432");
+        match run_as_name() {
+            Some(user) => format!("runuser -u {user} -- {server} >>{log} 2>&1 &"),
+            None => format!("{server} >>{log} 2>&1 &"),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

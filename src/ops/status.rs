@@ -6,15 +6,32 @@ use anyhow::Context;
 
 use crate::queue;
 
-/// The text `status` prints: one line per state, then the account-wide stops.
+/// A part of `status` the role may not read is left out and named once at the end;
+/// any other error fails the command with the view it was reading.
+fn readable<T>(
+    result: Result<T, sqlx::Error>,
+    view: &'static str,
+    hidden: &mut Vec<&'static str>,
+) -> anyhow::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if queue::is_permission_denied(&e) => {
+            hidden.push(view);
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {view}")),
+    }
+}
+
+/// The text `status` prints: one line per state, then the account-wide stops. Parts
+/// the connecting role may not read (an application's `report_app`) are skipped and
+/// named in one last line.
 pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
     use std::fmt::Write;
+    let mut hidden = Vec::new();
     let stats = queue::queue_stats(pool)
         .await
         .context("reading report_queue_stats")?;
-    let stops = queue::account_stops(pool)
-        .await
-        .context("reading report_account_stops")?;
     let mut out = String::new();
     writeln!(out, "{:<12} {:>10}  oldest", "state", "count")?;
     for s in &stats {
@@ -24,7 +41,7 @@ pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
                 humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string()
             })
             .unwrap_or_else(|| "-".into());
-        writeln!(out, "{:<12} {:>10}  {}", s.state, s.count, age)?;
+        writeln!(out, "{:<12} {:>10}  {}", s.state.as_str(), s.count, age)?;
     }
     let finished = queue::throughput(pool)
         .await
@@ -43,33 +60,43 @@ pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
         "finished in the last minute/hour/day: {}",
         line.join(", ")
     )?;
-    let today = queue::ledger_today(pool)
-        .await
-        .context("reading report_ledger")?;
-    writeln!(
-        out,
-        "today (Asia/Shanghai): {} paid tasks, {} creates without an answer, {} documents, {} served by reuse, {} unused tasks kept, {} too-fast answers, {} calls",
-        today.paid_tasks,
-        today.unknown_creates,
-        today.documents,
-        today.reuse_hits,
-        today.orphans,
-        today.rate_limited,
-        today.calls
+    if let Some(today) = readable(
+        queue::ledger_today(pool).await,
+        "report_ledger",
+        &mut hidden,
+    )? {
+        writeln!(
+            out,
+            "today (Asia/Shanghai): {} paid tasks, {} creates without an answer, {} documents, {} served by reuse, {} unused tasks kept, {} too-fast answers, {} calls",
+            today.paid_tasks,
+            today.unknown_creates,
+            today.documents,
+            today.reuse_hits,
+            today.orphans,
+            today.rate_limited,
+            today.calls
+        )?;
+    }
+    let balances = readable(
+        queue::known_balances(pool).await,
+        "report_account_balance",
+        &mut hidden,
     )?;
-    let balances = queue::known_balances(pool)
-        .await
-        .context("reading report_account_balance")?;
-    for (account, remaining, headroom) in balances {
+    for (account, remaining, headroom) in balances.unwrap_or_default() {
         writeln!(
             out,
             "known balance of {account}: {remaining} tasks ({headroom} kept for retries)"
         )?;
     }
-    if stops.is_empty() {
+    let stops = readable(
+        queue::account_stops(pool).await,
+        "report_account_stops",
+        &mut hidden,
+    )?;
+    if stops.as_ref().is_some_and(|s| s.is_empty()) {
         writeln!(out, "account stop: none")?;
     }
-    for stop in &stops {
+    for stop in stops.iter().flatten() {
         let code = stop
             .error_code
             .map(|c| format!(" ({c})"))
@@ -99,29 +126,55 @@ pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
             )?;
         }
     }
-    match queue::unpolled_accounts(pool).await {
-        Ok(unpolled) => {
-            for (account, rows, oldest) in unpolled {
-                let account = account.as_deref().unwrap_or("(none recorded)");
-                writeln!(
-                    out,
-                    "no running worker polls account {account}: {rows} generating rows, the oldest poll due since {} (is it in a worker's UPSTREAM_ACCOUNTS? they are released, their tasks kept as orphans, after REPORT_GIVE_UP_AFTER)",
-                    oldest.to_rfc3339()
-                )?;
-            }
-        }
-        // A role that may not read which workers run (report_app) sees the rest.
-        Err(e) if queue::is_permission_denied(&e) => {}
-        Err(e) => return Err(e).context("reading report_unpolled_accounts"),
+    let trouble = readable(
+        queue::provider_trouble(pool).await,
+        "report_provider_trouble",
+        &mut hidden,
+    )?;
+    for t in trouble.iter().flatten() {
+        let since = t
+            .since
+            .map(|s| s.to_rfc3339())
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "provider unreachable for account {} from worker {}: {} calls unanswered since {since}: {}",
+            t.account,
+            t.owner,
+            t.calls.unwrap_or(0),
+            t.error.as_deref().unwrap_or("-")
+        )?;
     }
-    let hooks = queue::delivery_counts(pool)
-        .await
-        .context("reading report_webhook_deliveries")?;
-    if hooks.pending > 0 || hooks.failed > 0 {
+    let unpolled = readable(
+        queue::unpolled_accounts(pool).await,
+        "report_unpolled_accounts",
+        &mut hidden,
+    )?;
+    for (account, rows, oldest) in unpolled.unwrap_or_default() {
+        let account = account.as_deref().unwrap_or("(none recorded)");
+        writeln!(
+            out,
+            "no running worker polls account {account}: {rows} generating rows, the oldest poll due since {} (is it in a worker's UPSTREAM_ACCOUNTS? they are released, their tasks kept as orphans, after REPORT_GIVE_UP_AFTER)",
+            oldest.to_rfc3339()
+        )?;
+    }
+    let hooks = readable(
+        queue::delivery_counts(pool).await,
+        "report_webhook_deliveries",
+        &mut hidden,
+    )?;
+    if let Some(hooks) = hooks.filter(|h| h.pending > 0 || h.failed > 0) {
         writeln!(
             out,
             "webhooks: {} waiting to be delivered, {} given up (see report_webhook_deliveries)",
             hooks.pending, hooks.failed
+        )?;
+    }
+    if !hidden.is_empty() {
+        writeln!(
+            out,
+            "not shown, this role may not read: {} (connect as the worker's login or the owner)",
+            hidden.join(", ")
         )?;
     }
     Ok(out)

@@ -211,18 +211,42 @@ pub async fn worker_seen(
     owner: &str,
     accounts: &[String],
     unrecorded: bool,
+    trouble: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sql::query(
-        "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded) VALUES ($1, $2, $3)
+        "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded, provider_trouble)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (owner) DO UPDATE
-            SET accounts = excluded.accounts, polls_unrecorded = excluded.polls_unrecorded, seen_at = now()",
+            SET accounts = excluded.accounts, polls_unrecorded = excluded.polls_unrecorded,
+                provider_trouble = excluded.provider_trouble, seen_at = now()",
     )
     .bind(owner)
     .bind(accounts)
     .bind(unrecorded)
+    .bind(trouble)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A running worker that gets no answer from the provider for an account
+/// (`report_provider_trouble`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ProviderTrouble {
+    pub owner: String,
+    pub account: String,
+    pub since: Option<DateTime<Utc>>,
+    pub calls: Option<i32>,
+    pub error: Option<String>,
+}
+
+/// Every running worker's trouble reaching the provider, longest first.
+pub async fn provider_trouble(pool: &Db) -> Result<Vec<ProviderTrouble>, sqlx::Error> {
+    sql::query_as(
+        "SELECT owner, account, since, calls, error FROM report_provider_trouble ORDER BY since, owner, account",
+    )
+    .fetch_all(pool)
+    .await
 }
 
 /// This process stopped: it polls nothing any more.

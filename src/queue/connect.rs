@@ -15,6 +15,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub enum DbError {
     #[error("invalid database URL {url}: {source}")]
     BadUrl { url: String, source: sqlx::Error },
+    #[error("{url} is not a PostgreSQL URL: write postgres://user:password@host:5432/database")]
+    NotPostgres { url: String },
     #[error("cannot connect to the database at {url}: {source}")]
     Unreachable { url: String, source: sqlx::Error },
     #[error("migration failed: {0}")]
@@ -96,7 +98,7 @@ pub async fn connect_worker_patiently(
         if !waiting_helps || out_of_time {
             return Err(error);
         }
-        tracing::warn!(try_number = tries, retry_in = ?pause, %error, "the database is not ready; waiting for it");
+        tracing::warn!(try_number = tries, retry_in = %humantime::format_duration(pause), %error, "the database is not ready; waiting for it");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
     }
@@ -108,6 +110,17 @@ async fn open(
     min_connections: u32,
     mode: PoolMode,
 ) -> Result<Db, DbError> {
+    let scheme = url
+        .trim()
+        .split("://")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !url.contains("://") || !matches!(scheme.as_str(), "postgres" | "postgresql") {
+        return Err(DbError::NotPostgres {
+            url: redact_url(url),
+        });
+    }
     let options: PgConnectOptions = url.parse().map_err(|source| DbError::BadUrl {
         url: redact_url(url),
         source,
@@ -119,6 +132,20 @@ async fn open(
         options = options.statement_cache_capacity(0);
         super::sql::unnamed_from_now_on();
     }
+    // One connection first, so that what is wrong (refused, a wrong password, no such
+    // database) is said at once and in its own words, not as a pool's timeout.
+    let unreachable = |source| DbError::Unreachable {
+        url: redact_url(url),
+        source,
+    };
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+    )
+    .await
+    .map_err(|_| unreachable(sqlx::Error::PoolTimedOut))?
+    .map_err(unreachable)?;
+    let _ = sqlx::Connection::close(probe).await;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .min_connections(min_connections.min(max_connections))
@@ -187,6 +214,97 @@ pub async fn migrate(db: &Db) -> Result<(), DbError> {
         }
     }
     Ok(())
+}
+
+/// How the database's schema compares with this binary's migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schema {
+    /// Every migration of this binary is applied, and none it does not know.
+    Current,
+    /// No migration applied yet (or not all of this binary's): `migrate` first.
+    Behind { applied: Option<i64>, latest: i64 },
+    /// The database has migrations this binary does not know: it is older than the
+    /// schema.
+    Ahead { applied: i64, latest: i64 },
+}
+
+impl Schema {
+    /// One line saying what to do, or `None` when current.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Schema::Current => None,
+            Schema::Behind { applied: None, .. } => Some(
+                "the database has no report-worker schema yet: run `report-worker migrate` first"
+                    .into(),
+            ),
+            Schema::Behind {
+                applied: Some(a),
+                latest,
+            } => Some(format!(
+                "the database's schema ({a}) is behind this binary's ({latest}): run `report-worker migrate`"
+            )),
+            Schema::Ahead { applied, latest } => Some(format!(
+                "this binary is older than the database's schema ({applied}, this binary knows up to {latest}): use a newer report-worker"
+            )),
+        }
+    }
+}
+
+/// The schema's state: the newest migration applied against this binary's newest.
+pub async fn schema(pool: &Db) -> Result<Schema, sqlx::Error> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let exists: bool = sql::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(Schema::Behind {
+            applied: None,
+            latest,
+        });
+    }
+    let known_versions: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let applied: Vec<i64> = match sql::query_scalar(
+        "SELECT coalesce(array_agg(version), '{}') FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_one(pool)
+    .await
+    {
+        Ok(versions) => versions,
+        // The application's and the worker's roles may not read the migrations' record:
+        // they ask the function made for them (a schema older than it is behind).
+        Err(e) if super::is_permission_denied(&e) => {
+            match sql::query_scalar("SELECT report_schema_versions()")
+                .fetch_one(pool)
+                .await
+            {
+                Ok(versions) => versions,
+                // The function came with 20261201000003: the schema is older.
+                Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42883") => {
+                    let before = known_versions
+                        .iter()
+                        .copied()
+                        .filter(|&v| v < 20261201000003);
+                    return Ok(Schema::Behind {
+                        applied: before.max(),
+                        latest,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let count = known_versions
+        .iter()
+        .filter(|v| applied.contains(v))
+        .count() as i64;
+    let applied = applied.iter().copied().max();
+    let known = MIGRATOR.iter().count() as i64;
+    Ok(match applied {
+        Some(a) if a > latest => Schema::Ahead { applied: a, latest },
+        _ if count < known => Schema::Behind { applied, latest },
+        _ => Schema::Current,
+    })
 }
 
 /// Whether the migrations have created the queue (so `run` can say what to do first).

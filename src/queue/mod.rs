@@ -50,8 +50,8 @@ pub use browse::*;
 pub use calls::*;
 pub use claim::*;
 pub use connect::{
-    DbError, MIGRATOR, PoolMode, connect, connect_in, connect_worker, connect_worker_in,
-    connect_worker_patiently, is_migrated, migrate,
+    DbError, MIGRATOR, PoolMode, Schema, connect, connect_in, connect_worker, connect_worker_in,
+    connect_worker_patiently, is_migrated, migrate, schema,
 };
 pub use creates::*;
 pub use db::Db;

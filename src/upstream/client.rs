@@ -208,6 +208,26 @@ pub struct Client {
     token: Arc<Mutex<Option<CachedToken>>>,
     /// Token fetches so far, for tests and metrics.
     token_fetches: Arc<AtomicU64>,
+    /// The current streak of API calls that got no answer at all.
+    reach: Arc<std::sync::Mutex<Reach>>,
+}
+
+/// Calls in a row that got no answer (nothing listens, DNS, TLS, a timeout), since when,
+/// and the last one's error.
+#[derive(Debug, Clone, Default)]
+struct Reach {
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    calls: u32,
+    error: String,
+}
+
+/// The provider has not answered lately (`Client::unanswered`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// Calls in a row without an answer.
+    pub calls: u32,
+    pub error: String,
 }
 
 impl std::fmt::Debug for Client {
@@ -253,6 +273,7 @@ impl Client {
             config: Arc::new(config),
             token: Arc::new(Mutex::new(None)),
             token_fetches: Arc::new(AtomicU64::new(0)),
+            reach: Default::default(),
         })
     }
 
@@ -282,6 +303,46 @@ impl Client {
 
     pub fn token_fetches(&self) -> u64 {
         self.token_fetches.load(Ordering::Relaxed)
+    }
+
+    /// Whether the provider has stopped answering: `None` while its calls get answers.
+    pub fn unanswered(&self) -> Option<Unanswered> {
+        let reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        reach.since.map(|since| Unanswered {
+            since,
+            calls: reach.calls,
+            error: reach.error.clone(),
+        })
+    }
+
+    /// A call got no answer: the first of a streak is a warning (the rows only retry).
+    fn unanswered_call(&self, error: &UpstreamError) {
+        let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        reach.calls += 1;
+        reach.error = error.to_string();
+        if reach.since.is_none() {
+            reach.since = Some(chrono::Utc::now());
+            tracing::warn!(
+                provider = %crate::config::redact_url(&self.config.base_url),
+                account = %self.config.credentials.client_id,
+                %error,
+                "the provider does not answer: rows wait and retry (see `report-worker status`)"
+            );
+        }
+    }
+
+    /// A call got an answer (any status): the provider is reachable.
+    fn answered(&self) {
+        let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = reach.since.take() {
+            tracing::info!(
+                provider = %crate::config::redact_url(&self.config.base_url),
+                calls = reach.calls,
+                since = %since.to_rfc3339(),
+                "the provider answers again"
+            );
+            reach.calls = 0;
+        }
     }
 
     /// The address of `path` under the base URL.
@@ -387,10 +448,20 @@ impl Client {
         request: reqwest::RequestBuilder,
     ) -> Result<(u16, Option<Duration>, Vec<u8>), SendFailure> {
         let after_sending = |error| SendFailure { error, sent: true };
-        let response = request.send().await.map_err(|e| SendFailure {
-            sent: !e.is_connect(),
-            error: transport_error(e),
-        })?;
+        let response = match request.send().await {
+            Ok(response) => {
+                self.answered();
+                response
+            }
+            Err(e) => {
+                let failure = SendFailure {
+                    sent: !e.is_connect(),
+                    error: transport_error(e),
+                };
+                self.unanswered_call(&failure.error);
+                return Err(failure);
+            }
+        };
         let status = response.status().as_u16();
         let retry_after = response
             .headers()

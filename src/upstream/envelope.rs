@@ -37,7 +37,7 @@ pub fn interpret(
         let message = obj
             .get("error_msg")
             .and_then(Value::as_str)
-            .map(clip)
+            .map(|m| crate::domain::clip_to(m, 300))
             .unwrap_or_default();
         if code != 0 {
             return Err(match i32::try_from(code) {

@@ -638,6 +638,25 @@ async fn the_application_and_worker_roles_can_do_their_job_and_nothing_more() {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
+    // `status` as the application: what it may read, and one line naming the rest.
+    let out = bin(&["status"], &app_url, dir.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("state "), "{text}");
+    assert!(
+        text.contains("finished in the last minute/hour/day"),
+        "{text}"
+    );
+    let hidden = text
+        .lines()
+        .find(|l| l.starts_with("not shown, this role may not read:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(hidden.contains("report_account_stops"), "{text}");
+    assert!(!text.contains("permission denied"), "{text}");
     // …and nothing of the engine's.
     denied(
         sqlx::query("INSERT INTO report_requests (company_name, report_type, state) VALUES ('x', 'pdf', 'succeeded')")
@@ -756,6 +775,10 @@ async fn json_logs_are_one_object_per_line_with_the_row_fields_and_no_secrets() 
             v["level"].is_string() && v["timestamp"].is_string(),
             "{line}"
         );
+        // One message per line (a field named `message` would make two), and no
+        // Rust debug forms for values.
+        assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
+        assert!(!line.contains("Some(") && !line.contains("None"), "{line}");
         if v["message"] == "report stored" {
             stored = Some(v);
         }
@@ -770,11 +793,13 @@ async fn json_logs_are_one_object_per_line_with_the_row_fields_and_no_secrets() 
             .await
             .unwrap();
     assert_eq!(stored["span"]["job"], job);
-    assert!(
-        log.lines()
-            .any(|l| l.contains("\"outcome\":\"failed\"") && l.contains(&format!("\"id\":{bad}"))),
-        "{log}"
-    );
+    let failed = log
+        .lines()
+        .find(|l| l.contains("\"outcome\":\"failed\"") && l.contains(&format!("\"id\":{bad}")))
+        .unwrap_or_else(|| panic!("no failed line in {log}"));
+    let failed: serde_json::Value = serde_json::from_str(failed).unwrap();
+    assert!(failed["code"].is_number(), "{failed}");
+    assert_eq!(failed["message"], "report failed");
     // Text, the default, for the same kind of run: neither leaks a secret.
     sqlx::query("SELECT report_retry($1)")
         .bind(bad)
@@ -785,6 +810,7 @@ async fn json_logs_are_one_object_per_line_with_the_row_fields_and_no_secrets() 
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let text = stop(child);
     assert!(text.contains("report failed"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes into a pipe: {text}");
     for secret in [secret.as_str(), "webhook-secret-never-logged"] {
         assert!(!log.contains(secret), "secret in JSON logs");
         assert!(!text.contains(secret), "secret in text logs");

@@ -57,6 +57,16 @@ async fn migrate_enqueue_and_status() {
         assert!(line.split_whitespace().nth(1) == Some("0"), "{line}");
     }
     assert!(text.contains("account stop: none"), "{text}");
+    // The counts line up under their heading, whatever the state's name.
+    let columns: std::collections::BTreeSet<usize> = text
+        .lines()
+        .take(6)
+        .map(|l| {
+            let head = l.split_whitespace().nth(1).unwrap();
+            l.find(head).unwrap() + head.len()
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "misaligned:\n{text}");
 
     let o = bin(
         &[
@@ -119,10 +129,18 @@ async fn migrate_enqueue_and_status() {
         .execute(&db.pool)
         .await
         .unwrap();
+    // A row finished a moment ago counts in the last minute, hour and day.
+    let cancelled: bool = sqlx::query_scalar("SELECT report_cancel($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(cancelled);
     let filled = bin(&["status"], Some(&db.url));
     let text = stdout(&filled);
+    assert!(text.contains("cancelled 1/1/1"), "{text}");
     let queued = text.lines().find(|l| l.starts_with("queued")).unwrap();
-    assert_eq!(queued.split_whitespace().nth(1), Some("2"), "{text}");
+    assert_eq!(queued.split_whitespace().nth(1), Some("1"), "{text}");
     assert!(
         text.contains("account stop for client-1: insufficient balance (67200005)"),
         "{text}"
@@ -212,7 +230,128 @@ fn database_problems_are_one_line() {
     );
     assert_one_line_failure(
         &bin(&["migrate", "--database-url", "not a url"], None),
-        "invalid database URL",
+        "is not a PostgreSQL URL",
+    );
+}
+
+/// One line, every cause said once, no driver noise, and what to do.
+fn assert_said_once(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_one_line_failure(o, needles[0]);
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in {err:?}");
+    }
+    assert!(
+        !err.contains(" at line "),
+        "PostgreSQL's source line: {err}"
+    );
+    assert!(
+        !err.contains("error returned from database"),
+        "driver noise: {err}"
+    );
+    let parts: Vec<&str> = err.trim().split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].iter().any(|q| q.contains(p) && p.len() > 12),
+            "{p:?} said twice in {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_database_error_is_one_line_said_once_with_what_to_do() {
+    let empty = TestDb::empty().await;
+    // Not migrated: every command that needs the queue says to migrate, once.
+    for args in [
+        &["status"][..],
+        &["enqueue", "--company-name", "甲"],
+        &["export", "--out", "/tmp/rw-never"],
+        &["grant"],
+        &["purge", "--finished-before", "1d", "--dry-run"],
+    ] {
+        assert_said_once(
+            &bin(args, Some(&empty.url)),
+            &["run `report-worker migrate` first"],
+        );
+    }
+    // Nothing listens: said at once, as a refusal, with what to check.
+    let started = std::time::Instant::now();
+    let closed = bin(
+        &["status"],
+        Some("postgres://postgres@127.0.0.1:1/postgres"),
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "waited for a refusal"
+    );
+    assert_said_once(&closed, &["Connection refused", "nothing listens there"]);
+    // Another database engine's URL, no such database.
+    assert_said_once(
+        &bin(&["status"], Some("mysql://root@127.0.0.1:3306/db")),
+        &["is not a PostgreSQL URL"],
+    );
+    let mut unknown = url::Url::parse(&empty.url).unwrap();
+    unknown.set_path("/rw_no_such_database");
+    assert_said_once(
+        &bin(&["status"], Some(unknown.as_str())),
+        &["does not exist", "no such database"],
+    );
+    // A login without privileges: which roles to use.
+    let db = TestDb::new().await;
+    sqlx::raw_sql("DO $$ BEGIN CREATE ROLE rw_nobody LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut nobody = url::Url::parse(&db.url).unwrap();
+    nobody.set_username("rw_nobody").unwrap();
+    assert_said_once(
+        &bin(&["enqueue", "--company-name", "甲"], Some(nobody.as_str())),
+        &["permission denied", "report-worker grant"],
+    );
+    // Migrated already: the second migrate says so.
+    assert!(stdout(&bin(&["migrate"], Some(&db.url))).contains("up to date"));
+    // A database newer than this binary.
+    sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99991231000000, 'from the future', true, '\\x00', 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_said_once(
+        &bin(&["status"], Some(&db.url)),
+        &["this binary is older than the database"],
+    );
+    assert_said_once(
+        &bin(&["migrate"], Some(&db.url)),
+        &["this binary is older than the database"],
+    );
+    db.close().await;
+    empty.close().await;
+}
+
+#[test]
+fn settings_from_the_environment_are_named_as_variables() {
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_report-worker"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let db = ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x");
+    assert_one_line_failure(&run(&[]), "DATABASE_URL is not set");
+    assert_one_line_failure(
+        &run(&[db, ("REPORT_WINDOW", "-5s")]),
+        "REPORT_WINDOW=-5s is not valid: \"-5s\" is negative",
+    );
+    assert_one_line_failure(
+        &run(&[db, ("UPSTREAM_QPS", "abc")]),
+        "UPSTREAM_QPS=abc is not valid",
+    );
+    assert_one_line_failure(
+        &run(&[db, ("WORKER_LEASE", "soon")]),
+        "WORKER_LEASE=soon is not valid: \"soon\" is not a duration",
     );
 }
 

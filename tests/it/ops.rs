@@ -69,10 +69,39 @@ fn check_demo_output(out: &Output, dir: &Path) {
         stdout.contains("68300004"),
         "the invalid request is refused: {stdout}"
     );
+    // What it wrote, counted: 13 rows, 12 documents (one refused), 9 files (the three
+    // served again are the same bytes as documents it bought).
     assert!(
-        stdout.contains("SELECT * FROM report_queue_stats"),
+        stdout.contains("12 documents stored, 9 files written to report-worker-demo (3 served again from a stored document"),
         "{stdout}"
     );
+}
+
+/// The database the demo made for itself, from what it printed.
+fn demo_database(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("Created the database rw_demo_"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    line.split_whitespace().nth(3).unwrap().to_string()
+}
+
+async fn database_exists(pool: &sqlx::PgPool, name: &str) -> bool {
+    sqlx::query_scalar("SELECT count(*) = 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Runs a line the demo printed, as a person pasting it into a shell would.
+fn paste(line: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(line.trim())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -88,7 +117,12 @@ fn demo_runs_on_its_own_throwaway_postgres() {
     let out = bin(&["demo"], None, dir.path());
     eprintln!("demo took {:?}", start.elapsed());
     check_demo_output(&out, dir.path());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("throwaway PostgreSQL"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("throwaway PostgreSQL"));
+    assert!(
+        !stdout.contains("psql"),
+        "no hint at a database that is gone: {stdout}"
+    );
     // Nothing left running or lying around.
     let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -102,18 +136,156 @@ fn demo_runs_on_its_own_throwaway_postgres() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// With DATABASE_URL set the demo works in a database of its own on that server and
+/// removes it: the user's database gets no table, no row, no simulator document.
 #[tokio::test]
-async fn demo_uses_database_url_when_set() {
+async fn demo_with_database_url_never_touches_that_database() {
     let db = TestDb::empty().await;
     let dir = tempfile::tempdir().unwrap();
     let out = bin(&["demo"], Some(&db.url), dir.path());
     check_demo_output(&out, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let own = demo_database(&stdout);
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM report_documents").await,
-        12,
-        "nine bought, three served again from them"
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'report%'"
+        )
+        .await,
+        0,
+        "the user's database is untouched"
     );
+    assert!(!database_exists(&db.pool, &own).await, "{own} is removed");
+    assert!(!stdout.contains("psql"), "{stdout}");
     db.close().await;
+}
+
+/// `--keep` keeps the demo's database, and the psql and DROP lines it prints work when
+/// pasted.
+#[tokio::test]
+async fn demo_keep_prints_hints_that_work() {
+    if !have_tool("psql", &["--version"]) {
+        eprintln!("skipping: no psql");
+        return;
+    }
+    let db = TestDb::empty().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin(&["demo", "--keep"], Some(&db.url), dir.path());
+    check_demo_output(&out, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let own = demo_database(&stdout);
+    assert!(database_exists(&db.pool, &own).await);
+    let psql = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("psql "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let looked = paste(&format!(
+        "{} -At -c 'SELECT count(*) FROM report_requests'",
+        psql.trim()
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&looked.stdout).trim(),
+        "13",
+        "{psql}: {}",
+        String::from_utf8_lossy(&looked.stderr)
+    );
+    let remove = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Remove it with: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let removed = paste(remove);
+    assert!(
+        removed.status.success(),
+        "{remove}: {}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(!database_exists(&db.pool, &own).await);
+    db.close().await;
+}
+
+/// A role that may not create databases: one line saying what to do, nothing written.
+#[tokio::test]
+async fn demo_without_createdb_says_so_in_one_line() {
+    let db = TestDb::empty().await;
+    let role = format!("nocreate_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN NOCREATEDB"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin(&["demo"], Some(url.as_str()), dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("may not create databases"), "{err}");
+    assert!(err.contains("CREATEDB"), "{err}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.close().await;
+}
+
+/// The throwaway server kept with `--keep`: the start command it prints starts it again
+/// and the psql line reaches the demo's rows.
+#[tokio::test]
+async fn demo_keep_on_a_throwaway_server_prints_a_start_command_that_works() {
+    if report_worker::ops::embedded_pg::find_bindir().is_none()
+        || !have_tool("psql", &["--version"])
+    {
+        eprintln!("skipping: no PostgreSQL server binaries or psql on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin(&["demo", "--keep"], None, dir.path());
+    check_demo_output(&out, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("Kept the throwaway database"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let start = lines[at + 1].trim();
+    let psql = lines[at + 2].trim();
+    assert!(psql.starts_with("psql "), "{stdout}");
+    let started = paste(start);
+    assert!(started.status.success(), "{start}");
+    let rows = wait_for(
+        "the kept server answers",
+        std::time::Duration::from_secs(30),
+        || async {
+            let o = paste(&format!(
+                "{psql} -At -c 'SELECT count(*) FROM report_requests'"
+            ));
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        },
+    )
+    .await;
+    assert_eq!(rows, "13");
+    // Stop it (a fast shutdown) and remove the folder.
+    let data = start
+        .split_whitespace()
+        .skip_while(|w| *w != "-D")
+        .nth(1)
+        .unwrap()
+        .trim_matches('\'')
+        .to_string();
+    let pid = std::fs::read_to_string(Path::new(&data).join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap().trim().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    wait_for(
+        "the kept server stops",
+        std::time::Duration::from_secs(30),
+        || async { (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()) },
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(Path::new(&data).parent().unwrap());
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -208,18 +380,172 @@ async fn csv_with_bom_gbk_bad_lines_and_duplicates() {
     let names: i64 = sqlx::query_scalar("SELECT count(*) FROM report_requests WHERE company_name IN ('比亚迪股份有限公司', '宁德时代新能源科技股份有限公司') AND report_type = 'word'")
         .fetch_one(&db.pool).await.unwrap();
     assert_eq!(names, 2);
-    // The same GBK bytes read as UTF-8: refused by line, never stored garbled.
-    let (s, rejected) = run_import(
-        &db,
-        &path,
-        &CsvOptions {
-            default_type: Some(ReportType::Pdf),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!((s.inserted, s.rejected), (0, 2));
-    assert!(rejected[0].1.contains("--encoding gbk"));
+    // The same GBK bytes read as UTF-8: the whole file refused in one line that says
+    // what to pass, never stored garbled.
+    let e = import(&db.pool, &path, &CsvOptions::default(), |_, _| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("reads as GBK") && e.contains("--encoding gbk"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    db.close().await;
+}
+
+/// Line numbers for every line ending, report type defaulting to pdf, quoting mistakes
+/// named with their line (never swallowing the lines after them), and files that are
+/// not CSV refused whole in one line.
+#[tokio::test]
+async fn csv_lines_quotes_and_files_that_are_not_csv() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let names = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT company_name FROM report_requests ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // CRLF (Excel, Python's csv), CR (old Mac Excel) and LF: the same line numbers,
+    // the header being line 1.
+    for (ending, file) in [("\r\n", "crlf.csv"), ("\r", "cr.csv"), ("\n", "lf.csv")] {
+        let text = [
+            "company_name,report_type",
+            "a,pdf",
+            "b,xls",
+            "",
+            "c,word",
+            "",
+        ]
+        .join(ending);
+        let path = write(dir.path(), file, text.as_bytes());
+        let (s, rejected) = run_import(&db, &path, &CsvOptions::default()).await;
+        assert_eq!((s.inserted, s.rejected), (2, 1), "{file}: {rejected:?}");
+        assert_eq!(rejected[0].0, 3, "{file}: {rejected:?}");
+    }
+    sqlx::query("DELETE FROM report_requests")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // No report_type column and no --type: pdf, as --help says.
+    let path = write(
+        dir.path(),
+        "names.csv",
+        "company_name\r\n小米科技有限责任公司\r\n华为技术有限公司\r\n".as_bytes(),
+    );
+    let (s, rejected) = run_import(&db, &path, &CsvOptions::default()).await;
+    assert_eq!((s.inserted, s.rejected), (2, 0), "{rejected:?}");
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM report_requests WHERE report_type = 'pdf'"
+        )
+        .await,
+        2
+    );
+    sqlx::query("DELETE FROM report_requests")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Quoting: an unclosed quote costs its line only; a lone quote inside a quoted
+    // value is refused (read leniently it would buy a report for 华为技术"); doubled
+    // quotes are a quote.
+    let path = write(
+        dir.path(),
+        "quotes.csv",
+        "company_name,report_type\n\
+         \"小米科技有限责任公司,pdf\n\
+         华为技术有限公司,pdf\n\
+         比亚迪股份有限公司,pdf\n\
+         \"华为\"技术\",pdf\n\
+         华为\"技术,pdf\n\
+         \"深圳, 大疆\" , word\n\
+         宁德时代新能源科技股份有限公司,pdf\n"
+            .as_bytes(),
+    );
+    let (s, rejected) = run_import(&db, &path, &CsvOptions::default()).await;
+    assert_eq!((s.inserted, s.rejected), (4, 3), "{rejected:?}");
+    let lines: Vec<u64> = rejected.iter().map(|r| r.0).collect();
+    assert_eq!(lines, vec![2, 5, 6], "{rejected:?}");
+    assert!(
+        rejected[0]
+            .1
+            .contains("company_name: a quote opens a value and is not closed"),
+        "{rejected:?}"
+    );
+    assert!(rejected[1].1.contains("must be doubled"), "{rejected:?}");
+    assert!(rejected[2].1.contains("not quoted"), "{rejected:?}");
+    assert_eq!(
+        names(&db).await,
+        [
+            "华为技术有限公司",
+            "比亚迪股份有限公司",
+            "深圳, 大疆",
+            "宁德时代新能源科技股份有限公司"
+        ]
+    );
+    sqlx::query("DELETE FROM report_requests")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Files that are not CSV text: one line each, nothing inserted.
+    let mut binary = b"company_name\n".to_vec();
+    binary.extend((0..4096u32).map(|i| (i * 7919 % 251) as u8));
+    let not_csv = [
+        (write(dir.path(), "bin.csv", &binary), "not a text file"),
+        (
+            write(dir.path(), "book.xlsx", b"PK\x03\x04\x14\x00\x06\x00rest"),
+            "zip file",
+        ),
+        (dir.path().to_path_buf(), "is a directory"),
+    ];
+    for (path, needle) in &not_csv {
+        let e = import(&db.pool, path, &CsvOptions::default(), |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.len() < 200, "{e}");
+        let out = bin(
+            &["enqueue", "--csv", path.to_str().unwrap()],
+            Some(&db.url),
+            dir.path(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_requests").await,
+        0
+    );
+
+    // Bad bytes past the part looked at first: each such line refused, the hint once.
+    let mut late = b"company_name\n".to_vec();
+    for i in 0..8000 {
+        late.extend_from_slice(format!("公司{i}\n").as_bytes());
+    }
+    for _ in 0..5 {
+        late.extend_from_slice(&encoding_rs::GBK.encode("比亚迪股份有限公司\n").0);
+    }
+    let path = write(dir.path(), "late.csv", &late);
+    let (s, rejected) = run_import(&db, &path, &CsvOptions::default()).await;
+    assert_eq!((s.inserted, s.rejected), (8000, 5));
+    assert_eq!(rejected[0].0, 8002);
+    let hints = rejected
+        .iter()
+        .filter(|r| r.1.contains("--encoding gbk"))
+        .count();
+    assert_eq!(hints, 1, "{rejected:?}");
     db.close().await;
 }
 

@@ -484,7 +484,7 @@ async fn bad_configuration_is_one_line() {
         (vec![("REPORT_POLL_MIN", "2m")], "REPORT_POLL_MIN"),
         (vec![("UPSTREAM_QPS", "-1")], "UPSTREAM_QPS"),
         (vec![("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY"),
-        (vec![("UPSTREAM_TIMEOUT", "soon")], "upstream-timeout"),
+        (vec![("UPSTREAM_TIMEOUT", "soon")], "UPSTREAM_TIMEOUT=soon"),
     ] {
         let child = worker_process(&db.url, &sim, &extra);
         let out = child.wait_with_output().unwrap();
@@ -807,4 +807,134 @@ async fn check_provider_says_what_it_found() {
     assert_eq!(text.trim().lines().count(), 1, "{text}");
     assert_eq!(sim.stats().tasks_created, 1);
     sim.stop().await;
+}
+
+/// Nothing listens where the provider should be: within seconds a WARN line says so,
+/// `status` names the account and the error, `/healthz` carries it — not only the rows'
+/// `last_error`.
+// Multi-threaded: the test blocks on stderr lines while the simulator answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_provider_is_a_warning_in_status_and_healthz() {
+    use std::io::BufRead;
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
+    let addr = free_addr();
+    // A port nothing listens on: bound, then dropped.
+    let dead = free_addr();
+    let mut child = worker_process(
+        &db.url,
+        &sim,
+        &[
+            ("METRICS_ADDR", &addr),
+            ("UPSTREAM_BASE_URL", &format!("http://{dead}")),
+        ],
+    );
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let warning = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("a warning within seconds");
+        if line.contains("the provider does not answer") {
+            break line;
+        }
+    };
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains(&format!("http://{dead}")), "{warning}");
+    let status = wait_for(
+        "status names the provider",
+        Duration::from_secs(15),
+        || async {
+            let text = report_worker::ops::status::status_text(&db.pool)
+                .await
+                .ok()?;
+            text.contains("provider unreachable for account")
+                .then_some(text)
+        },
+    )
+    .await;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("provider unreachable"))
+        .unwrap();
+    assert!(line.contains(&sim.config().client_id), "{status}");
+    assert!(line.contains("connect"), "the error is named: {status}");
+    assert!(!status.contains(&sim.config().client_secret), "{status}");
+    let http = http_client();
+    let health: serde_json::Value = wait_for("healthz", Duration::from_secs(10), || async {
+        http.get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    })
+    .await;
+    let unreachable = health["provider_unreachable"].as_object().unwrap();
+    let detail = &unreachable[&sim.config().client_id];
+    assert!(detail["calls"].as_i64().unwrap() >= 1, "{health}");
+    assert!(detail["since"].is_string(), "{health}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    sim.stop().await;
+    db.close().await;
+}
+
+/// A wrong secret: a WARN line within seconds, and `status` gives the provider's whole
+/// reason, never the secret.
+// Multi-threaded: the test blocks on stderr lines while the simulator answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_a_warning_with_the_whole_reason() {
+    use std::io::BufRead;
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig::instant()).await;
+    enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
+    let secret = "not-the-secret-at-all";
+    let mut child = worker_process(&db.url, &sim, &[("UPSTREAM_CLIENT_SECRET", secret)]);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let warning = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("a warning within seconds");
+        if line.contains("account-wide stop") {
+            break line;
+        }
+    };
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(!warning.contains(secret), "{warning}");
+    let status = report_worker::ops::status::status_text(&db.pool)
+        .await
+        .unwrap();
+    let stop = status
+        .lines()
+        .find(|l| l.starts_with("account stop for"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        stop.contains("incorrect or the client has been disabled!"),
+        "the reason is whole: {stop}"
+    );
+    assert!(!status.contains(secret), "{status}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    sim.stop().await;
+    db.close().await;
 }

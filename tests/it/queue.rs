@@ -710,9 +710,15 @@ async fn a_retry_takes_the_rows_unadopted_task_however_old() {
     .execute(&db.pool)
     .await
     .unwrap();
-    queue::worker_seen(&db.pool, "w", &["acct".to_string()], true)
-        .await
-        .unwrap();
+    queue::worker_seen(
+        &db.pool,
+        "w",
+        &["acct".to_string()],
+        true,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
     let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
         .bind(id)
         .fetch_one(&db.pool)
