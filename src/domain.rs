@@ -348,6 +348,31 @@ pub fn clip(s: &str) -> String {
     clip_to(s, 60)
 }
 
+/// `s` as one word for a POSIX shell: as it is when nothing in it is special, else in
+/// single quotes — so a command printed for pasting works whatever a name holds.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || "/._-=:,@+%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// `n` and the noun, singular for one: "1 time", "2 times", "1 batch", "3 batches".
+pub fn counted(n: impl Into<i64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else if noun.ends_with("ch") || noun.ends_with('s') || noun.ends_with('x') {
+        format!("{n} {noun}es")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// `clip` at `max` characters: the provider's own messages (the longest it documents
 /// is about 105 characters) are kept whole up to 300.
 pub fn clip_to(s: &str, max: usize) -> String {
@@ -540,6 +565,26 @@ fn check_text(field: &'static str, value: &str, max_chars: usize) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_survive_a_shell() {
+        assert_eq!(shell_quote("companies.csv"), "companies.csv");
+        assert_eq!(shell_quote("小米"), "小米");
+        assert_eq!(
+            shell_quote("companies.csv 2026-12-01T07:41:38Z"),
+            "'companies.csv 2026-12-01T07:41:38Z'"
+        );
+        assert_eq!(shell_quote("it's $HOME"), "'it'\\''s $HOME'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn counts_read_as_english() {
+        assert_eq!(counted(1, "time"), "1 time");
+        assert_eq!(counted(2, "time"), "2 times");
+        assert_eq!(counted(0, "request"), "0 requests");
+        assert_eq!(counted(3, "batch"), "3 batches");
+    }
 
     #[test]
     fn job_id_keeps_exact_digits() {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 
 pub use self::args::*;
-use crate::domain::{NewRequest, ReportType};
+use crate::domain::{NewRequest, ReportType, RequestState};
 use crate::engine::Worker;
 use crate::ops::status::status_text;
 use crate::queue;
@@ -179,6 +179,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => {
             use std::io::IsTerminal;
             let pool = args.db.connect(3).await?;
+            let asked = args.ids.clone();
             let filter = crate::ops::export::ExportFilter {
                 state: args.state,
                 since: args.since,
@@ -201,6 +202,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.bytes,
                 args.out.display()
             );
+            if let Some(asked) = asked {
+                let missing = not_exported(&pool, &asked, &s, args.state).await?;
+                if !missing.is_empty() {
+                    eprintln!("not exported: {}", missing.join(", "));
+                    return Ok(ExitCode::from(EXIT_SOME_REJECTED));
+                }
+            }
         }
         Command::Purge(args) => return purge(args).await,
         Command::CheckProvider(args) => return check_provider(args).await,
@@ -256,6 +264,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `check-provider`: the findings of each account, exit 1 when one failed.
+/// The ids `export --ids` was given that it wrote no file for, each with why: no such
+/// request, another state, or no stored document.
+async fn not_exported(
+    pool: &queue::Db,
+    asked: &[i64],
+    exported: &crate::ops::export::ExportSummary,
+    state: RequestState,
+) -> anyhow::Result<Vec<String>> {
+    let found = queue::request_summaries(pool, asked).await?;
+    let mut missing = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for &id in asked {
+        if !seen.insert(id) || exported.files.iter().any(|(i, _)| *i == id) {
+            continue;
+        }
+        let why = match found.iter().find(|r| r.id == id) {
+            None => "no such request".to_string(),
+            Some(r) if r.state != state => format!("{}, not {}", r.state.as_str(), state.as_str()),
+            Some(_) => "no stored document".to_string(),
+        };
+        missing.push(format!("{id} ({why})"));
+    }
+    Ok(missing)
+}
+
 async fn check_provider(args: CheckProviderArgs) -> anyhow::Result<ExitCode> {
     let (client, accounts) = args.provider.client_config()?;
     let accounts: Vec<_> = match &args.account {
@@ -382,7 +415,10 @@ async fn enqueue_csv(args: &EnqueueArgs, path: &std::path::Path) -> anyhow::Resu
         "inserted {}, duplicates {}, rejected {}",
         summary.inserted, summary.duplicates, summary.rejected
     );
-    eprintln!("batch {batch:?}: follow it with `report-worker status --batch {batch:?}`");
+    eprintln!(
+        "batch {batch:?}: follow it with `report-worker status --batch {}`",
+        crate::domain::shell_quote(&batch)
+    );
     Ok(if summary.rejected > 0 {
         ExitCode::from(EXIT_SOME_REJECTED)
     } else {

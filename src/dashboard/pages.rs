@@ -698,7 +698,7 @@ pub(super) fn batch(
             a.button href=(format!("/requests?batch={q}")) { "All its requests" }
             @if failed > 0 { (action_button(v, "/batches/retry", &format!("Retry the {failed} failed"), &[("batch", name)], "primary")) }
         }
-        p.muted { "Every document at once: " code { "report-worker export --batch " (name) " --out DIR" } " (with manifest.csv)." }
+        p.muted { "Every document at once: " code { "report-worker export --batch " (crate::domain::shell_quote(name)) " --out DIR" } " (with manifest.csv)." }
         section aria-labelledby="failures" {
             h2 #failures { "Failures by reason" }
             @if s.failures.is_empty() { p.muted { "None." } } @else {

@@ -511,11 +511,11 @@ impl RowTask {
         .await?;
         Ok(same.map(|s| {
             let why = format!(
-                "the same company by the provider's file names: {} {} is {} (confirmed, seen {} times), as is {} {}",
+                "the same company by the provider's file names: {} {} is {} (confirmed, seen {}), as is {} {}",
                 s.own_kind.replace('_', " "),
                 s.own_value,
                 s.company,
-                s.observations,
+                crate::domain::counted(s.observations, "time"),
                 s.source_kind.replace('_', " "),
                 s.source_value,
             );

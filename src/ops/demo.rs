@@ -416,9 +416,9 @@ async fn body(
         exported.files.iter().map(|(_, path)| path).collect();
     let shared = exported.files.len() - files.len();
     println!(
-        "\n{} documents stored, {} files written to {}{}.",
-        exported.files.len(),
-        files.len(),
+        "\n{} stored, {} written to {}{}.",
+        crate::domain::counted(exported.files.len() as i64, "document"),
+        crate::domain::counted(files.len() as i64, "file"),
         out.display(),
         match shared {
             0 => String::new(),

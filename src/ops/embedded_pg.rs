@@ -72,18 +72,6 @@ fn run_as_name() -> Option<String> {
     })
 }
 
-/// Quoted for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-=".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
 /// PostgreSQL refuses to run as root: run it as the `postgres` user (or `nobody`).
 fn run_as() -> Option<(u32, u32)> {
     let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
@@ -250,10 +238,10 @@ impl ThrowawayPostgres {
     /// ran as.
     pub fn kept_commands(dir: &Path) -> String {
         let bindir = find_bindir().unwrap_or_default();
-        let postgres = shell_quote(&bindir.join("postgres").to_string_lossy());
-        let data = shell_quote(&dir.join("data").to_string_lossy());
-        let sock = shell_quote(&dir.join("sock").to_string_lossy());
-        let log = shell_quote(&dir.join("postgres.log").to_string_lossy());
+        let postgres = crate::domain::shell_quote(&bindir.join("postgres").to_string_lossy());
+        let data = crate::domain::shell_quote(&dir.join("data").to_string_lossy());
+        let sock = crate::domain::shell_quote(&dir.join("sock").to_string_lossy());
+        let log = crate::domain::shell_quote(&dir.join("postgres.log").to_string_lossy());
         let server = format!("{postgres} -D {data} -k {sock} -c listen_addresses= -p 5432");
         match run_as_name() {
             Some(user) => format!("runuser -u {user} -- {server} >>{log} 2>&1 &"),

@@ -138,10 +138,10 @@ pub async fn status_text(pool: &crate::queue::Db) -> anyhow::Result<String> {
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "provider unreachable for account {} from worker {}: {} calls unanswered since {since}: {}",
+            "provider unreachable for account {} from worker {}: {} unanswered since {since}: {}",
             t.account,
             t.owner,
-            t.calls.unwrap_or(0),
+            crate::domain::counted(t.calls.unwrap_or(0), "call"),
             t.error.as_deref().unwrap_or("-")
         )?;
     }
@@ -200,7 +200,8 @@ pub async fn batch_text(pool: &crate::queue::Db, batch: &str) -> anyhow::Result<
     let mut out = String::new();
     writeln!(
         out,
-        "batch {batch:?}: {total} requests, {finished} finished ({:.1} %)",
+        "batch {batch:?}: {}, {finished} finished ({:.1} %)",
+        crate::domain::counted(total, "request"),
         finished as f64 * 100.0 / total as f64
     )?;
     for (state, n) in &summary.states {

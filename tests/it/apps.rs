@@ -439,7 +439,7 @@ async fn a_batch_is_followed_exported_with_its_manifest_and_retried() {
         err.contains("inserted 3, duplicates 1, rejected 1"),
         "{err}"
     );
-    assert!(err.contains("status --batch \"acme 2026-11\""), "{err}");
+    assert!(err.contains("status --batch 'acme 2026-11'"), "{err}");
     // Without --batch: the file name and a timestamp, printed.
     std::fs::write(
         dir.path().join("more.csv"),

@@ -329,6 +329,22 @@ async fn an_operator_finds_a_failed_row_and_retries_it_in_chromium() {
         .unwrap();
     assert_eq!(same, json!(true), "refreshed in place, not reloaded");
 
+    // A laptop's width: every table fits, none needs scrolling sideways.
+    c.set_window_size(1280, 1000).await.unwrap();
+    for path in ["/", "/spend", "/requests", "/batches"] {
+        c.goto(&dash.url(path)).await.unwrap();
+        let cut: Value = c
+            .execute(
+                "return Array.from(document.querySelectorAll('.scroll, table'))
+                   .filter(function (e) { return e.scrollWidth > e.clientWidth + 1; })
+                   .map(function (e) { return e.tagName + '.' + e.className + ' ' + e.scrollWidth + '>' + e.clientWidth; });",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(cut, json!([]), "{path} cuts a table at 1280 px");
+    }
+
     // Phone width: nothing wider than the screen.
     c.set_window_size(390, 844).await.unwrap();
     for path in ["/".to_string(), format!("/requests/{failed}")] {

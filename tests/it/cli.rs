@@ -721,3 +721,34 @@ fn settings_that_only_burn_money_are_refused_at_start() {
         assert_one_line_failure(&check_config(&env), needle);
     }
 }
+
+/// `export --ids` names every id it wrote no file for, and why; exit 3 like a CSV with
+/// rejected lines.
+#[tokio::test]
+async fn export_by_ids_names_what_it_could_not_export() {
+    let db = TestDb::new().await;
+    let out_dir = tempfile::tempdir().unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO report_requests (company_name, report_type) VALUES ('小米科技有限责任公司', 'pdf') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let ids = format!("{id},999999");
+    let o = bin(
+        &[
+            "export",
+            "--ids",
+            &ids,
+            "--out",
+            out_dir.path().to_str().unwrap(),
+        ],
+        Some(&db.url),
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        format!("not exported: {id} (queued, not succeeded), 999999 (no such request)")
+    );
+    db.close().await;
+}

@@ -251,6 +251,25 @@ async fn every_page_answers_and_bad_input_gets_a_clear_error() {
         );
     }
 
+    // A batch named as `enqueue --csv` names it (file and time, with a space): the
+    // export command the page prints works when pasted.
+    sqlx::query("INSERT INTO report_requests (company_name, report_type, batch) VALUES ('x', 'pdf', 'companies.csv 2026-12-01T07:41:38Z')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (_, body) = get(
+        &d,
+        "/batches?batch=companies.csv%202026-12-01T07%3A41%3A38Z",
+    )
+    .await;
+    let body = body.replace("&#39;", "'").replace("&#x27;", "'");
+    assert!(
+        body.contains(
+            "report-worker export --batch 'companies.csv 2026-12-01T07:41:38Z' --out DIR"
+        ),
+        "{body}"
+    );
+
     // Assets are embedded and typed; pages carry a strict CSP and their server time.
     for (path, kind) in [
         ("/assets/app.css", "text/css"),

@@ -580,7 +580,7 @@ async fn identifiers_the_providers_file_names_confirm_as_one_company_share_docum
     assert!(
         actor.starts_with(&format!("worker: the document of request {word} ("))
             && actor.contains(&format!(
-                "credit code {CODE} is {NAME} (confirmed, seen 1 times)"
+                "credit code {CODE} is {NAME} (confirmed, seen 1 time)"
             )),
         "{actor}"
     );
