@@ -10,7 +10,7 @@
 //!
 //! A receiver recomputes `hex(hmac_sha256(secret, "{t}.{body}"))`, compares it in
 //! constant time with `v1`, and refuses a `t` too far from its own clock (replays). The
-//! README shows a receiver. Redirects are never followed (a 3xx is a failed attempt),
+//! docs/applications.md shows a receiver. Redirects are never followed (a 3xx is a failed attempt),
 //! each attempt has its own timeout, and the answer's body is not read.
 //!
 //! Where a webhook may go: a `callback_url` is written by whoever may insert a row, so

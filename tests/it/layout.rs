@@ -223,7 +223,7 @@ fn files_of_one_folder_import_each_other_without_cycles() {
 fn the_map_in_lib_rs_names_every_module_and_folder() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(root.join("docs/development.md")).unwrap();
     for (module, _) in LAYERS {
         assert!(
             lib.contains(&format!("pub mod {module};")),
@@ -235,7 +235,7 @@ fn the_map_in_lib_rs_names_every_module_and_folder() {
         );
         assert!(
             readme.contains(&format!("`src/{module}")),
-            "README's layout names src/{module}"
+            "docs/development.md's layout names src/{module}"
         );
     }
 }

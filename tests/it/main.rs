@@ -8,6 +8,7 @@ mod browser;
 mod cli;
 mod common;
 mod dashboard;
+mod docs;
 mod economy;
 mod edges;
 mod guarantees;

@@ -19,7 +19,7 @@
 //! - the ledger accounts for every task the simulator made, and counts none it did not.
 //!
 //! A schedule is a pure function of its seed; a failing one prints its seed. CI runs the
-//! seeds of `ci_seeds`; `many_seeds` runs as many as `TORTURE_SEEDS` says (README).
+//! seeds of `ci_seeds`; `many_seeds` runs as many as `TORTURE_SEEDS` says (docs/development.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -857,7 +857,7 @@ async fn ci_seeds() {
 
 /// `TORTURE_SEEDS=1000 [TORTURE_FROM=1] cargo test --release --test it torture::many_seeds -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "thousands of schedules: run by hand (README)"]
+#[ignore = "thousands of schedules: run by hand (docs/development.md)"]
 async fn many_seeds() {
     let n: u64 = std::env::var("TORTURE_SEEDS")
         .ok()
