@@ -18,6 +18,7 @@
 
 mod account;
 mod background;
+mod create;
 mod learning;
 mod leases;
 pub mod metrics;
