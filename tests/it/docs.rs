@@ -390,10 +390,12 @@ fn the_layout_table_names_every_module() {
                     missing.push(format!("src/{name}/{stem}.rs"));
                 }
             }
-        } else if let Some(stem) = name.strip_suffix(".rs") {
-            if stem != "lib" && stem != "main" && !page.contains(&format!("`src/{stem}.rs`")) {
-                missing.push(format!("src/{stem}.rs"));
-            }
+        } else if let Some(stem) = name.strip_suffix(".rs")
+            && stem != "lib"
+            && stem != "main"
+            && !page.contains(&format!("`src/{stem}.rs`"))
+        {
+            missing.push(format!("src/{stem}.rs"));
         }
     }
     assert!(
