@@ -2,6 +2,10 @@
 //! the demo, benchmarks, a throwaway PostgreSQL, and signal handling.
 
 pub mod bench;
+mod bench_database;
+mod bench_economy;
+mod bench_kit;
+mod bench_worker;
 pub mod csv_import;
 pub mod demo;
 pub mod embedded_pg;
