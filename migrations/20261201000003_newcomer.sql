@@ -29,7 +29,25 @@ SELECT s.state,
 -- The migrations applied, for any role: every command checks the schema first, and the
 -- application and worker roles may not read _sqlx_migrations itself.
 CREATE OR REPLACE FUNCTION report_schema_versions() RETURNS bigint[]
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT coalesce(array_agg(version ORDER BY version), '{}')
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    SELECT coalesce(pg_catalog.array_agg(version ORDER BY version), '{}')
       FROM _sqlx_migrations WHERE success
 $$;
+
+-- Every function that runs as its owner (SECURITY DEFINER) searches the queue's schema,
+-- then pg_temp last (pg_catalog is searched first when not named): a login's temporary
+-- table or view, or an object of its own in another schema, can never stand in for one
+-- of the queue's and run as the owner. `SET search_path FROM CURRENT`, which the earlier
+-- migrations used, kept "$user", public and left pg_temp first for relations.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure AS signature
+          FROM pg_proc p
+         WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f.signature, current_schema());
+    END LOOP;
+END $$;

@@ -24,13 +24,18 @@ pub fn usage_from_environment(e: &clap::Error) -> Option<String> {
         .next()?
         .trim_start_matches('-')
         .to_string();
-    let env = env_of(&long)?;
+    let (env, hidden) = env_of(&long)?;
     let typed =
         std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
     match e.kind() {
         UsageKind::MissingRequiredArgument => Some(format!("{env} is not set (or pass --{long})")),
         UsageKind::ValueValidation | UsageKind::InvalidValue if !typed => {
-            let value = std::env::var(&env).unwrap_or_default();
+            // A setting whose value is secret (hide_env_values) is named, never shown.
+            let value = if hidden {
+                "…".to_string()
+            } else {
+                std::env::var(&env).unwrap_or_default()
+            };
             let why = std::error::Error::source(e)
                 .map(|s| s.to_string())
                 .or_else(|| match e.get(ContextKind::ValidValue) {
@@ -46,15 +51,18 @@ pub fn usage_from_environment(e: &clap::Error) -> Option<String> {
     }
 }
 
-/// The environment variable of the flag `--long`, in whichever subcommand has it.
-fn env_of(long: &str) -> Option<String> {
+/// The environment variable of the flag `--long`, in whichever subcommand has it, and
+/// whether its value is secret.
+fn env_of(long: &str) -> Option<(String, bool)> {
     let cli = super::Cli::command();
     std::iter::once(&cli)
         .chain(cli.get_subcommands())
         .flat_map(|c| c.get_arguments())
         .find(|a| a.get_long() == Some(long))
-        .and_then(|a| a.get_env())
-        .map(|e| e.to_string_lossy().into_owned())
+        .and_then(|a| {
+            let env = a.get_env()?.to_string_lossy().into_owned();
+            Some((env, a.is_hide_env_values_set()))
+        })
 }
 
 /// `e` as one line, every cause once, with a hint when one applies.
@@ -112,7 +120,10 @@ fn hint(e: &anyhow::Error) -> Option<String> {
         if let Some(sqlx::Error::Database(d)) = cause.downcast_ref::<sqlx::Error>() {
             let code = d.code().unwrap_or_default();
             let hint = match code.as_ref() {
-                "28P01" | "28000" => "check the user and password in DATABASE_URL",
+                "28P01" => "check the user and password in DATABASE_URL",
+                "28000" => {
+                    "the server refused this login: check the user in DATABASE_URL, and whether the server's pg_hba.conf admits this host and this sslmode"
+                }
                 "3D000" => "no such database: create it (createdb) or fix the name in DATABASE_URL",
                 "42P01" | "42883" => {
                     "the queue's tables are missing: run `report-worker migrate` first"

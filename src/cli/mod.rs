@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 
 pub use self::args::*;
-use crate::domain::{NewRequest, ReportType, RequestState};
+use crate::domain::{NewRequest, ReportType};
 use crate::engine::Worker;
 use crate::ops::status::status_text;
 use crate::queue;
@@ -203,7 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.out.display()
             );
             if let Some(asked) = asked {
-                let missing = not_exported(&pool, &asked, &s, args.state).await?;
+                let missing = not_exported(&pool, &asked, &s, &filter).await?;
                 if !missing.is_empty() {
                     eprintln!("not exported: {}", missing.join(", "));
                     return Ok(ExitCode::from(EXIT_SOME_REJECTED));
@@ -265,28 +265,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `check-provider`: the findings of each account, exit 1 when one failed.
 /// The ids `export --ids` was given that it wrote no file for, each with why: no such
-/// request, another state, or no stored document.
+/// request, another state, no stored document, or left out by `--since`/`--batch`.
 async fn not_exported(
     pool: &queue::Db,
     asked: &[i64],
     exported: &crate::ops::export::ExportSummary,
-    state: RequestState,
+    filter: &crate::ops::export::ExportFilter,
 ) -> anyhow::Result<Vec<String>> {
-    let found = queue::request_summaries(pool, asked).await?;
-    let mut missing = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for &id in asked {
-        if !seen.insert(id) || exported.files.iter().any(|(i, _)| *i == id) {
-            continue;
-        }
-        let why = match found.iter().find(|r| r.id == id) {
-            None => "no such request".to_string(),
-            Some(r) if r.state != state => format!("{}, not {}", r.state.as_str(), state.as_str()),
-            Some(_) => "no stored document".to_string(),
-        };
-        missing.push(format!("{id} ({why})"));
-    }
-    Ok(missing)
+    use std::collections::{BTreeSet, HashMap, HashSet};
+    let written: HashSet<i64> = exported.files.iter().map(|(id, _)| *id).collect();
+    let asked: BTreeSet<i64> = asked
+        .iter()
+        .copied()
+        .filter(|id| !written.contains(id))
+        .collect();
+    let wanted: Vec<i64> = asked.iter().copied().collect();
+    let found: HashMap<i64, queue::RequestSummary> = queue::request_summaries(pool, &wanted)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let state = filter.state;
+    Ok(asked
+        .iter()
+        .map(|id| {
+            let why = match found.get(id) {
+                None => "no such request".to_string(),
+                Some(r) if r.state != state => {
+                    format!("{}, not {}", r.state.as_str(), state.as_str())
+                }
+                Some(r) if r.byte_size.is_none() => "no stored document".to_string(),
+                Some(_) => match (&filter.since, &filter.batch) {
+                    (Some(_), Some(_)) => "left out by --since or --batch".to_string(),
+                    (Some(_), None) => "finished before --since".to_string(),
+                    (None, _) => "not in --batch".to_string(),
+                },
+            };
+            format!("{id} ({why})")
+        })
+        .collect())
 }
 
 async fn check_provider(args: CheckProviderArgs) -> anyhow::Result<ExitCode> {

@@ -246,8 +246,16 @@ async fn healthz(State(s): State<Http>) -> Response {
         .collect();
     // This process's accounts that a running worker calls without an answer (nothing
     // listens, DNS, TLS, timeouts): since when, how many calls, the last error.
-    let unreachable: serde_json::Map<String, serde_json::Value> = queue::provider_trouble(&s.pool)
-        .await
+    // A login that may not read the view (grant not run since migrate) says so rather
+    // than reporting nothing wrong.
+    let trouble = queue::provider_trouble(&s.pool).await;
+    let unreadable = trouble.as_ref().err().map(|e| {
+        serde_json::Value::String(format!(
+            "unknown: cannot read report_provider_trouble ({})",
+            crate::config::error_chain(e)
+        ))
+    });
+    let unreachable: serde_json::Map<String, serde_json::Value> = trouble
         .unwrap_or_default()
         .into_iter()
         .filter(|t| s.accounts.contains(&t.account))
@@ -260,7 +268,7 @@ async fn healthz(State(s): State<Http>) -> Response {
         .collect();
     let body = serde_json::json!({
         "database": if db.is_ok() { "ok" } else { "unreachable" },
-        "provider_unreachable": unreachable,
+        "provider_unreachable": unreadable.unwrap_or(serde_json::Value::Object(unreachable)),
         "account_stop": first.unwrap_or(serde_json::Value::Null),
         "account_stops": stops,
         "unpolled_accounts": unpolled,

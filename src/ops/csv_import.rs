@@ -8,7 +8,7 @@
 //! from the header, line 1. A file that is not text in its encoding (a GBK file read as
 //! UTF-8, a spreadsheet, a directory) is refused whole, in one line, before any insert.
 
-use std::io::{BufRead, Read, Seek};
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -213,44 +213,47 @@ const MAX_LINE: usize = 1 << 20;
 /// How much of the file is looked at before any insert.
 const SNIFF: usize = 64 << 10;
 
-/// Looks at the start of the file: why it cannot be CSV text in `encoding`, if it
-/// cannot (then nothing is inserted). Leaves the file at its start.
-fn sniff(file: &mut std::fs::File, encoding: &'static Encoding) -> std::io::Result<Option<String>> {
-    let mut head = Vec::with_capacity(SNIFF);
-    file.by_ref().take(SNIFF as u64).read_to_end(&mut head)?;
-    file.rewind()?;
-    let bom = Encoding::for_bom(&head).map(|(e, _)| e);
+/// Why the start of a file, `head`, cannot be CSV text in `encoding`, if it cannot
+/// (then nothing is inserted).
+fn sniff(head: &[u8], encoding: &'static Encoding) -> Option<String> {
+    let bom = Encoding::for_bom(head).map(|(e, _)| e);
     if head.starts_with(b"PK\x03\x04") {
-        return Ok(Some(
+        return Some(
             "is a zip file (an .xlsx or .ods spreadsheet?), not CSV: save it as \"CSV UTF-8\""
                 .into(),
-        ));
+        );
     }
     let utf16 = bom.is_some_and(|e| e == encoding_rs::UTF_16LE || e == encoding_rs::UTF_16BE);
     if !utf16 && head.contains(&0) {
-        return Ok(Some(
+        return Some(
             "is not a text file (it holds NUL bytes): is it a spreadsheet? Save it as \"CSV UTF-8\"".into(),
-        ));
+        );
     }
     if bom.is_some() || encoding != encoding_rs::UTF_8 {
-        return Ok(None);
+        return None;
     }
-    let valid = match std::str::from_utf8(&head) {
+    let valid = match std::str::from_utf8(head) {
         Ok(_) => None,
         // A character cut by the end of the sample is fine.
         Err(e) if e.error_len().is_none() => None,
         Err(e) => Some(e.valid_up_to()),
     };
-    let Some(at) = valid else { return Ok(None) };
-    let line = 1 + head[..at].iter().filter(|&&b| b == b'\n').count();
-    let (_, _, gbk_errors) = encoding_rs::GB18030.decode(&head);
-    Ok(Some(if gbk_errors {
+    let at = valid?;
+    // Lines end in LF, CRLF or a lone CR.
+    let ends = head[..at]
+        .iter()
+        .enumerate()
+        .filter(|&(k, &b)| b == b'\n' || (b == b'\r' && head.get(k + 1) != Some(&b'\n')))
+        .count();
+    let line = 1 + ends;
+    let (_, _, gbk_errors) = encoding_rs::GB18030.decode(head);
+    Some(if gbk_errors {
         format!("is not UTF-8 text (line {line}): pass --encoding with its encoding (utf-8 or gbk)")
     } else {
         format!(
             "is not UTF-8 text (line {line}) but reads as GBK, as Excel in Chinese saves CSV: pass --encoding gbk"
         )
-    }))
+    })
 }
 
 /// One physical line of the (decoded) file.
@@ -486,15 +489,27 @@ pub async fn import(
     }
     let mut file = std::fs::File::open(path).map_err(io_err)?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if let Some(why) = sniff(&mut file, options.encoding).map_err(io_err)? {
+    // The start is read once and read again from memory: a pipe (`--csv /dev/stdin`,
+    // `<(iconv …)`) cannot seek back.
+    let mut head = Vec::with_capacity(SNIFF);
+    (&mut file)
+        .take(SNIFF as u64)
+        .read_to_end(&mut head)
+        .map_err(io_err)?;
+    if let Some(why) = sniff(&head, options.encoding) {
         return Err(not_csv(why));
     }
     let read = Arc::new(AtomicU64::new(0));
+    // A byte-order mark wins over --encoding: a UTF-16 or UTF-8 file says what it is.
     let decoded = encoding_rs_io::DecodeReaderBytesBuilder::new()
         .encoding(Some(options.encoding))
+        .bom_override(true)
         .bom_sniffing(true)
         .build(Counting {
-            inner: std::io::BufReader::with_capacity(1 << 16, file),
+            inner: std::io::BufReader::with_capacity(
+                1 << 16,
+                std::io::Cursor::new(head).chain(file),
+            ),
             read: read.clone(),
         });
     let mut lines = Lines::new(std::io::BufReader::with_capacity(1 << 16, decoded));

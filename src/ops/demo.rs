@@ -82,10 +82,9 @@ pub async fn run(
     let mut own = None;
     let url = match database_url {
         Some(url) => {
-            let db = tokio::select! {
-                db = OwnDatabase::create(&url, pool_mode) => db?,
-                _ = cancel.cancelled() => anyhow::bail!("interrupted"),
-            };
+            // Not interruptible: a CREATE DATABASE that went through must be known, to
+            // be dropped (it takes a moment; Ctrl-C then ends the demo right after).
+            let db = OwnDatabase::create(&url, pool_mode).await?;
             println!(
                 "Created the database {} on DATABASE_URL's server for the demo (yours is not touched).",
                 db.name
@@ -129,8 +128,7 @@ pub async fn run(
                 db.shown_admin_url(),
                 db.name
             );
-        } else {
-            db.drop_it().await;
+        } else if db.drop_it().await {
             println!(
                 "\nRemoved the demo's database {} (`demo --keep` keeps it to look at with SQL).",
                 db.name
@@ -171,9 +169,10 @@ fn pg_dir_of(url: &str) -> std::path::PathBuf {
         .unwrap_or_default()
 }
 
-/// The demo's own database on DATABASE_URL's server, `rw_demo_<pid>`: the demo never
+/// The demo's own database on DATABASE_URL's server, `rw_demo_<random>`: the demo never
 /// writes to the user's database (its rows, simulator documents and identity links
-/// would be served to real requests with reuse on). Dropped at the end unless kept.
+/// would be served to real requests with reuse on). Created fresh — a name that exists
+/// is never reused or dropped — and dropped at the end unless kept.
 struct OwnDatabase {
     name: String,
     /// DATABASE_URL, which the demo only uses to create and drop its database.
@@ -185,28 +184,28 @@ struct OwnDatabase {
 
 impl OwnDatabase {
     async fn create(admin_url: &str, pool_mode: queue::PoolMode) -> anyhow::Result<OwnDatabase> {
-        let name = format!("rw_demo_{}", std::process::id());
+        let name = format!("rw_demo_{:08x}", rand::random::<u32>());
         let mut url = url::Url::parse(admin_url)
             .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a URL: {e}"))?;
         url.set_path(&format!("/{name}"));
-        let admin = queue::connect_in(admin_url, 1, pool_mode).await?;
-        // A left-over of an earlier demo with this process id goes first (each
-        // statement on its own: neither may run in a transaction).
-        let mut created = Ok(());
-        for statement in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ] {
-            // Straight on the pool: through a transaction pooler `Db` wraps statements
-            // in a transaction, which these may not run in.
-            created = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                .execute(admin.pool())
-                .await
-                .map(|_| ());
-            if created.is_err() {
-                break;
-            }
+        // A database named in the query (`?dbname=`) would win over the path: the demo's
+        // pool must reach its own database, never the one DATABASE_URL names.
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "dbname")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
         }
+        let admin = queue::connect_in(admin_url, 1, pool_mode).await?;
+        // Straight on the pool: through a transaction pooler `Db` wraps statements in a
+        // transaction, which CREATE DATABASE may not run in.
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(admin.pool())
+            .await
+            .map(|_| ());
         let user: String = queue::sql::query_scalar("SELECT current_user::text")
             .fetch_one(&admin)
             .await
@@ -230,7 +229,8 @@ impl OwnDatabase {
         }
     }
 
-    async fn drop_it(&self) {
+    /// Drops the database; false (and a line on stderr saying how) when it could not.
+    async fn drop_it(&self) -> bool {
         let dropped = async {
             let admin = queue::connect_in(&self.admin_url, 1, self.pool_mode).await?;
             let r = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -242,14 +242,16 @@ impl OwnDatabase {
             admin.close().await;
             r.map_err(anyhow::Error::new)
         };
-        if let Err(e) = dropped.await {
-            eprintln!(
-                "could not remove the demo's database {}: {} (DROP DATABASE {} WITH (FORCE) removes it)",
-                self.name,
-                crate::config::error_chain(e.as_ref()),
-                self.name
-            );
-        }
+        let Err(e) = dropped.await else {
+            return true;
+        };
+        eprintln!(
+            "could not remove the demo's database {}: {} (DROP DATABASE {} WITH (FORCE) removes it)",
+            self.name,
+            crate::config::error_chain(e.as_ref()),
+            self.name
+        );
+        false
     }
 
     /// The demo database's URL without its password (which a hint must not print).
@@ -263,7 +265,7 @@ impl OwnDatabase {
 
     fn password_note(&self) -> &'static str {
         match url::Url::parse(&self.url) {
-            Ok(u) if u.password().is_some() => {
+            Ok(u) if u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password") => {
                 " (with DATABASE_URL's password in PGPASSWORD or ~/.pgpass)"
             }
             _ => "",
@@ -272,13 +274,21 @@ impl OwnDatabase {
 }
 
 fn without_password(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        _ => raw.to_string(),
+    let Ok(mut u) = url::Url::parse(raw) else {
+        return raw.to_string();
+    };
+    let _ = u.set_password(None);
+    // sqlx also takes the password from the query.
+    let kept: Vec<(String, String)> = u
+        .query_pairs()
+        .filter(|(k, _)| k != "password")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    u.set_query(None);
+    if !kept.is_empty() {
+        u.query_pairs_mut().extend_pairs(kept);
     }
+    u.to_string()
 }
 
 async fn body(

@@ -657,6 +657,24 @@ async fn the_application_and_worker_roles_can_do_their_job_and_nothing_more() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(hidden.contains("report_account_stops"), "{text}");
     assert!(!text.contains("permission denied"), "{text}");
+    // The functions that run as the owner cannot be fooled by the login's own
+    // temporary objects: a temporary `_sqlx_migrations` changes nothing.
+    let mut conn = app.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TEMP VIEW _sqlx_migrations AS SELECT 1::bigint AS version, true AS success",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT report_schema_versions()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(
+        versions.len() > 10 && !versions.contains(&1),
+        "{versions:?}"
+    );
+    drop(conn);
     // …and nothing of the engine's.
     denied(
         sqlx::query("INSERT INTO report_requests (company_name, report_type, state) VALUES ('x', 'pdf', 'succeeded')")

@@ -142,7 +142,11 @@ fn demo_runs_on_its_own_throwaway_postgres() {
 async fn demo_with_database_url_never_touches_that_database() {
     let db = TestDb::empty().await;
     let dir = tempfile::tempdir().unwrap();
-    let out = bin(&["demo"], Some(&db.url), dir.path());
+    // The database named in the query, as sqlx allows (it wins over the path).
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_path("/postgres");
+    url.query_pairs_mut().append_pair("dbname", &db.name);
+    let out = bin(&["demo"], Some(url.as_str()), dir.path());
     check_demo_output(&out, dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let own = demo_database(&stdout);
@@ -528,6 +532,42 @@ async fn csv_lines_quotes_and_files_that_are_not_csv() {
         count(&db.pool, "SELECT count(*) FROM report_requests").await,
         0
     );
+
+    // A pipe (it cannot seek back), and UTF-16 with its byte-order mark whatever
+    // --encoding says.
+    let piped = write(
+        dir.path(),
+        "piped.csv",
+        "company_name\n小米科技有限责任公司\n".as_bytes(),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_report-worker"))
+        .args(["enqueue", "--csv", "/dev/stdin"])
+        .env("DATABASE_URL", &db.url)
+        .stdin(std::process::Stdio::from(
+            std::fs::File::open(&piped).unwrap(),
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut utf16 = vec![0xFF, 0xFE];
+    for unit in "company_name\r\n华为技术有限公司\r\n".encode_utf16() {
+        utf16.extend_from_slice(&unit.to_le_bytes());
+    }
+    let path = write(dir.path(), "utf16.csv", &utf16);
+    let (s, rejected) = run_import(&db, &path, &CsvOptions::default()).await;
+    assert_eq!((s.inserted, s.rejected), (1, 0), "{rejected:?}");
+    assert_eq!(
+        names(&db).await,
+        ["小米科技有限责任公司", "华为技术有限公司"]
+    );
+    sqlx::query("DELETE FROM report_requests")
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
     // Bad bytes past the part looked at first: each such line refused, the hint once.
     let mut late = b"company_name\n".to_vec();

@@ -699,3 +699,27 @@ async fn file_name_sanitiser_and_constraints_agree_on_every_code_point() {
     assert_eq!(in_class, table);
     db.close().await;
 }
+
+/// Every function that runs as its owner searches the queue's schema and then pg_temp,
+/// last: no login's temporary or own objects can stand in for the queue's.
+#[tokio::test]
+async fn security_definer_functions_search_pg_temp_last() {
+    let db = TestDb::new().await;
+    let loose: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p
+          WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef
+            AND NOT coalesce(p.proconfig, '{}') @> ARRAY['search_path=public, pg_temp']",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(loose.is_empty(), "{loose:?}");
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace AND prosecdef",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(count >= 5, "{count}");
+    db.close().await;
+}
