@@ -131,21 +131,26 @@ pub fn table(r: &BenchResults) -> String {
     let mut s = format!("report-worker bench — {} — {}\n\n", r.date, r.machine);
     if let Some(b) = &r.burn_down {
         s += &format!(
-            "1. burn-down: {} reports, concurrency {}: {:.2} s, {:.0} reports/s, {:.1} transactions/report, {:.1} upstream calls/report\n",
+            "1. burn-down: {} reports, concurrency {}: {:.2} s, {:.0} reports/s, {:.2} transactions/report, {:.1} upstream calls/report\n   WAL {:.0} bytes/report: {:.0} the document as stored, {:.0} bookkeeping\n",
             b.reports,
             b.concurrency,
             b.seconds,
             b.reports_per_s,
             b.transactions_per_report,
-            b.upstream_calls_per_report
+            b.upstream_calls_per_report,
+            b.wal_bytes_per_report,
+            b.document_bytes_per_report,
+            b.bookkeeping_wal_bytes_per_report
         );
     }
     if let Some(t) = &r.pgbouncer {
         let b = &t.burn_down;
         s += &format!(
-            "1b. through PgBouncer (transaction mode): burn-down {:.0} reports/s, {:.1} transactions/report; pickup p50 {:.1} ms, p99 {:.1} ms listening over LISTEN_DATABASE_URL, p50 {:.1} ms, p99 {:.1} ms polling every {:.0} ms\n",
+            "1b. through PgBouncer (transaction mode): burn-down {:.0} reports/s, {:.2} transactions/report, WAL {:.0} bytes/report ({:.0} bookkeeping); pickup p50 {:.1} ms, p99 {:.1} ms listening over LISTEN_DATABASE_URL, p50 {:.1} ms, p99 {:.1} ms polling every {:.0} ms\n",
             b.reports_per_s,
             b.transactions_per_report,
+            b.wal_bytes_per_report,
+            b.bookkeeping_wal_bytes_per_report,
             t.pickup_listen.p50_ms,
             t.pickup_listen.p99_ms,
             t.pickup_polling.p50_ms,

@@ -207,3 +207,20 @@ pub(super) async fn wait_with_peak_rss(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The server's current WAL position.
+pub(super) async fn wal_lsn(pool: &Db) -> anyhow::Result<String> {
+    Ok(sql::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// WAL bytes the server wrote since `lsn`.
+pub(super) async fn wal_since(pool: &Db, lsn: &str) -> anyhow::Result<f64> {
+    Ok(
+        sql::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+            .bind(lsn)
+            .fetch_one(pool)
+            .await?,
+    )
+}

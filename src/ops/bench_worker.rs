@@ -4,8 +4,9 @@
 
 use super::bench_kit::{
     BenchOptions, Via, client_for, fresh_db, metered, open_rows, pct, peak_rss_kb, transactions,
-    wait_with_peak_rss, worker_process,
+    wait_with_peak_rss, wal_lsn, wal_since, worker_process,
 };
+use crate::queue::sql;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -53,6 +54,13 @@ pub struct BurnDown {
     pub reports_per_s: f64,
     pub transactions_per_report: f64,
     pub upstream_calls_per_report: f64,
+    /// WAL the server wrote during the drain (`pg_current_wal_lsn()` before and after;
+    /// the whole server's, so run it alone), per report.
+    pub wal_bytes_per_report: f64,
+    /// The stored document's bytes as PostgreSQL keeps them, per report.
+    pub document_bytes_per_report: f64,
+    /// WAL per report beyond the document: what the bookkeeping costs.
+    pub bookkeeping_wal_bytes_per_report: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +134,7 @@ pub(super) async fn burn_down(o: &BenchOptions, via: Via<'_>) -> anyhow::Result<
         .await?;
     config.listen = listen;
     let before = transactions(&pool).await?;
+    let wal_before = wal_lsn(&pool).await?;
     let stop = CancellationToken::new();
     let start = Instant::now();
     let handle = tokio::spawn(
@@ -146,14 +155,26 @@ pub(super) async fn burn_down(o: &BenchOptions, via: Via<'_>) -> anyhow::Result<
     let stats = sim.stats();
     sim.stop().await;
     let after = transactions(&pool).await?;
+    let wal = wal_since(&pool, &wal_before).await?;
     let succeeded = fixtures::count_documents_stored(&pool).await?;
     anyhow::ensure!(
         succeeded as usize == o.reports,
         "only {succeeded} of {} reports stored",
         o.reports
     );
+    // The documents as PostgreSQL stores them (compressed where it could): the part of
+    // the WAL that is the product, not bookkeeping.
+    let document_bytes: f64 = sql::query_scalar(
+        "SELECT coalesce(sum(pg_column_size(content)), 0)::float8 FROM report_documents",
+    )
+    .fetch_one(&pool)
+    .await?;
     let calls = stats.calls_to("create") + stats.calls_to("status") + stats.calls_to("download");
+    let per = |x: f64| x / o.reports as f64;
     Ok(BurnDown {
+        wal_bytes_per_report: per(wal),
+        document_bytes_per_report: per(document_bytes),
+        bookkeeping_wal_bytes_per_report: per(wal - document_bytes),
         reports: o.reports,
         concurrency: o.concurrency,
         seconds,
