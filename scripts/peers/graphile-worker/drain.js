@@ -1,6 +1,6 @@
 // graphile-worker draining N no-op jobs: the queue's own overhead, measured on the same
 // machine and PostgreSQL as report-worker's burn-down (scripts/bench-vs-peers.sh runs both
-// in one sitting and prints the ratio). Prints one JSON line.
+// in one sitting and prints the ratios), with the WAL written per job. Prints one JSON line.
 //   DATABASE_URL=postgres://postgres@127.0.0.1:5432/gw_peer N=20000 CONC=32 node drain.js
 const { run, runMigrations } = require("graphile-worker");
 const { Client } = require("pg");
@@ -30,6 +30,8 @@ async function main() {
     [jobs],
   );
 
+  // WAL the server writes while the queue drains (the whole server's: run it alone).
+  const walBefore = (await db.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
   const started = process.hrtime.bigint();
   const runner = await run({
     connectionString: url,
@@ -45,6 +47,10 @@ async function main() {
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+  const wal = (await db.query(
+    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8 AS bytes",
+    [walBefore],
+  )).rows[0].bytes;
   await runner.stop();
   await db.end();
   const version = require("graphile-worker/package.json").version;
@@ -54,6 +60,7 @@ async function main() {
     jobs,
     seconds: Number(seconds.toFixed(3)),
     jobs_per_s: Math.round(jobs / seconds),
+    wal_bytes_per_job: Math.round(wal / jobs),
   }));
 }
 
