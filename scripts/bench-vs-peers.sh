@@ -26,7 +26,7 @@ cargo build --release --quiet
 results="$work/rounds.jsonl"
 for round in $(seq 1 "$ROUNDS"); do
     gw=$(cd "$work" && DATABASE_URL="${DATABASE_URL%/*}/gw_peer" N="$N" CONC=32 node drain.js 2>/dev/null | tail -n 1)
-    rw=$(./target/release/report-worker bench --only burn-down --reports "$N" --concurrency "$CONC" --json 2>/dev/null)
+    rw=$(./target/release/report-worker bench --only burn-down --reports "$N" --concurrency "$CONC" --json 2>/dev/null | tr -d "\n")
     printf '{"round": %s, "gw": %s, "rw": %s}\n' "$round" "$gw" "$rw" >> "$results"
 done
 
