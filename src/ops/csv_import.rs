@@ -290,35 +290,26 @@ impl<R: BufRead> Lines<R> {
                 break;
             }
             any = true;
-            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
-                Some(i) => {
-                    let cr = chunk[i] == b'\r';
-                    if !too_long && self.buf.len() + i <= MAX_LINE {
-                        self.buf.extend_from_slice(&chunk[..i]);
-                    } else {
-                        too_long = true;
-                    }
-                    self.inner.consume(i + 1);
-                    if cr {
-                        // CRLF is one line end.
-                        let next = self.inner.fill_buf()?;
-                        if next.first() == Some(&b'\n') {
-                            self.inner.consume(1);
-                        }
-                    }
-                    break;
-                }
-                None => {
-                    let n = chunk.len();
-                    if !too_long && self.buf.len() + n <= MAX_LINE {
-                        self.buf.extend_from_slice(chunk);
-                    } else {
-                        too_long = true;
-                        self.buf.clear();
-                    }
-                    self.inner.consume(n);
-                }
+            let end = chunk.iter().position(|&b| b == b'\n' || b == b'\r');
+            let take = end.unwrap_or(chunk.len());
+            // Past the cap the line is only skipped to its end, never held.
+            if !too_long && self.buf.len() + take <= MAX_LINE {
+                self.buf.extend_from_slice(&chunk[..take]);
+            } else {
+                too_long = true;
+                self.buf.clear();
             }
+            let Some(i) = end else {
+                self.inner.consume(take);
+                continue;
+            };
+            let cr = chunk[i] == b'\r';
+            self.inner.consume(i + 1);
+            // CRLF is one line end.
+            if cr && self.inner.fill_buf()?.first() == Some(&b'\n') {
+                self.inner.consume(1);
+            }
+            break;
         }
         if !any {
             return Ok(None);

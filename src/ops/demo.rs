@@ -190,15 +190,7 @@ impl OwnDatabase {
         url.set_path(&format!("/{name}"));
         // A database named in the query (`?dbname=`) would win over the path: the demo's
         // pool must reach its own database, never the one DATABASE_URL names.
-        let kept: Vec<(String, String)> = url
-            .query_pairs()
-            .filter(|(k, _)| k != "dbname")
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        url.set_query(None);
-        if !kept.is_empty() {
-            url.query_pairs_mut().extend_pairs(kept);
-        }
+        drop_query_key(&mut url, "dbname");
         let admin = queue::connect_in(admin_url, 1, pool_mode).await?;
         // Straight on the pool: through a transaction pooler `Db` wraps statements in a
         // transaction, which CREATE DATABASE may not run in.
@@ -279,16 +271,21 @@ fn without_password(raw: &str) -> String {
     };
     let _ = u.set_password(None);
     // sqlx also takes the password from the query.
-    let kept: Vec<(String, String)> = u
+    drop_query_key(&mut u, "password");
+    u.to_string()
+}
+
+/// `url` without the query parameter `key` (the others kept, in order).
+fn drop_query_key(url: &mut url::Url, key: &str) {
+    let kept: Vec<(String, String)> = url
         .query_pairs()
-        .filter(|(k, _)| k != "password")
+        .filter(|(k, _)| k != key)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    u.set_query(None);
+    url.set_query(None);
     if !kept.is_empty() {
-        u.query_pairs_mut().extend_pairs(kept);
+        url.query_pairs_mut().extend_pairs(kept);
     }
-    u.to_string()
 }
 
 async fn body(

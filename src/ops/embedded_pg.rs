@@ -62,33 +62,45 @@ pub fn find_bindir() -> Option<PathBuf> {
     versions.pop().map(|(_, bin)| bin)
 }
 
-/// The user `run_as` picks, by name (for the commands a person pastes).
-fn run_as_name() -> Option<String> {
-    let (uid, _) = run_as()?;
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+/// Who runs PostgreSQL when we are root (it refuses to run as root), in this order.
+const RUN_AS: [&str; 2] = ["postgres", "nobody"];
+
+/// The uid and gid of `name` in /etc/passwd.
+fn passwd_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[2] == uid.to_string()).then(|| f[0].to_string())
+        if f.len() > 3 && f[0] == name {
+            Some((f[2].parse().ok()?, f[3].parse().ok()?))
+        } else {
+            None
+        }
     })
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The name of the user `run_as` picks (for the commands a person pastes).
+fn run_as_name() -> Option<&'static str> {
+    if !is_root() {
+        return None;
+    }
+    RUN_AS.into_iter().find(|name| passwd_ids(name).is_some())
 }
 
 /// PostgreSQL refuses to run as root: run it as the `postgres` user (or `nobody`).
 fn run_as() -> Option<(u32, u32)> {
-    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
-    if euid != 0 {
+    if !is_root() {
         return None;
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let lookup = |name: &str| {
-        passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[0] == name).then(|| (f[2].parse().ok(), f[3].parse().ok()))
-        })
-    };
-    match lookup("postgres").or_else(|| lookup("nobody")) {
-        Some((Some(uid), Some(gid))) => Some((uid, gid)),
-        _ => Some((65534, 65534)),
-    }
+    Some(
+        RUN_AS
+            .into_iter()
+            .find_map(passwd_ids)
+            .unwrap_or((65534, 65534)),
+    )
 }
 
 pub struct ThrowawayPostgres {

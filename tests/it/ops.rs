@@ -292,6 +292,14 @@ async fn demo_keep_on_a_throwaway_server_prints_a_start_command_that_works() {
     let _ = std::fs::remove_dir_all(Path::new(&data).parent().unwrap());
 }
 
+/// Empties the queue between the parts of one test.
+async fn clear_requests(db: &TestDb) {
+    sqlx::query("DELETE FROM report_requests")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
@@ -431,10 +439,7 @@ async fn csv_lines_quotes_and_files_that_are_not_csv() {
         assert_eq!((s.inserted, s.rejected), (2, 1), "{file}: {rejected:?}");
         assert_eq!(rejected[0].0, 3, "{file}: {rejected:?}");
     }
-    sqlx::query("DELETE FROM report_requests")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    clear_requests(&db).await;
 
     // No report_type column and no --type: pdf, as --help says.
     let path = write(
@@ -452,10 +457,7 @@ async fn csv_lines_quotes_and_files_that_are_not_csv() {
         .await,
         2
     );
-    sqlx::query("DELETE FROM report_requests")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    clear_requests(&db).await;
 
     // Quoting: an unclosed quote costs its line only; a lone quote inside a quoted
     // value is refused (read leniently it would buy a report for 华为技术"); doubled
@@ -494,10 +496,7 @@ async fn csv_lines_quotes_and_files_that_are_not_csv() {
             "宁德时代新能源科技股份有限公司"
         ]
     );
-    sqlx::query("DELETE FROM report_requests")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    clear_requests(&db).await;
 
     // Files that are not CSV text: one line each, nothing inserted.
     let mut binary = b"company_name\n".to_vec();
@@ -564,10 +563,7 @@ async fn csv_lines_quotes_and_files_that_are_not_csv() {
         names(&db).await,
         ["小米科技有限责任公司", "华为技术有限公司"]
     );
-    sqlx::query("DELETE FROM report_requests")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    clear_requests(&db).await;
 
     // Bad bytes past the part looked at first: each such line refused, the hint once.
     let mut late = b"company_name\n".to_vec();
