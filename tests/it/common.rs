@@ -630,3 +630,34 @@ pub async fn wait_final(pool: &Db, id: i64, deadline: Duration) -> (String, i32,
     })
     .await
 }
+
+/// The first line of `stream` (a child's piped stdout or stderr) that `wanted` accepts,
+/// waiting at most `within`; the rest of the stream is drained in the background so the
+/// child never blocks on a full pipe. Blocking: a test whose runtime must keep serving
+/// (a simulator) runs multi-threaded.
+pub fn first_line(
+    stream: impl std::io::Read + Send + 'static,
+    within: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no such line within {within:?}"));
+        if wanted(&line) {
+            return line;
+        }
+    }
+}

@@ -1055,7 +1055,6 @@ fn compose_file_is_complete_and_consistent() {
 
 #[test]
 fn ctrl_c_during_the_demo_leaves_nothing_running() {
-    use std::io::BufRead;
     if report_worker::ops::embedded_pg::find_bindir().is_none() {
         eprintln!("skipping: no PostgreSQL server binaries on this machine");
         return;
@@ -1071,26 +1070,11 @@ fn ctrl_c_during_the_demo_leaves_nothing_running() {
         .unwrap();
     let pid = child.id();
     // Wait until the throwaway server is up and work is under way.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the demo prints its progress");
-        if line.starts_with("Enqueued") {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-    }
+    first_line(
+        child.stdout.take().unwrap(),
+        std::time::Duration::from_secs(60),
+        |l| l.starts_with("Enqueued"),
+    );
     assert!(
         Command::new("kill")
             .args(["-INT", &pid.to_string()])

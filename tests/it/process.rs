@@ -809,32 +809,6 @@ async fn check_provider_says_what_it_found() {
     sim.stop().await;
 }
 
-/// The first line of the worker's stderr that holds `needle`, waiting at most `within`
-/// (blocking: the test's runtime needs a second thread for what the worker calls).
-fn stderr_line(child: &mut Child, needle: &str, within: Duration) -> String {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line with {needle:?} within {within:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
 /// Nothing listens where the provider should be: within seconds a WARN line says so,
 /// `status` names the account and the error, `/healthz` carries it — not only the rows'
 /// `last_error`.
@@ -855,11 +829,9 @@ async fn an_unreachable_provider_is_a_warning_in_status_and_healthz() {
             ("UPSTREAM_BASE_URL", &format!("http://{dead}")),
         ],
     );
-    let warning = stderr_line(
-        &mut child,
-        "the provider does not answer",
-        Duration::from_secs(15),
-    );
+    let warning = first_line(child.stderr.take().unwrap(), Duration::from_secs(15), |l| {
+        l.contains("the provider does not answer")
+    });
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains(&format!("http://{dead}")), "{warning}");
     let status = wait_for(
@@ -912,7 +884,9 @@ async fn refused_credentials_are_a_warning_with_the_whole_reason() {
     enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
     let secret = "not-the-secret-at-all";
     let mut child = worker_process(&db.url, &sim, &[("UPSTREAM_CLIENT_SECRET", secret)]);
-    let warning = stderr_line(&mut child, "account-wide stop", Duration::from_secs(15));
+    let warning = first_line(child.stderr.take().unwrap(), Duration::from_secs(15), |l| {
+        l.contains("account-wide stop")
+    });
     assert!(warning.contains("WARN"), "{warning}");
     assert!(!warning.contains(secret), "{warning}");
     let status = report_worker::ops::status::status_text(&db.pool)
