@@ -24,7 +24,7 @@ const MAX_BYTES: usize = 32 * 1024 * 1024;
 
 /// Batches in flight at once per kind: while one waits for its commit to reach the
 /// disk, the next can already be sent.
-const IN_FLIGHT_BATCHES: usize = 4;
+const IN_FLIGHT_BATCHES: usize = 2;
 
 /// A write the batcher can carry: which row it is for, how large it is, and what the
 /// row gets back.

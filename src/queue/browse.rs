@@ -74,19 +74,16 @@ const LINE_COLUMNS: &str = "id, company_name, credit_code, org_number, report_ty
      max_attempts, batch, created_at, updated_at, last_error_code, left(last_error, 300) AS last_error";
 
 /// A query over `report_requests` narrowed by `f`: `select` is what comes before the
-/// WHERE clause. An identifier is looked up first, through its GIN index, into an array
+/// WHERE clause. An identifier is looked up first, through its three indexes, into an array
 /// of ids: left to itself, the planner would walk the primary key (newest first) and
 /// filter, reading the whole table for a rare name.
 fn filtered(select: &str, f: &RequestFilter) -> QueryBuilder<Postgres> {
     let mut q = QueryBuilder::new(select);
     q.push(" WHERE true");
     if let Some(ident) = &f.identifier {
-        q.push(
-            " AND id = ANY (ARRAY(SELECT id FROM report_requests \
-             WHERE ARRAY[company_name, credit_code, org_number] @> ARRAY[",
-        )
-        .push_bind(ident.clone())
-        .push("::text]");
+        q.push(" AND id = ANY (ARRAY(SELECT id FROM report_requests WHERE ")
+            .push_bind(ident.clone())
+            .push("::text IN (company_name, credit_code, org_number)");
         if let Ok(id) = ident.parse::<i64>() {
             q.push(" OR id = ").push_bind(id);
         }

@@ -1,5 +1,6 @@
 //! Claiming due rows under a lease, keeping leases alive, giving rows back.
 
+use super::NO_FLUSH_WAIT;
 use super::sql;
 use std::time::Duration;
 
@@ -103,7 +104,7 @@ pub async fn claim_for(
     if limit <= 0 || kinds == ClaimKinds::NONE {
         return Ok(Vec::new());
     }
-    sql::query_as(
+    sql::query_as(sqlx::AssertSqlSafe(format!(
         "WITH polls AS (
              SELECT id FROM report_requests
               WHERE $4 AND state = 'generating' AND next_poll_at <= now()
@@ -117,12 +118,13 @@ pub async fn claim_for(
                 AND (lease_expires_at IS NULL OR lease_expires_at < now())
               ORDER BY priority, run_after, id
               LIMIT greatest(0, $3 - (SELECT count(*) FROM polls)) FOR UPDATE SKIP LOCKED),
-         due AS (SELECT id FROM polls UNION ALL SELECT id FROM creates)
+         due AS (SELECT id FROM polls UNION ALL SELECT id FROM creates),
+         {NO_FLUSH_WAIT}
          UPDATE report_requests r
             SET lease_owner = $1,
                 lease_expires_at = now() + $2 * interval '1 second',
                 lease_token = r.lease_token + 1
-           FROM due
+           FROM due, no_flush_wait
           WHERE r.id = due.id
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
@@ -130,7 +132,7 @@ pub async fn claim_for(
                    r.bad_downloads, r.batch, r.created_at,
                    extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, r.account,
                    now() AS db_now",
-    )
+    )))
     .bind(owner)
     .bind(secs(lease))
     .bind(limit)
@@ -174,13 +176,14 @@ pub async fn heartbeat<'e>(
     lease: Duration,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    sql::query_scalar(
-        "UPDATE report_requests r
+    sql::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH {NO_FLUSH_WAIT}
+         UPDATE report_requests r
             SET lease_expires_at = greatest(r.lease_expires_at, now() + $4 * interval '1 second')
-           FROM unnest($2::bigint[], $3::bigint[]) AS h (id, token)
+           FROM unnest($2::bigint[], $3::bigint[]) AS h (id, token), no_flush_wait
           WHERE r.id = h.id AND r.lease_token = h.token AND r.lease_owner = $1
          RETURNING r.id",
-    )
+    )))
     .bind(owner)
     .bind(ids)
     .bind(tokens)
@@ -192,11 +195,12 @@ pub async fn heartbeat<'e>(
 /// Gives rows back at once (shutdown): another worker may claim them immediately.
 pub async fn release(pool: &Db, held: &[(i64, i64)]) -> Result<u64, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
-    let r = sql::query(
-        "UPDATE report_requests r SET lease_owner = NULL, lease_expires_at = NULL
-           FROM unnest($1::bigint[], $2::bigint[]) AS h (id, token)
+    let r = sql::query(sqlx::AssertSqlSafe(format!(
+        "WITH {NO_FLUSH_WAIT}
+         UPDATE report_requests r SET lease_owner = NULL, lease_expires_at = NULL
+           FROM unnest($1::bigint[], $2::bigint[]) AS h (id, token), no_flush_wait
           WHERE r.id = h.id AND r.lease_token = h.token",
-    )
+    )))
     .bind(ids)
     .bind(tokens)
     .execute(pool)

@@ -2,6 +2,7 @@
 //! `lease_token` the row was claimed with: a worker whose lease expired (or whose row
 //! was cancelled) changes nothing.
 
+use super::NO_FLUSH_WAIT;
 use super::sql;
 use std::time::Duration;
 
@@ -141,18 +142,21 @@ pub struct Snoozed {
     pub queued: Option<i32>,
 }
 
-/// `snooze_poll` for many rows in one statement; returns the ids still held.
+/// `snooze_poll` for many rows in one statement; returns the ids still held. The next
+/// poll time is a write whose loss in a crash costs one early poll: see `NO_FLUSH_WAIT`.
 pub async fn snooze_batch(pool: &Db, items: &[Snoozed]) -> Result<Vec<i64>, sqlx::Error> {
-    sql::query_scalar(
-        "UPDATE report_requests r
+    sql::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH {NO_FLUSH_WAIT}
+         UPDATE report_requests r
             SET next_poll_at = b.next_poll_at, polls = r.polls + 1, transient_errors = 0, transient_since = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now(), last_polled_at = now(),
                 last_waiting_at = CASE WHEN b.queued IS NULL THEN r.last_waiting_at ELSE now() END,
                 last_queue_num = coalesce(b.queued, r.last_queue_num)
-           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::int[]) AS b (id, token, next_poll_at, queued)
+           FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::int[]) AS b (id, token, next_poll_at, queued),
+                no_flush_wait
           WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
          RETURNING r.id",
-    )
+    )))
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.token).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.next_poll_at).collect::<Vec<_>>())

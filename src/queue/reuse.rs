@@ -45,7 +45,7 @@ pub async fn find_reusable(
            FROM me
            JOIN report_requests r ON r.id = ANY (ARRAY(
                     SELECT c.id FROM report_requests c
-                     WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
+                     WHERE coalesce(me.code, me.org, me.name) IN (c.company_name, c.credit_code, c.org_number)))
            JOIN report_documents d ON d.request_id = r.id
           WHERE me.within > interval '0' AND r.id <> me.id
             AND r.state = 'succeeded' AND r.report_type = $2
@@ -84,11 +84,11 @@ const SAME_COMPANY: &str = "
          WHERE c.name IS NOT NULL AND report_identity_company(i.kind, i.value) = c.name)";
 
 /// Joins `r`: the rows that name the company one way, by an identifier `s` of `same`
-/// (found through the identifier GIN index).
+/// (found through the three identifier indexes).
 const ROWS_OF_SAME: &str = "
     JOIN report_requests r ON r.id = ANY (ARRAY(
              SELECT c.id FROM report_requests c
-              WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[s.value]))
+              WHERE s.value IN (c.company_name, c.credit_code, c.org_number)))
      AND num_nonnulls(nullif(r.company_name, ''), nullif(r.credit_code, ''), nullif(r.org_number, '')) = 1
      AND CASE s.kind WHEN 'company_name' THEN r.company_name = s.value
                      WHEN 'credit_code' THEN r.credit_code = s.value
@@ -279,7 +279,7 @@ pub async fn coalescing_leader(
                FROM me
                JOIN report_requests r ON r.id = ANY (ARRAY(
                         SELECT c.id FROM report_requests c
-                         WHERE ARRAY[c.company_name, c.credit_code, c.org_number] @> ARRAY[coalesce(me.code, me.org, me.name)]))
+                         WHERE coalesce(me.code, me.org, me.name) IN (c.company_name, c.credit_code, c.org_number)))
               WHERE {SAME_IDENTIFIERS}
              UNION ALL
              SELECT r.*

@@ -746,3 +746,42 @@ async fn a_retry_takes_the_rows_unadopted_task_however_old() {
     assert!(adopted);
     db.close().await;
 }
+
+/// Claims, lease extensions, releases and poll times commit without waiting for the WAL
+/// flush, for their own transaction only: the setting is off inside such a statement and
+/// back to the server's on the same connection right after (so nothing leaks to the next
+/// statement, nor through PgBouncer to another client). A claim really runs that way: the
+/// row is claimed and the next statement on the connection waits for its flush again.
+#[tokio::test]
+async fn writes_that_may_be_lost_do_not_wait_for_the_flush_and_nothing_leaks() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let inside: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH {} SELECT current_setting('synchronous_commit') FROM no_flush_wait",
+        queue::NO_FLUSH_WAIT
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(inside, "off");
+    let after: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(after, "on", "the setting must not outlive its statement");
+    drop(conn);
+
+    let id = enqueue(&db.pool, Some("华为"), None, None, "pdf").await;
+    // One connection, so the claim and the look after it share a session.
+    let one = queue::connect(&db.url, 1).await.unwrap();
+    let claimed = queue::claim(&one, "a", Duration::from_secs(30), 1, ClaimKinds::ALL)
+        .await
+        .unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![id]);
+    let after: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&*one)
+        .await
+        .unwrap();
+    assert_eq!(after, "on");
+    one.close().await;
+}
