@@ -181,7 +181,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub db: DbArgs,
     /// Scenarios to run (default all): burn-down, pickup, bulk-enqueue, economy, qps,
-    /// inflight, idle, stats, purge, rss, hot, dashboard, pgbouncer (with --pooler).
+    /// inflight, idle, stats, purge, rss, hot, dashboard, pgbouncer (with --pooler);
+    /// learned-live (real time, ~15 min) only when named.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Reports in the burn-down.

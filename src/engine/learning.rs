@@ -1,7 +1,8 @@
 //! Learned polling in the engine: each process keeps, per report type, the schedule
 //! computed from the most recent observed generation times (`schedule`), refreshed from
-//! the database once a minute, so every process follows the same history. Without
-//! enough history, or for windows under two minutes (tests, the demo), the fixed
+//! the database once a minute, so every process follows the same history. A type with
+//! too little history of its own learns from every type's (see `history`). Without
+//! enough history at all, or for windows under two minutes (tests, the demo), the fixed
 //! `PollPolicy` decides.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use super::policy::{PollPolicy, Progress};
-use super::schedule::{HISTORY, Observation, Schedule, Waiting};
+use super::schedule::{HISTORY, MIN_HISTORY, Observation, Schedule, Waiting};
 use crate::domain::ReportType;
 use crate::queue;
 
@@ -64,19 +65,8 @@ impl Learning {
         {
             return schedule;
         }
-        let schedule = match queue::recent_generation_times(pool, kind, HISTORY as i64).await {
-            Ok(rows) => {
-                let history: Vec<Observation> = rows
-                    .into_iter()
-                    .map(|(lower, upper, waiting_secs, queue_num)| Observation {
-                        lower: lower as f64,
-                        upper: upper as f64,
-                        waiting: waiting_secs.map(|at| Waiting {
-                            at: at as f64,
-                            queue_num: queue_num.unwrap_or(0).into(),
-                        }),
-                    })
-                    .collect();
+        let schedule = match history(pool, kind).await {
+            Ok(history) => {
                 Schedule::learn(&history, self.policy.window, target, self.policy.poll_max)
                     .map(Arc::new)
             }
@@ -126,4 +116,27 @@ impl Learning {
             None => self.policy.next_poll_past_window(created, now, unit),
         }
     }
+}
+
+/// The observations the schedule of `kind` is computed from: its own most recent ones
+/// or, while it has fewer than `MIN_HISTORY`, the most recent of every type together. A
+/// report type new to the account starts from the account's other reports (the same
+/// provider, queue and machines make them) instead of the fixed schedule, and goes by
+/// its own as soon as it has enough.
+pub async fn history(pool: &Db, kind: ReportType) -> Result<Vec<Observation>, sqlx::Error> {
+    let mut rows = queue::recent_generation_times(pool, kind, HISTORY as i64).await?;
+    if rows.len() < MIN_HISTORY {
+        rows = queue::recent_generation_times_of_every_type(pool, HISTORY as i64).await?;
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(lower, upper, waiting_secs, queue_num)| Observation {
+            lower: lower as f64,
+            upper: upper as f64,
+            waiting: waiting_secs.map(|at| Waiting {
+                at: at as f64,
+                queue_num: queue_num.unwrap_or(0).into(),
+            }),
+        })
+        .collect())
 }

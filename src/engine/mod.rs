@@ -20,6 +20,7 @@ mod account;
 mod background;
 mod create;
 mod learning;
+pub use learning::history as learning_history;
 mod leases;
 pub mod metrics;
 pub mod policy;

@@ -16,6 +16,8 @@ pub use super::bench_economy::Economy;
 use super::bench_economy::economy;
 pub use super::bench_kit::BenchOptions;
 use super::bench_kit::{Via, machine};
+pub use super::bench_live::LearnedLive;
+use super::bench_live::learned_live;
 pub use super::bench_worker::{
     BulkEnqueue, BurnDown, DocumentRss, Idle, InFlight, Pickup, QpsUse, ThroughPooler,
 };
@@ -29,6 +31,7 @@ pub struct BenchResults {
     pub pickup: Option<Pickup>,
     pub bulk_enqueue: Option<BulkEnqueue>,
     pub economy: Option<Vec<Economy>>,
+    pub learned_live: Option<Vec<LearnedLive>>,
     pub qps_use: Option<QpsUse>,
     pub inflight: Option<InFlight>,
     pub idle: Option<Idle>,
@@ -70,6 +73,10 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     }
     if wants(o, "economy") {
         r.economy = Some(economy(20_000));
+    }
+    // Named only: a quarter of an hour of real time.
+    if o.only.iter().any(|n| n == "learned-live") {
+        r.learned_live = Some(learned_live(o).await.context("learned polling, live")?);
     }
     if wants(o, "qps") {
         r.qps_use = Some(qps_use(o).await.context("qps use")?);
@@ -177,6 +184,23 @@ pub fn table(r: &BenchResults) -> String {
             s += &format!(
                 "   {:<55} {:>5.1} calls/report, detection p50 {:>5.1} s, p95 {:>5.1} s\n",
                 p.policy, p.calls_per_report, p.detection_p50_s, p.detection_p95_s
+            );
+        }
+    }
+    if let Some(runs) = &r.learned_live {
+        s += "4b. learned polling, live (real engine and time, log-normal median 3 min, σ 0.35; 100 PDF reports at once):\n";
+        for l in runs {
+            s += &format!(
+                "   after {} ({} observations learned from): {:.2} calls/report, detection p50 {:.1} s, p95 {:.1} s, {:.0} s in all; model on the same tasks: {:.2} calls/report, p50 {:.1} s, p95 {:.1} s\n",
+                l.history,
+                l.learned_from,
+                l.calls_per_report,
+                l.detection_p50_s,
+                l.detection_p95_s,
+                l.seconds,
+                l.model_calls_per_report,
+                l.model_detection_p50_s,
+                l.model_detection_p95_s
             );
         }
     }

@@ -172,6 +172,46 @@ pub(super) fn fixed_policy_run(
         .collect()
 }
 
+/// One task of generation time `g` (seconds) polled by schedule `s`, the provider
+/// answering as the simulator does: queued for the first 30 % of the task, `ahead` jobs
+/// ahead at first, counting down; with `queue`, the schedule uses those `queue_num`
+/// answers. Returns the calls (create included), when the poll that found it ready was
+/// made, the last "not ready" poll before it, and the last "queued" answer.
+pub(super) fn on_schedule(
+    s: &crate::engine::schedule::Schedule,
+    g: f64,
+    ahead: i64,
+    queue: bool,
+) -> (u32, f64, f64, Option<crate::engine::schedule::Waiting>) {
+    use crate::engine::schedule::Waiting;
+    let queued_at =
+        |t: f64| (t < 0.3 * g).then(|| (ahead as f64 * (1.0 - t / (0.3 * g))).ceil() as i64);
+    let (mut t, mut last, mut calls, mut waiting) = (s.first(), 0.0, 2, None);
+    while t < g {
+        let queued = queued_at(t);
+        if let Some(q) = queued {
+            waiting = Some(Waiting {
+                at: t,
+                queue_num: q,
+            });
+        }
+        let next = if queue {
+            s.next_after_answer(t, queued)
+        } else {
+            s.next_after(t)
+        };
+        match next {
+            Some(next) => {
+                last = t;
+                t = next;
+                calls += 1;
+            }
+            None => break,
+        }
+    }
+    (calls, t, last, waiting)
+}
+
 /// (calls, detection delay) of each report under learned polling, learning as it goes.
 /// The provider is modelled as the simulator is: queued for the first 30 % of a task,
 /// with 0–5 jobs ahead at first, counting down; with `queue`, the schedule uses those
@@ -183,7 +223,7 @@ pub(super) fn learned_run(
     queue: bool,
     unit: &mut impl FnMut() -> f64,
 ) -> Vec<(u32, f64)> {
-    use crate::engine::schedule::{HISTORY, Observation, Schedule, Waiting};
+    use crate::engine::schedule::{HISTORY, Observation, Schedule};
     let mut history: std::collections::VecDeque<Observation> = Default::default();
     let mut schedule: Option<Schedule> = None;
     let mut out = Vec::with_capacity(gens.len());
@@ -193,36 +233,9 @@ pub(super) fn learned_run(
             let recent: Vec<Observation> = history.iter().copied().collect();
             schedule = Schedule::learn(&recent, policy.window, target, policy.poll_max);
         }
-        let first_ahead = (ahead.unit() * 6.0).floor();
-        let queued_at =
-            |t: f64| (t < 0.3 * g).then(|| (first_ahead * (1.0 - t / (0.3 * g))).ceil() as i64);
+        let first_ahead = (ahead.unit() * 6.0).floor() as i64;
         let (calls, ready_at, last_not_ready, waiting) = match &schedule {
-            Some(s) => {
-                let (mut t, mut last, mut calls, mut waiting) = (s.first(), 0.0, 2, None);
-                while t < g {
-                    let queued = queued_at(t);
-                    if let Some(q) = queued {
-                        waiting = Some(Waiting {
-                            at: t,
-                            queue_num: q,
-                        });
-                    }
-                    let next = if queue {
-                        s.next_after_answer(t, queued)
-                    } else {
-                        s.next_after(t)
-                    };
-                    match next {
-                        Some(next) => {
-                            last = t;
-                            t = next;
-                            calls += 1;
-                        }
-                        None => break,
-                    }
-                }
-                (calls, t, last, waiting)
-            }
+            Some(s) => on_schedule(s, g, first_ahead, queue),
             None => {
                 let (calls, delay) = fixed_policy_run(policy, &[g], unit)[0];
                 // The fixed grid's previous poll is unknown here: at least 25 s back.

@@ -5,6 +5,7 @@ pub mod bench;
 mod bench_database;
 mod bench_economy;
 mod bench_kit;
+mod bench_live;
 mod bench_worker;
 pub mod csv_import;
 pub mod demo;

@@ -27,6 +27,20 @@ pub async fn recent_generation_times(
     .await
 }
 
+/// The most recent `limit` observations of every report type together.
+pub async fn recent_generation_times_of_every_type(
+    pool: &Db,
+    limit: i64,
+) -> Result<Vec<GenerationTime>, sqlx::Error> {
+    sql::query_as(
+        "SELECT lower_secs, upper_secs, waiting_secs, queue_num FROM report_generation_times
+          ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// Keeps the `keep` most recent observations of `kind`, removing older ones.
 pub async fn forget_old_generation_times(
     pool: &Db,

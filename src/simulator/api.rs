@@ -205,12 +205,11 @@ pub(super) async fn create(
         let step = inner.rng.random_range(1..4096u64);
         inner.next_job_id += step;
         let id = inner.next_job_id;
-        let (lo, hi) = s.config.generation_time;
-        let generation = if hi > lo {
-            inner.rng.random_range(lo..=hi)
-        } else {
-            lo
-        };
+        let u: f64 = inner.rng.random();
+        // Box–Muller: a standard normal draw from two uniform ones.
+        let (u1, u2): (f64, f64) = (inner.rng.random(), inner.rng.random());
+        let z = (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let generation = s.config.generation_for(u, z);
         let fails = s.config.failure_rate > 0.0
             && inner.rng.random_bool(s.config.failure_rate.clamp(0.0, 1.0));
         let initial_queue = inner.rng.random_range(0..6);
@@ -226,6 +225,8 @@ pub(super) async fn create(
                 report_type: report_type.as_str().to_string(),
                 company: company.clone(),
                 created_ms: Utc::now().timestamp_millis(),
+                ready_ms: Utc::now().timestamp_millis() + generation.as_millis() as i64,
+                initial_queue,
             },
         );
         inner.jobs.insert(

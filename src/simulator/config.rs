@@ -32,9 +32,18 @@ pub struct SimConfig {
     /// How long a create call takes to answer, MIN..MAX (the provider: 5 s normal, 10 s max).
     #[arg(long, default_value = "1s..5s", value_parser = parse_duration_range)]
     pub create_latency: (Duration, Duration),
-    /// How long a report takes to generate, MIN..MAX.
+    /// How long a report takes to generate, MIN..MAX (spread evenly, unless
+    /// `--generation-sigma` is given).
     #[arg(long, default_value = "1m..10m", value_parser = parse_duration_range)]
     pub generation_time: (Duration, Duration),
+    /// Generation times log-normal instead, with this σ of their logarithm, the median at
+    /// `--generation-median` (default: the geometric middle of `--generation-time`), cut
+    /// to `--generation-time`'s range.
+    #[arg(long)]
+    pub generation_sigma: Option<f64>,
+    /// The median generation time of the log-normal spread (with `--generation-sigma`).
+    #[arg(long, value_parser = parse_duration)]
+    pub generation_median: Option<Duration>,
     /// Share of tasks that end in job_status 3.
     #[arg(long, default_value_t = 0.02)]
     pub failure_rate: f64,
@@ -105,6 +114,27 @@ fn parse_sim_account(s: &str) -> Result<SimAccount, String> {
 }
 
 impl SimConfig {
+    /// A task's generation time for a uniform draw `u` in [0, 1) and a standard normal
+    /// draw `z`: spread evenly over `generation_time`, or log-normal (see
+    /// `generation_sigma`), cut to that range.
+    pub(super) fn generation_for(&self, u: f64, z: f64) -> Duration {
+        let (lo, hi) = self.generation_time;
+        if hi <= lo {
+            return lo;
+        }
+        let secs = match self.generation_sigma {
+            Some(sigma) => {
+                let median = self
+                    .generation_median
+                    .map(|m| m.as_secs_f64())
+                    .unwrap_or_else(|| (lo.as_secs_f64().max(1e-3) * hi.as_secs_f64()).sqrt());
+                median * (sigma * z).exp()
+            }
+            None => lo.as_secs_f64() + u * (hi - lo).as_secs_f64(),
+        };
+        Duration::from_secs_f64(secs.clamp(lo.as_secs_f64(), hi.as_secs_f64()))
+    }
+
     /// The QPS limit of `client` (the main account's, or one of `accounts`).
     pub(super) fn qps_of(&self, client: &str) -> Option<u32> {
         if client == self.client_id {
@@ -146,6 +176,8 @@ impl Default for SimConfig {
             token_shape: "documented".into(),
             create_latency: (Duration::from_secs(1), Duration::from_secs(5)),
             generation_time: (Duration::from_secs(60), Duration::from_secs(600)),
+            generation_sigma: None,
+            generation_median: None,
             failure_rate: 0.02,
             qps: None,
             daily_limit: None,
@@ -298,6 +330,12 @@ pub struct SimTask {
     pub company: String,
     /// Milliseconds since the Unix epoch.
     pub created_ms: i64,
+    /// When its report is (or was) ready, unless it fails: milliseconds since the Unix
+    /// epoch (the ground truth of detection delays).
+    pub ready_ms: i64,
+    /// The jobs ahead of it when it was made (counting down while it is queued: the
+    /// first 30 % of its generation time).
+    pub initial_queue: i64,
 }
 
 /// One account's counters.

@@ -69,57 +69,97 @@ async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     db.close().await;
 }
 
-#[tokio::test]
-async fn with_enough_history_the_first_poll_follows_the_learned_schedule() {
-    let db = TestDb::new().await;
-    // Sixty PDF tasks that took about three minutes; no Word history.
-    sqlx::query(
-        "INSERT INTO report_generation_times (report_type, lower_secs, upper_secs)
-         SELECT 'pdf', 170 + (i % 7), 180 + (i % 7) FROM generate_series(1, 60) i",
+/// The first poll of a task, once generating, in seconds after its create.
+async fn first_poll_of(pool: &report_worker::queue::Db, id: i64) -> Option<f64> {
+    sqlx::query_scalar::<_, Option<f64>>(
+        "SELECT extract(epoch FROM next_poll_at - upstream_created_at)::float8
+           FROM report_requests WHERE id = $1 AND state = 'generating'",
     )
-    .execute(&db.pool)
+    .bind(id)
+    .fetch_optional(pool)
     .await
-    .unwrap();
+    .unwrap()
+    .flatten()
+}
+
+/// First polls of one PDF and one Word task after `history` (SQL inserting observed
+/// generation times), with learned polling at 15 s.
+async fn first_polls_after(history: &str) -> (f64, f64) {
+    let db = TestDb::new().await;
+    sqlx::query(sqlx::AssertSqlSafe(history.to_string()))
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let sim = start_sim(SimConfig {
         generation_time: (Duration::from_secs(300), Duration::from_secs(300)),
         ..SimConfig::instant()
     })
     .await;
     let pdf = enqueue(&db.pool, Some("学到的"), None, None, "pdf").await;
-    let word = enqueue(&db.pool, Some("没学到的"), None, None, "word").await;
+    let word = enqueue(&db.pool, Some("另一种"), None, None, "word").await;
     let mut config = fast_worker_config(&sim.config().client_id);
     config.poll.window = Duration::from_secs(600);
     config.poll.first_poll = Duration::from_secs(60);
     config.detection_target = Some(Duration::from_secs(15));
     let w = spawn_worker(&db.url, client_config(&sim), config).await;
-    let first_poll = |id: i64| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, Option<f64>>(
-                "SELECT extract(epoch FROM next_poll_at - upstream_created_at)::float8
-                   FROM report_requests WHERE id = $1 AND state = 'generating'",
-            )
-            .bind(id)
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .flatten()
-        }
-    };
-    let learned = wait_for("the PDF task", Duration::from_secs(20), || first_poll(pdf)).await;
-    let fixed = wait_for("the Word task", Duration::from_secs(20), || {
-        first_poll(word)
+    let pdf = wait_for("the PDF task", Duration::from_secs(20), || {
+        first_poll_of(&db.pool, pdf)
+    })
+    .await;
+    let word = wait_for("the Word task", Duration::from_secs(20), || {
+        first_poll_of(&db.pool, word)
     })
     .await;
     w.stop().await;
-    // Nothing was seen ready before 180 s: the first poll comes just before, not at 60 s.
-    assert!(
-        (150.0..=180.0).contains(&learned),
-        "learned first poll at {learned} s"
-    );
-    assert!((fixed - 60.0).abs() < 1.0, "fixed first poll at {fixed} s");
     sim.stop().await;
     db.close().await;
+    (pdf, word)
+}
+
+#[tokio::test]
+async fn with_enough_history_the_first_poll_follows_the_learned_schedule() {
+    // Sixty PDF tasks that took about three minutes; no Word history at all.
+    let (pdf, word) = first_polls_after(
+        "INSERT INTO report_generation_times (report_type, lower_secs, upper_secs)
+         SELECT 'pdf', 170 + (i % 7), 180 + (i % 7) FROM generate_series(1, 60) i",
+    )
+    .await;
+    // Nothing was seen ready before 180 s: the first poll comes just before, not at 60 s.
+    assert!(
+        (150.0..=180.0).contains(&pdf),
+        "learned first poll at {pdf} s"
+    );
+    // A type with too little history of its own starts from every type's together.
+    assert!(
+        (150.0..=180.0).contains(&word),
+        "Word, learned from the PDF history: first poll at {word} s"
+    );
+    // Too little history of any type: the fixed schedule.
+    let (pdf, word) = first_polls_after(
+        "INSERT INTO report_generation_times (report_type, lower_secs, upper_secs)
+         SELECT CASE WHEN i % 2 = 0 THEN 'pdf' ELSE 'word' END, 170, 180 FROM generate_series(1, 40) i",
+    )
+    .await;
+    assert!((pdf - 60.0).abs() < 1.0, "fixed first poll at {pdf} s");
+    assert!((word - 60.0).abs() < 1.0, "fixed first poll at {word} s");
+}
+
+#[tokio::test]
+async fn a_type_with_enough_history_of_its_own_goes_by_it() {
+    // Sixty PDF tasks of about three minutes, sixty Word tasks of about five.
+    let (pdf, word) = first_polls_after(
+        "INSERT INTO report_generation_times (report_type, lower_secs, upper_secs)
+         SELECT CASE WHEN i <= 60 THEN 'pdf' ELSE 'word' END,
+                CASE WHEN i <= 60 THEN 170 ELSE 290 END + (i % 7),
+                CASE WHEN i <= 60 THEN 180 ELSE 300 END + (i % 7)
+           FROM generate_series(1, 120) i",
+    )
+    .await;
+    assert!((150.0..=180.0).contains(&pdf), "PDF first poll at {pdf} s");
+    assert!(
+        (270.0..=300.0).contains(&word),
+        "Word first poll at {word} s"
+    );
 }
 
 #[tokio::test]
