@@ -37,23 +37,35 @@ impl LeaseFlag {
 }
 
 impl Leases {
-    /// Records a claimed row; the row stays held until the guard is dropped.
-    pub(super) fn hold(self: &Arc<Self>, id: i64, token: i64) -> (Held, LeaseFlag) {
+    /// Records a claimed row; the row stays held until the guard is dropped. `None` when
+    /// this process already works the row under the same lease token: a claim whose
+    /// commit the database lost (a failover to a standby that did not have it) handed the
+    /// token out again, and a second task would share the first one's lease — its create
+    /// intent included, so both would send a create for one attempt. The row is left to
+    /// the task that holds it. (A row held under an older token was claimed again after
+    /// its lease ran out: the new claim wins, the old task's fenced writes fail.)
+    pub(super) fn hold(self: &Arc<Self>, id: i64, token: i64) -> Option<(Held, LeaseFlag)> {
         let lost = Arc::new(AtomicBool::new(false));
-        self.lock().insert(
-            id,
-            Entry {
-                token,
-                lost: lost.clone(),
-            },
-        );
+        {
+            let mut held = self.lock();
+            if held.get(&id).is_some_and(|e| e.token == token) {
+                return None;
+            }
+            held.insert(
+                id,
+                Entry {
+                    token,
+                    lost: lost.clone(),
+                },
+            );
+        }
         let held = Held {
             leases: self.clone(),
             id,
             token,
             finished: false,
         };
-        (held, LeaseFlag(lost))
+        Some((held, LeaseFlag(lost)))
     }
 
     pub(super) fn len(&self) -> usize {
@@ -145,8 +157,8 @@ mod tests {
     #[test]
     fn finished_rows_leave_unfinished_ones_are_handed_back() {
         let leases = Arc::new(Leases::default());
-        let (a, _) = leases.hold(1, 10);
-        let (b, _) = leases.hold(2, 20);
+        let (a, _) = leases.hold(1, 10).unwrap();
+        let (b, _) = leases.hold(2, 20).unwrap();
         a.finish();
         drop(b);
         assert!(leases.snapshot().is_empty());
@@ -157,7 +169,7 @@ mod tests {
     #[test]
     fn a_panicking_task_hands_its_row_back() {
         let leases = Arc::new(Leases::default());
-        let held = leases.hold(7, 70);
+        let held = leases.hold(7, 70).unwrap();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let _held = held;
             panic!("a bug in a row task");
@@ -169,13 +181,35 @@ mod tests {
     #[test]
     fn rows_the_heartbeat_could_not_extend_are_flagged() {
         let leases = Arc::new(Leases::default());
-        let (_a, flag_a) = leases.hold(1, 10);
-        let (_b, flag_b) = leases.hold(2, 20);
+        let (_a, flag_a) = leases.hold(1, 10).unwrap();
+        let (_b, flag_b) = leases.hold(2, 20).unwrap();
         let asked = leases.snapshot();
         assert_eq!(leases.mark_lost_unless(&asked, &[1]), 1);
         assert!(!flag_a.is_lost());
         assert!(flag_b.is_lost());
         leases.mark_all_lost(&asked);
         assert!(flag_a.is_lost());
+    }
+
+    #[test]
+    fn a_lease_token_handed_out_twice_is_worked_once() {
+        let leases = Arc::new(Leases::default());
+        let (first, _) = leases.hold(3, 30).unwrap();
+        assert!(
+            leases.hold(3, 30).is_none(),
+            "the same row under the same token: the first task keeps it"
+        );
+        assert_eq!(leases.snapshot(), vec![(3, 30)]);
+        // Claimed again after its lease ran out: a new token, the new claim holds it.
+        let (second, _) = leases.hold(3, 31).unwrap();
+        drop(first);
+        assert_eq!(
+            leases.snapshot(),
+            vec![(3, 31)],
+            "the old guard leaves the new claim alone"
+        );
+        second.finish();
+        assert!(leases.snapshot().is_empty());
+        assert!(leases.take_stray().is_empty());
     }
 }

@@ -340,7 +340,14 @@ impl Worker {
                     .acquire_owned()
                     .await
                     .expect("semaphore is never closed");
-                let (held, lease) = shared.leases.hold(row.id, row.lease_token);
+                let Some((held, lease)) = shared.leases.hold(row.id, row.lease_token) else {
+                    tracing::warn!(
+                        id = row.id,
+                        token = row.lease_token,
+                        "claimed a row this process already works under the same lease token (the database lost a claim's commit): left to the task that holds it"
+                    );
+                    continue;
+                };
                 let span = tracing::info_span!(
                     "row",
                     id = row.id,

@@ -104,7 +104,10 @@ pub async fn claim_for(
     if limit <= 0 || kinds == ClaimKinds::NONE {
         return Ok(Vec::new());
     }
-    sql::query_as(sqlx::AssertSqlSafe(format!(
+    // The claim waits for the flush (unlike the lease writes below): a claim lost with
+    // the database would hand out its lease token again, and a holder that outlived the
+    // loss would share it with the next claimer.
+    sql::query_as(
         "WITH polls AS (
              SELECT id FROM report_requests
               WHERE $4 AND state = 'generating' AND next_poll_at <= now()
@@ -118,13 +121,12 @@ pub async fn claim_for(
                 AND (lease_expires_at IS NULL OR lease_expires_at < now())
               ORDER BY priority, run_after, id
               LIMIT greatest(0, $3 - (SELECT count(*) FROM polls)) FOR UPDATE SKIP LOCKED),
-         due AS (SELECT id FROM polls UNION ALL SELECT id FROM creates),
-         {NO_FLUSH_WAIT}
+         due AS (SELECT id FROM polls UNION ALL SELECT id FROM creates)
          UPDATE report_requests r
             SET lease_owner = $1,
                 lease_expires_at = now() + $2 * interval '1 second',
                 lease_token = r.lease_token + 1
-           FROM due, no_flush_wait
+           FROM due
           WHERE r.id = due.id
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
                    r.report_type, r.attempts, r.max_attempts, r.upstream_job_id,
@@ -132,7 +134,7 @@ pub async fn claim_for(
                    r.bad_downloads, r.batch, r.created_at,
                    extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, r.account,
                    now() AS db_now",
-    )))
+    )
     .bind(owner)
     .bind(secs(lease))
     .bind(limit)

@@ -66,14 +66,15 @@ pub use stats::*;
 pub use webhooks::*;
 
 /// A CTE for a write whose loss in a crash of the database server is the same as never
-/// having made it — a claim, a lease extended or given back, a poll's next time — so its
-/// commit need not wait for the WAL to reach the disk: `synchronous_commit = off` for
+/// having made it — a lease extended or given back, a poll's next time — so its commit
+/// need not wait for the WAL to reach the disk: `synchronous_commit = off` for
 /// that statement's own transaction only (a transaction-local setting, so nothing leaks
 /// to another statement or, through PgBouncer, to another client). Its use must be
 /// joined in (`FROM …, no_flush_wait`): a CTE nothing reads is never run. The WAL is
-/// written in order, so the next write that does wait (a create intent, a job id, a
-/// stored document) makes every earlier one durable with it: nothing paid for, nor any
-/// step towards it, ever rests on a commit that was not flushed.
+/// written in order, so the next write that does wait (a claim, a create intent, a job
+/// id, a stored document) makes every earlier one durable with it: nothing paid for, nor
+/// any step towards it, ever rests on a commit that was not flushed. Not for anything
+/// that moves `lease_token`: a token lost with the database would be handed out again.
 pub const NO_FLUSH_WAIT: &str =
     "no_flush_wait AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))";
 

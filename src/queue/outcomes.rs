@@ -241,8 +241,10 @@ pub async fn complete_batch(
          done AS (
              UPDATE report_requests r
                 SET {SUCCEEDED}
-               FROM unnest($1::bigint[], $2::bigint[]) AS b (id, token)
+               FROM unnest($1::bigint[], $2::bigint[], $9::text[]) AS b (id, token, job)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
+                -- The row's own task: a document is never stored for another.
+                AND r.upstream_job_id = b.job
              RETURNING r.id){observed},
          {CANCELLED_WITH_TASK},
          stored AS (
@@ -317,11 +319,13 @@ pub async fn complete_streamed(
              UPDATE report_requests r
                 SET {SUCCEEDED}
               WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'
+                AND r.upstream_job_id = $3
              RETURNING r.id){observed}
          SELECT id FROM done"
     )))
     .bind(id)
     .bind(token)
+    .bind(job)
     .fetch_all(&mut *tx)
     .await?;
     let stored = if done.len() == 1 {

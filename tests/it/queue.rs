@@ -747,11 +747,11 @@ async fn a_retry_takes_the_rows_unadopted_task_however_old() {
     db.close().await;
 }
 
-/// Claims, lease extensions, releases and poll times commit without waiting for the WAL
-/// flush, for their own transaction only: the setting is off inside such a statement and
-/// back to the server's on the same connection right after (so nothing leaks to the next
-/// statement, nor through PgBouncer to another client). A claim really runs that way: the
-/// row is claimed and the next statement on the connection waits for its flush again.
+/// Lease extensions, releases and poll times commit without waiting for the WAL flush,
+/// for their own transaction only: the setting is off inside such a statement and back
+/// to the server's on the same connection right after (so nothing leaks to the next
+/// statement, nor through PgBouncer to another client). A release really runs that way
+/// and leaves the connection as it found it; a claim waits for its flush.
 #[tokio::test]
 async fn writes_that_may_be_lost_do_not_wait_for_the_flush_and_nothing_leaks() {
     let db = TestDb::new().await;
@@ -772,16 +772,70 @@ async fn writes_that_may_be_lost_do_not_wait_for_the_flush_and_nothing_leaks() {
     drop(conn);
 
     let id = enqueue(&db.pool, Some("华为"), None, None, "pdf").await;
-    // One connection, so the claim and the look after it share a session.
+    // One connection, so the statements and the looks after them share a session.
     let one = queue::connect(&db.url, 1).await.unwrap();
     let claimed = queue::claim(&one, "a", Duration::from_secs(30), 1, ClaimKinds::ALL)
         .await
         .unwrap();
     assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![id]);
+    let released = queue::release(&one, &[(id, claimed[0].lease_token)])
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
     let after: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
         .fetch_one(&*one)
         .await
         .unwrap();
     assert_eq!(after, "on");
+    let again = queue::claim(&one, "b", Duration::from_secs(30), 1, ClaimKinds::ALL)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "the released row is claimed again");
     one.close().await;
+    db.close().await;
+}
+
+/// A completion stores a document only for the row's own task: a holder whose job id is
+/// not the row's (however it came to hold the row) stores nothing and is told so.
+#[tokio::test]
+async fn a_document_is_stored_only_for_the_rows_own_task() {
+    use report_worker::domain::{Document, DocumentBody, ReportType};
+    let db = TestDb::new().await;
+    queue::fixtures::insert_generating(&db.pool, &["111".to_string()], ReportType::Pdf, 0.0)
+        .await
+        .unwrap();
+    let claimed = queue::claim(&db.pool, "a", Duration::from_secs(30), 1, ClaimKinds::ALL)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let completed = |job: &str| queue::Completed {
+        id: claimed[0].id,
+        token: claimed[0].lease_token,
+        job_id: JobId::parse(job).unwrap(),
+        document: Document {
+            content_type: "application/pdf",
+            file_name: "x.pdf".into(),
+            sha256: "0".repeat(64),
+            byte_size: 4,
+            body: DocumentBody::Inline(b"%PDF".to_vec()),
+            provider_company: None,
+        },
+        observe: false,
+    };
+    let other = queue::complete_batch(&db.pool, &[completed("222")])
+        .await
+        .unwrap();
+    assert!(
+        other.is_empty(),
+        "another task's document was stored: {other:?}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM report_documents").await,
+        0
+    );
+    let own = queue::complete_batch(&db.pool, &[completed("111")])
+        .await
+        .unwrap();
+    assert_eq!(own, vec![(claimed[0].id, queue::Stored::Finished)]);
+    db.close().await;
 }
