@@ -243,8 +243,9 @@ pub async fn complete_batch(
                 SET {SUCCEEDED}
                FROM unnest($1::bigint[], $2::bigint[], $9::text[]) AS b (id, token, job)
               WHERE r.id = b.id AND r.lease_token = b.token AND r.state || '' = 'generating'
-                -- The row's own task: a document is never stored for another.
-                AND r.upstream_job_id = b.job
+                -- The row's own task: a document is never stored for another (compared
+                -- as numbers: a job id written by hand may carry leading zeros).
+                AND r.upstream_job_id::numeric = b.job::numeric
              RETURNING r.id){observed},
          {CANCELLED_WITH_TASK},
          stored AS (
@@ -319,7 +320,7 @@ pub async fn complete_streamed(
              UPDATE report_requests r
                 SET {SUCCEEDED}
               WHERE r.id = $1 AND r.lease_token = $2 AND r.state = 'generating'
-                AND r.upstream_job_id = $3
+                AND r.upstream_job_id::numeric = $3::numeric
              RETURNING r.id){observed}
          SELECT id FROM done"
     )))

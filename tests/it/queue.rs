@@ -833,6 +833,12 @@ async fn a_document_is_stored_only_for_the_rows_own_task() {
         count(&db.pool, "SELECT count(*) FROM report_documents").await,
         0
     );
+    // A job id written by hand with leading zeros is still the same task.
+    sqlx::query("UPDATE report_requests SET upstream_job_id = '00111' WHERE id = $1")
+        .bind(claimed[0].id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let own = queue::complete_batch(&db.pool, &[completed("111")])
         .await
         .unwrap();

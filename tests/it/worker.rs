@@ -627,3 +627,31 @@ async fn connections_killed_mid_run_are_survived() {
     sim.stop().await;
     db.close().await;
 }
+
+/// A document larger than the spool keeps in memory goes to PostgreSQL by COPY, in the
+/// same transaction as its row's fenced change to `succeeded`: byte-exact, for the row's
+/// own task.
+#[tokio::test]
+async fn a_document_larger_than_memory_is_streamed_into_postgres_byte_exact() {
+    let db = TestDb::new().await;
+    let sim = start_sim(SimConfig {
+        doc_size: report_worker::spool::SPILL_AT + 1_000_000,
+        ..SimConfig::instant()
+    })
+    .await;
+    enqueue(&db.pool, Some("大文件有限公司"), None, None, "pdf").await;
+    let w = spawn_fast_worker(&db.url, &sim).await;
+    wait_all_finished(&db.pool, Duration::from_secs(60)).await;
+    w.stop().await;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM report_documents WHERE byte_size > 8388608"
+        )
+        .await,
+        1
+    );
+    assert_eq!(assert_documents_exact(&db.pool, &sim).await, 1);
+    sim.stop().await;
+    db.close().await;
+}
