@@ -43,8 +43,11 @@ async fn every_completion_leaves_an_observed_generation_time_when_learning() {
     assert_eq!(rows.len(), 6, "{rows:?}");
     assert_eq!(rows.iter().filter(|r| r.0 == "pdf").count(), 3);
     for (_, lower, upper) in &rows {
-        // Ready after at least the simulator's 1.5 s, noticed within the fast polls.
-        assert!(*upper >= 1.5 && *upper < 15.0, "{rows:?}");
+        // Ready after at least the simulator's 1.5 s, noticed within the fast polls. The
+        // worker's clock for a task starts when its job id is recorded, a moment after
+        // the simulator made it (the create's answer, the batched write): up to 0.3 s
+        // later on a loaded machine, so "ready" can read a little under 1.5 s.
+        assert!(*upper >= 1.2 && *upper < 15.0, "{rows:?}");
         assert!(lower <= upper, "{rows:?}");
     }
     // Tasks polled more than once know when they were last not ready.

@@ -583,13 +583,25 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
 
 /// `run` with the accounts of `accounts` (the first one's secret in FIRST_SECRET) and
 /// `env`, polling quickly.
+/// A `run` process that is killed when dropped: a test that fails while waiting on it
+/// leaves no process behind holding its database connections (which would starve the
+/// tests after it).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn run_with_accounts(
     db: &TestDb,
     sim: &report_worker::simulator::Simulator,
     accounts: &std::path::Path,
     env: &[(&str, &str)],
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_report-worker"))
+) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_report-worker"))
         .arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -607,7 +619,8 @@ fn run_with_accounts(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("the worker starts")
+        .expect("the worker starts");
+    Running(child)
 }
 
 #[tokio::test]
@@ -640,10 +653,9 @@ async fn run_pools_the_accounts_listed_in_upstream_accounts() {
     for i in 0..8 {
         enqueue(&db.pool, Some(&format!("多账户{i}")), None, None, "pdf").await;
     }
-    let mut child = run_with_accounts(&db, &sim, &accounts, &[]);
+    let child = run_with_accounts(&db, &sim, &accounts, &[]);
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     assert_eq!(succeeded(&db).await, 8);
     // The second account is tried first (weight 10 to 1) until its daily limit of 2 is
     // used; then it stops for creates and the first takes the rest.
@@ -704,10 +716,9 @@ async fn run_calls_the_paths_it_is_configured_with() {
     for i in 0..4 {
         enqueue(&db.pool, Some(&format!("网关{i}")), None, None, "pdf").await;
     }
-    let mut child = run_with_accounts(&db, &sim, &accounts, &[("SECOND_SECRET", "second-secret")]);
+    let child = run_with_accounts(&db, &sim, &accounts, &[("SECOND_SECRET", "second-secret")]);
     wait_all_finished(&db.pool, Duration::from_secs(30)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     assert_eq!(succeeded(&db).await, 4);
     let stats = sim.stats();
     let tasks = |a: &str| stats.accounts.get(a).map_or(0, |s| s.tasks_created);
