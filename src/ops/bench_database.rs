@@ -1,18 +1,16 @@
 //! `bench` scenarios of the database under load: `report_queue_stats` and the dashboard
 //! at many rows, a purge beside live work, HOT updates at two fill factors.
 
-use super::bench_kit::{BenchOptions, client_for, fresh_db, pct};
+use super::bench_kit::{BenchOptions, Engine, fresh_db, pct};
 use super::bench_worker::pickup_latencies;
 use crate::queue::sql;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::metrics::Metrics;
+use crate::engine::WorkerConfig;
 use crate::engine::policy::PollPolicy;
-use crate::engine::{Worker, WorkerConfig};
 use crate::queue;
 use crate::queue::fixtures;
 use crate::simulator::{SimConfig, Simulator};
@@ -191,21 +189,19 @@ pub(super) async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside
     config.concurrency = 64;
     config.poll.first_poll = Duration::ZERO;
     let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(64)).await?;
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(
-        Worker::new(
-            worker_pool,
-            client_for(&sim)?,
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .run(stop.clone()),
-    );
+    let engine = Engine::start(worker_pool, &sim, config)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let live = |round: usize| {
         let (pool, sim) = (pool.clone(), &sim);
         async move {
-            let latencies = pickup_latencies(&pool, sim, &format!("r{round}-"), 100).await?;
+            let latencies = pickup_latencies(
+                &pool,
+                sim,
+                &format!("r{round}-"),
+                100,
+                Duration::from_secs(60),
+            )
+            .await?;
             fixtures::insert_backlog(&pool, &format!("烧{round}-"), 5_000, true).await?;
             let start = Instant::now();
             while fixtures::any_open(&pool).await? {
@@ -238,8 +234,7 @@ pub(super) async fn purge_beside(o: &BenchOptions) -> anyhow::Result<PurgeBeside
     };
     let (beside, beside_rate) = live(1).await?;
     let (purged_rows, purge_seconds) = purging.await??;
-    stop.cancel();
-    handle.await?;
+    engine.stop().await?;
     sim.stop().await;
     let p = |mut v: Vec<f64>, q: f64| {
         v.sort_by(f64::total_cmp);
@@ -286,23 +281,13 @@ pub(super) async fn hot(o: &BenchOptions, fillfactor: u32) -> anyhow::Result<Hot
     };
     let before: (i64, i64) = fixtures::update_counts(&pool).await?;
     let worker_pool = queue::connect_worker(&url, crate::engine::pool_size(o.concurrency)).await?;
-    let stop = CancellationToken::new();
     let start = Instant::now();
-    let handle = tokio::spawn(
-        Worker::new(
-            worker_pool,
-            client_for(&sim)?,
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .run(stop.clone()),
-    );
+    let engine = Engine::start(worker_pool, &sim, config)?;
     while fixtures::any_open(&pool).await? {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
-    stop.cancel();
-    handle.await?;
+    engine.stop().await?;
     sim.stop().await;
     // Statistics reach pg_stat_user_tables with a short delay.
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::queue::Db;
 use anyhow::Context;
 
+use crate::engine::metrics::Metrics;
+use crate::engine::{Worker, WorkerConfig};
 use crate::queue;
 use crate::queue::fixtures;
 use crate::simulator::Simulator;
@@ -138,6 +140,33 @@ pub(super) async fn transactions(pool: &Db) -> anyhow::Result<i64> {
 
 pub(super) fn client_for(sim: &Simulator) -> anyhow::Result<Client> {
     Client::new(sim.client_config()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The engine at work in this process, on `pool` against `sim`, until `stop`.
+pub(super) struct Engine {
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Engine {
+    pub(super) fn start(pool: Db, sim: &Simulator, config: WorkerConfig) -> anyhow::Result<Engine> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let worker = Worker::new(
+            pool,
+            client_for(sim)?,
+            config,
+            std::sync::Arc::new(Metrics::new()),
+        );
+        let handle = tokio::spawn(worker.run(stop.clone()));
+        Ok(Engine { stop, handle })
+    }
+
+    /// Stops it the way SIGTERM stops `run`, and waits until it has.
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.handle.await?;
+        Ok(())
+    }
 }
 
 pub(super) async fn open_rows(pool: &Db) -> anyhow::Result<bool> {

@@ -9,20 +9,17 @@
 //! and simulator: 60 PDF reports, and 30 PDF + 30 Word (the measured type has too little
 //! history of its own). Named only: it takes about a quarter of an hour.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use super::bench_economy::on_schedule;
-use super::bench_kit::{BenchOptions, Via, client_for, fresh_db, open_rows, pct};
+use super::bench_kit::{BenchOptions, Engine, Via, fresh_db, open_rows, pct};
 use crate::domain::{NewRequest, ReportType};
-use crate::engine::metrics::Metrics;
+use crate::engine::WorkerConfig;
 use crate::engine::policy::DEFAULT_DETECTION_TARGET;
 use crate::engine::schedule::Schedule;
-use crate::engine::{Worker, WorkerConfig};
 use crate::queue::{self, Db, sql};
 use crate::simulator::{SimConfig, Simulator};
 
@@ -90,16 +87,7 @@ async fn run(
         .worker_pool(&url, crate::engine::pool_size(config.concurrency))
         .await?;
     config.listen = listen;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(
-        Worker::new(
-            worker_pool,
-            client_for(&sim)?,
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .run(stop.clone()),
-    );
+    let engine = Engine::start(worker_pool, &sim, config)?;
     let mut described = Vec::new();
     for &(kind, n) in history {
         for i in 0..n {
@@ -127,8 +115,7 @@ async fn run(
     }
     finished(&pool).await.context("the measured batch")?;
     let seconds = start.elapsed().as_secs_f64();
-    stop.cancel();
-    worker.await?;
+    engine.stop().await?;
     let stats = sim.stats();
     sim.stop().await;
 

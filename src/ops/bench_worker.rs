@@ -3,24 +3,21 @@
 //! large document.
 
 use super::bench_kit::{
-    BenchOptions, Via, client_for, fresh_db, metered, open_rows, pct, peak_rss_kb, transactions,
+    BenchOptions, Engine, Via, fresh_db, metered, open_rows, pct, peak_rss_kb, transactions,
     wait_with_peak_rss, wal_lsn, wal_since, worker_process,
 };
 use crate::queue::sql;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::queue::Db;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::{NewRequest, ReportType};
-use crate::engine::metrics::Metrics;
+use crate::engine::WorkerConfig;
 use crate::engine::policy::PollPolicy;
-use crate::engine::{Worker, WorkerConfig};
 use crate::queue;
 use crate::queue::fixtures;
 use crate::simulator::{SimConfig, Simulator};
@@ -135,23 +132,13 @@ pub(super) async fn burn_down(o: &BenchOptions, via: Via<'_>) -> anyhow::Result<
     config.listen = listen;
     let before = transactions(&pool).await?;
     let wal_before = wal_lsn(&pool).await?;
-    let stop = CancellationToken::new();
     let start = Instant::now();
-    let handle = tokio::spawn(
-        Worker::new(
-            worker_pool,
-            client_for(&sim)?,
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .run(stop.clone()),
-    );
+    let engine = Engine::start(worker_pool, &sim, config)?;
     while open_rows(&pool).await? {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
-    stop.cancel();
-    handle.await?;
+    engine.stop().await?;
     let stats = sim.stats();
     sim.stop().await;
     let after = transactions(&pool).await?;
@@ -201,47 +188,15 @@ pub(super) async fn pickup(
         .worker_pool(&url, crate::engine::pool_size(config.concurrency))
         .await?;
     config.listen = listen;
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(
-        Worker::new(
-            worker_pool,
-            client_for(&sim)?,
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .run(stop.clone()),
-    );
+    let engine = Engine::start(worker_pool, &sim, config)?;
     // Let the worker reach its idle wait, listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Every insert counts, from the very first on a fresh worker (which also fetches
     // the token and opens its HTTP connections; it is reported as the cold pickup).
     let rows = 200;
-    let mut commits = Vec::with_capacity(rows);
-    for i in 0..rows {
-        let name = format!("即时{i}");
-        let request = NewRequest::new(Some(&name), None, None, ReportType::Pdf)?;
-        queue::enqueue(&pool, &request).await?;
-        commits.push((name, SystemTime::now()));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut latencies = Vec::with_capacity(rows);
-    for (name, committed) in &commits {
-        let created = loop {
-            if let Some(t) = sim.first_create(name) {
-                break t;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "row {name} was never picked up");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let ms = created
-            .duration_since(*committed)
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
-        latencies.push(ms);
-    }
-    stop.cancel();
-    handle.await?;
+    let mut latencies =
+        pickup_latencies(&pool, &sim, "即时", rows, Duration::from_secs(30)).await?;
+    engine.stop().await?;
     sim.stop().await;
     if std::env::var_os("BENCH_DEBUG").is_some() {
         eprintln!("pickup latencies in insert order (ms): {latencies:.1?}");
@@ -258,12 +213,14 @@ pub(super) async fn pickup(
 }
 
 /// Inserts `rows` single rows 20 ms apart and returns each one's pickup latency (insert
-/// commit to the simulator's arrival of its create), in ms.
+/// commit to the simulator's arrival of its create), in ms, in insert order; an error
+/// when a row is not picked up within `wait` of the last insert.
 pub(super) async fn pickup_latencies(
     pool: &Db,
     sim: &Simulator,
     prefix: &str,
     rows: usize,
+    wait: Duration,
 ) -> anyhow::Result<Vec<f64>> {
     let mut commits = Vec::with_capacity(rows);
     for i in 0..rows {
@@ -273,7 +230,7 @@ pub(super) async fn pickup_latencies(
         commits.push((name, SystemTime::now()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
     let mut latencies = Vec::with_capacity(rows);
     for (name, committed) in &commits {
         let created = loop {
