@@ -412,10 +412,18 @@ pub(super) async fn idle(o: &BenchOptions) -> anyhow::Result<Idle> {
     let jobs: Vec<String> = (1..=1000).map(|i| i.to_string()).collect();
     fixtures::insert_generating(&pool, &jobs, ReportType::Pdf, 0.0).await?;
     fixtures::hold_all(&pool, "another-process", Duration::from_secs(3600)).await?;
+    quiet_autovacuum(&pool).await?;
     let mut child = worker_process(&url, &sim, &[])?;
     let window = Duration::from_secs(10);
-    // Let it start (connections, LISTEN), then measure.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let it settle, then measure the steady state. Two start-up costs are left out:
+    // a connection that goes idle reports its counts to `pg_stat_database` up to 10 s
+    // later (PostgreSQL's PGSTAT_IDLE_INTERVAL), so measured 2 s after the start the
+    // migrations' and fixtures' transactions landed in the window (5.6 one run, 10.8
+    // the next); and the pool hands its connections out in turn, each preparing the
+    // idle loop's statements once (a Parse and Sync is a transaction of its own): with
+    // 20 connections that lasts ~40 s (6.4 measured from 12 s, 4.6 from 30 s; the
+    // statements themselves were 3.7 a second, counted with `log_statement = all`).
+    tokio::time::sleep(Duration::from_secs(60)).await;
     let measure = |pool: Db| async move {
         let before = transactions(&pool).await?;
         let start = Instant::now();
@@ -436,6 +444,27 @@ pub(super) async fn idle(o: &BenchOptions) -> anyhow::Result<Idle> {
         polls_held_elsewhere_tx_per_s: held,
         account_stopped_tx_per_s: stopped,
     })
+}
+
+/// Vacuums and analyzes the fresh database, then turns autovacuum off for its tables:
+/// `pg_stat_database` counts autovacuum's transactions too (one per table it visits),
+/// which are the database's, not the idle process's.
+async fn quiet_autovacuum(pool: &Db) -> anyhow::Result<()> {
+    sqlx::raw_sql("VACUUM (ANALYZE)").execute(pool).await?;
+    sqlx::raw_sql(
+        "DO $$
+         DECLARE t regclass;
+         BEGIN
+           FOR t IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+           LOOP
+             EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = false, toast.autovacuum_enabled = false)', t);
+           END LOOP;
+         END $$",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// A `run` process storing one document of `o.document_mb`: its peak RSS, for the
