@@ -559,7 +559,14 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
             addr,
             pool.clone(),
             metrics.clone(),
-            account_specs.iter().map(|a| a.id.clone()).collect(),
+            account_specs
+                .iter()
+                .map(|a| crate::engine::metrics::AccountInfo {
+                    name: a.id.clone(),
+                    qps: a.qps,
+                    daily_limit: a.daily_limit,
+                })
+                .collect(),
             cancel.clone(),
         )
         .await

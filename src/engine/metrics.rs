@@ -35,6 +35,55 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabels {
+    account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StopLabels {
+    account: String,
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LedgerLabels {
+    account: String,
+    outcome: String,
+}
+
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// One account this process works with, as `/metrics` describes it: its name and the
+/// limits it is configured with (the database says how much of them is used).
+#[derive(Debug, Clone)]
+pub struct AccountInfo {
+    pub name: String,
+    pub qps: f64,
+    pub daily_limit: Option<super::DailyLimit>,
+}
+
+/// The gauges read from the shared state every `REFRESH_EVERY` (the same in every
+/// process: alerts take their `max`).
+struct Shared {
+    oldest: Family<StateLabels, GaugeF>,
+    stopped: Family<StopLabels, Gauge>,
+    creates_today: Family<LedgerLabels, Gauge>,
+    daily_limit: Family<AccountLabels, Gauge>,
+    daily_headroom: Family<AccountLabels, Gauge>,
+    qps: Family<AccountLabels, GaugeF>,
+    orphans: Gauge,
+    workers: Gauge,
+    webhooks_pending: Gauge,
+    webhooks_failed: Gauge,
+    database_up: Gauge,
+    /// Every account a stop was ever exported for: a lifted stop goes back to 0.
+    stop_accounts: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// How often `/metrics`' view of the shared state is read again.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
+
 pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
@@ -44,6 +93,7 @@ pub struct Metrics {
     held: Gauge,
     leases_lost: Counter,
     webhooks: Family<OutcomeLabels, Counter>,
+    shared: Shared,
     /// Calls not yet added to `report_provider_calls` (see `take_calls`), by account,
     /// endpoint and outcome.
     unflushed: std::sync::Mutex<Unflushed>,
@@ -104,8 +154,10 @@ impl Metrics {
             "Webhook delivery attempts, by outcome (delivered, retry, failed)",
             webhooks.clone(),
         );
+        let shared = Shared::register(&mut registry);
         Metrics {
             registry,
+            shared,
             webhooks,
             calls,
             finished,
@@ -191,10 +243,159 @@ impl Metrics {
             .set(n);
     }
 
+    /// Sets the gauges of the shared state from what the database said, for the
+    /// accounts this process is configured with (and any other with a stop).
+    pub fn set_shared(&self, t: &queue::Telemetry, accounts: &[AccountInfo]) {
+        let g = &self.shared;
+        let mut known = g.stop_accounts.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(accounts.iter().map(|a| a.name.clone()));
+        known.extend(t.stopped_accounts.iter().cloned());
+        for account in known.iter() {
+            let scope = t
+                .stopped_accounts
+                .iter()
+                .position(|a| a == account)
+                .and_then(|i| t.stop_scopes.get(i));
+            for s in ["create", "all"] {
+                let labels = StopLabels {
+                    account: account.clone(),
+                    scope: s.into(),
+                };
+                g.stopped
+                    .get_or_create(&labels)
+                    .set(i64::from(scope.is_some_and(|x| x == s)));
+            }
+        }
+        drop(known);
+        let mut ledger_accounts: Vec<&String> = accounts.iter().map(|a| &a.name).collect();
+        ledger_accounts.extend(t.ledger_accounts.iter());
+        ledger_accounts.sort();
+        ledger_accounts.dedup();
+        for account in ledger_accounts {
+            let i = t.ledger_accounts.iter().position(|a| a == account);
+            let at = |v: &[i64]| i.and_then(|i| v.get(i)).copied().unwrap_or(0);
+            for (outcome, n) in [
+                ("sent", at(&t.sent)),
+                ("task", at(&t.tasks)),
+                ("refunded", at(&t.refunded)),
+                ("unknown", at(&t.unknown)),
+            ] {
+                g.creates_today
+                    .get_or_create(&LedgerLabels {
+                        account: account.clone(),
+                        outcome: outcome.into(),
+                    })
+                    .set(n);
+            }
+        }
+        for a in accounts {
+            let labels = AccountLabels {
+                account: a.name.clone(),
+            };
+            g.qps.get_or_create(&labels).set(a.qps);
+            if let Some(limit) = a.daily_limit {
+                g.daily_limit.get_or_create(&labels).set(limit.limit);
+                g.daily_headroom.get_or_create(&labels).set(limit.headroom);
+            }
+        }
+        g.orphans.set(t.orphans_waiting);
+        g.workers.set(t.workers_alive);
+        g.webhooks_pending.set(t.webhooks_pending);
+        g.webhooks_failed.set(t.webhooks_failed);
+    }
+
+    fn set_oldest(&self, state: &str, secs: f64) {
+        self.shared
+            .oldest
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .set(secs);
+    }
+
+    fn set_database_up(&self, up: bool) {
+        self.shared.database_up.set(i64::from(up));
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Shared {
+    fn register(registry: &mut Registry) -> Shared {
+        let g = Shared {
+            oldest: Default::default(),
+            stopped: Default::default(),
+            creates_today: Default::default(),
+            daily_limit: Default::default(),
+            daily_headroom: Default::default(),
+            qps: Default::default(),
+            orphans: Default::default(),
+            workers: Default::default(),
+            webhooks_pending: Default::default(),
+            webhooks_failed: Default::default(),
+            database_up: Default::default(),
+            stop_accounts: Default::default(),
+        };
+        registry.register(
+            "oldest_unfinished_seconds",
+            "Age of the oldest row waiting in each state (queued, generating); 0 when none",
+            g.oldest.clone(),
+        );
+        registry.register(
+            "account_stopped",
+            "1 while the account is stopped with this scope (create: no new creates; all: no calls)",
+            g.stopped.clone(),
+        );
+        registry.register(
+            "creates_today",
+            "Creates of the provider's day so far (Asia/Shanghai) by outcome: sent, task, refunded, unknown (never answered, assumed paid)",
+            g.creates_today.clone(),
+        );
+        registry.register(
+            "daily_limit",
+            "The account's configured daily create limit (UPSTREAM_DAILY_LIMIT)",
+            g.daily_limit.clone(),
+        );
+        registry.register(
+            "daily_headroom",
+            "Creates of the daily limit kept for retries (UPSTREAM_DAILY_HEADROOM)",
+            g.daily_headroom.clone(),
+        );
+        registry.register(
+            "qps_configured",
+            "The account's configured calls per second, shared by every process (UPSTREAM_QPS)",
+            g.qps.clone(),
+        );
+        registry.register(
+            "orphan_tasks_waiting",
+            "Paid tasks kept in report_orphan_tasks, not adopted by a row yet",
+            g.orphans.clone(),
+        );
+        registry.register(
+            "workers_alive",
+            "Worker processes that said they were alive in the last 30 s (report_workers)",
+            g.workers.clone(),
+        );
+        registry.register(
+            "webhooks_pending",
+            "Webhook deliveries still to make",
+            g.webhooks_pending.clone(),
+        );
+        registry.register(
+            "webhooks_failed",
+            "Webhook deliveries that gave up",
+            g.webhooks_failed.clone(),
+        );
+        registry.register(
+            "database_up",
+            "1 when this process's last read of the shared state succeeded",
+            g.database_up.clone(),
+        );
+        g
     }
 }
 
@@ -281,12 +482,13 @@ async fn healthz(State(s): State<Http>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Serves `/metrics` and `/healthz` until `cancel`, refreshing the queue depth gauge.
+/// Serves `/metrics` and `/healthz` until `cancel`, refreshing the gauges of the shared
+/// state (queue depth, oldest rows, stops, today's creates…) every `REFRESH_EVERY`.
 pub async fn serve(
     addr: SocketAddr,
     pool: Db,
     metrics: Arc<Metrics>,
-    accounts: Vec<String>,
+    accounts: Vec<AccountInfo>,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -297,7 +499,7 @@ pub async fn serve(
         .with_state(Http {
             pool: pool.clone(),
             metrics: metrics.clone(),
-            accounts,
+            accounts: accounts.iter().map(|a| a.name.clone()).collect(),
         });
     let stop = cancel.clone();
     tokio::spawn(async move {
@@ -307,16 +509,106 @@ pub async fn serve(
     });
     tokio::spawn(async move {
         loop {
-            if let Ok(stats) = queue::queue_stats(&pool).await {
-                for s in stats {
-                    metrics.set_depth(s.state.as_str(), s.count);
-                }
-            }
+            refresh(&pool, &metrics, &accounts).await;
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = tokio::time::sleep(REFRESH_EVERY) => {}
             }
         }
     });
     Ok(bound)
+}
+
+/// One read of the shared state into the gauges; a failed read sets `database_up` to 0
+/// and keeps the last values.
+async fn refresh(pool: &Db, metrics: &Metrics, accounts: &[AccountInfo]) {
+    let stats = queue::queue_stats(pool).await;
+    let shared = queue::telemetry(pool).await;
+    metrics.set_database_up(stats.is_ok() && shared.is_ok());
+    if let Ok(stats) = stats {
+        for s in stats {
+            metrics.set_depth(s.state.as_str(), s.count);
+            if matches!(
+                s.state,
+                crate::domain::RequestState::Queued | crate::domain::RequestState::Generating
+            ) {
+                metrics.set_oldest(s.state.as_str(), s.oldest_age_secs.unwrap_or(0.0));
+            }
+        }
+    }
+    if let Ok(t) = shared {
+        metrics.set_shared(&t, accounts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(page: &'a str, start: &str) -> &'a str {
+        page.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start} in\n{page}"))
+    }
+
+    #[test]
+    fn the_shared_state_is_exported_and_a_lifted_stop_goes_back_to_zero() {
+        let m = Metrics::new();
+        let accounts = [AccountInfo {
+            name: "main".into(),
+            qps: 5.0,
+            daily_limit: Some(super::super::DailyLimit {
+                limit: 1000,
+                headroom: 50,
+            }),
+        }];
+        let stopped = queue::Telemetry {
+            stopped_accounts: vec!["main".into(), "elsewhere".into()],
+            stop_scopes: vec!["create".into(), "all".into()],
+            ledger_accounts: vec!["main".into()],
+            sent: vec![12],
+            tasks: vec![10],
+            refunded: vec![1],
+            unknown: vec![1],
+            orphans_waiting: 2,
+            workers_alive: 3,
+            webhooks_pending: 4,
+            webhooks_failed: 5,
+        };
+        m.set_shared(&stopped, &accounts);
+        let page = m.encode();
+        let stop = |a: &str, s: &str| {
+            format!("report_worker_account_stopped{{account=\"{a}\",scope=\"{s}\"}}")
+        };
+        assert!(
+            line(&page, &stop("main", "create")).ends_with(" 1"),
+            "{page}"
+        );
+        assert!(line(&page, &stop("main", "all")).ends_with(" 0"), "{page}");
+        assert!(
+            line(&page, &stop("elsewhere", "all")).ends_with(" 1"),
+            "{page}"
+        );
+        let today =
+            |o: &str| format!("report_worker_creates_today{{account=\"main\",outcome=\"{o}\"}}");
+        assert!(line(&page, &today("sent")).ends_with(" 12"), "{page}");
+        assert!(line(&page, &today("unknown")).ends_with(" 1"), "{page}");
+        assert!(line(&page, "report_worker_daily_limit{account=\"main\"}").ends_with(" 1000"));
+        assert!(line(&page, "report_worker_daily_headroom{account=\"main\"}").ends_with(" 50"));
+        assert!(line(&page, "report_worker_qps_configured{account=\"main\"}").ends_with(" 5.0"));
+        assert!(line(&page, "report_worker_orphan_tasks_waiting ").ends_with(" 2"));
+        assert!(line(&page, "report_worker_webhooks_failed ").ends_with(" 5"));
+        // The stops are lifted and a new provider day begins: back to 0, not left at 1.
+        m.set_shared(&queue::Telemetry::default(), &accounts);
+        let page = m.encode();
+        assert!(
+            line(&page, &stop("main", "create")).ends_with(" 0"),
+            "{page}"
+        );
+        assert!(
+            line(&page, &stop("elsewhere", "all")).ends_with(" 0"),
+            "{page}"
+        );
+        assert!(line(&page, &today("sent")).ends_with(" 0"), "{page}");
+    }
 }

@@ -25,6 +25,57 @@ pub async fn queue_stats(pool: &Db) -> Result<Vec<StateStats>, sqlx::Error> {
     .await
 }
 
+/// The shared state `/metrics` exports beside the queue depth, read in one statement of
+/// small tables (no scan of `report_requests`): every process of a deployment reads,
+/// and exports, the same numbers, so alerts take their `max`.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct Telemetry {
+    /// The accounts with a stop now, and its scope (`create` or `all`).
+    pub stopped_accounts: Vec<String>,
+    pub stop_scopes: Vec<String>,
+    /// Today's creates (Asia/Shanghai, as the provider counts days) by account, from
+    /// the ledger: sent, answered with a task, refunded (answered without one), and
+    /// unknown (sent, never answered: each assumed to have made a paid task).
+    pub ledger_accounts: Vec<String>,
+    pub sent: Vec<i64>,
+    pub tasks: Vec<i64>,
+    pub refunded: Vec<i64>,
+    pub unknown: Vec<i64>,
+    /// Paid tasks kept for a later adoption, not adopted yet.
+    pub orphans_waiting: i64,
+    /// Worker processes that said they were alive in the last 30 s.
+    pub workers_alive: i64,
+    /// Webhook deliveries still to make, and those that gave up.
+    pub webhooks_pending: i64,
+    pub webhooks_failed: i64,
+}
+
+pub async fn telemetry(pool: &Db) -> Result<Telemetry, sqlx::Error> {
+    sql::query_as(
+        "SELECT coalesce(s.accounts, '{}') AS stopped_accounts, coalesce(s.scopes, '{}') AS stop_scopes,
+                coalesce(l.accounts, '{}') AS ledger_accounts, coalesce(l.sent, '{}') AS sent,
+                coalesce(l.tasks, '{}') AS tasks, coalesce(l.refunded, '{}') AS refunded,
+                coalesce(l.unknown, '{}') AS unknown,
+                (SELECT count(*) FROM report_orphan_tasks WHERE adopted_at IS NULL) AS orphans_waiting,
+                (SELECT count(*) FROM report_workers WHERE seen_at > now() - interval '30 seconds')
+                  AS workers_alive,
+                (SELECT count(*) FROM report_webhook_deliveries WHERE state = 'pending') AS webhooks_pending,
+                (SELECT count(*) FROM report_webhook_deliveries WHERE state = 'failed') AS webhooks_failed
+           FROM (SELECT array_agg(account ORDER BY account) AS accounts,
+                        array_agg(scope ORDER BY account) AS scopes
+                   FROM report_account_stops) s,
+                (SELECT array_agg(account ORDER BY account) AS accounts,
+                        array_agg(sent ORDER BY account) AS sent,
+                        array_agg(tasks ORDER BY account) AS tasks,
+                        array_agg(refunded ORDER BY account) AS refunded,
+                        array_agg(unknown ORDER BY account) AS unknown
+                   FROM report_create_ledger
+                  WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date) l",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 pub async fn account_stops(pool: &Db) -> Result<Vec<AccountStop>, sqlx::Error> {
     sql::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {STOP_COLUMNS} FROM report_account_stops ORDER BY account"

@@ -15,6 +15,7 @@ mod guarantees;
 mod layout;
 mod managed;
 mod objects;
+mod observability;
 mod ops;
 mod pgbouncer;
 mod process;
