@@ -70,6 +70,8 @@ struct Shared {
     stopped: Family<StopLabels, Gauge>,
     creates_today: Family<LedgerLabels, Gauge>,
     daily_limit: Family<AccountLabels, Gauge>,
+    daily_used: Family<AccountLabels, Gauge>,
+    oldest_task: GaugeF,
     daily_headroom: Family<AccountLabels, Gauge>,
     qps: Family<AccountLabels, GaugeF>,
     orphans: Gauge,
@@ -77,8 +79,10 @@ struct Shared {
     webhooks_pending: Gauge,
     webhooks_failed: Gauge,
     database_up: Gauge,
-    /// Every account a stop was ever exported for: a lifted stop goes back to 0.
+    /// Every account a stop, or a day's creates, was ever exported for: a lifted stop
+    /// and a new provider day go back to 0, also for accounts of other processes.
     stop_accounts: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    ledger_accounts: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// How often `/metrics`' view of the shared state is read again.
@@ -267,11 +271,18 @@ impl Metrics {
             }
         }
         drop(known);
-        let mut ledger_accounts: Vec<&String> = accounts.iter().map(|a| &a.name).collect();
-        ledger_accounts.extend(t.ledger_accounts.iter());
-        ledger_accounts.sort();
-        ledger_accounts.dedup();
-        for account in ledger_accounts {
+        let mut ledger = g.ledger_accounts.lock().unwrap_or_else(|p| p.into_inner());
+        ledger.extend(accounts.iter().map(|a| a.name.clone()));
+        ledger.extend(t.ledger_accounts.iter().cloned());
+        ledger.extend(t.daily_accounts.iter().cloned());
+        for account in ledger.iter() {
+            let used = t.daily_accounts.iter().position(|a| a == account);
+            let used = used.and_then(|i| t.daily_used.get(i)).copied().unwrap_or(0);
+            g.daily_used
+                .get_or_create(&AccountLabels {
+                    account: account.clone(),
+                })
+                .set(used);
             let i = t.ledger_accounts.iter().position(|a| a == account);
             let at = |v: &[i64]| i.and_then(|i| v.get(i)).copied().unwrap_or(0);
             for (outcome, n) in [
@@ -298,6 +309,8 @@ impl Metrics {
                 g.daily_headroom.get_or_create(&labels).set(limit.headroom);
             }
         }
+        drop(ledger);
+        g.oldest_task.set(t.oldest_task_secs.unwrap_or(0.0));
         g.orphans.set(t.orphans_waiting);
         g.workers.set(t.workers_alive);
         g.webhooks_pending.set(t.webhooks_pending);
@@ -331,6 +344,8 @@ impl Shared {
             stopped: Default::default(),
             creates_today: Default::default(),
             daily_limit: Default::default(),
+            daily_used: Default::default(),
+            oldest_task: Default::default(),
             daily_headroom: Default::default(),
             qps: Default::default(),
             orphans: Default::default(),
@@ -339,10 +354,11 @@ impl Shared {
             webhooks_failed: Default::default(),
             database_up: Default::default(),
             stop_accounts: Default::default(),
+            ledger_accounts: Default::default(),
         };
         registry.register(
             "oldest_unfinished_seconds",
-            "Age of the oldest row waiting in each state (queued, generating); 0 when none",
+            "Seconds since the insert of the oldest queued or generating row; 0 when none",
             g.oldest.clone(),
         );
         registry.register(
@@ -359,6 +375,16 @@ impl Shared {
             "daily_limit",
             "The account's configured daily create limit (UPSTREAM_DAILY_LIMIT)",
             g.daily_limit.clone(),
+        );
+        registry.register(
+            "daily_used",
+            "Creates taken from today's daily limit (reserved before each create is sent; what the limit is enforced on)",
+            g.daily_used.clone(),
+        );
+        registry.register(
+            "oldest_task_seconds",
+            "Seconds since the create of the oldest task still generating (REPORT_GIVE_UP_AFTER counts from there); 0 when none",
+            g.oldest_task.clone(),
         );
         registry.register(
             "daily_headroom",
@@ -392,7 +418,7 @@ impl Shared {
         );
         registry.register(
             "database_up",
-            "1 when this process's last read of the shared state succeeded",
+            "1 when this process's last read of the shared state succeeded (/healthz only checks that the database answers)",
             g.database_up.clone(),
         );
         g
@@ -565,11 +591,14 @@ mod tests {
         let stopped = queue::Telemetry {
             stopped_accounts: vec!["main".into(), "elsewhere".into()],
             stop_scopes: vec!["create".into(), "all".into()],
-            ledger_accounts: vec!["main".into()],
-            sent: vec![12],
-            tasks: vec![10],
-            refunded: vec![1],
-            unknown: vec![1],
+            ledger_accounts: vec!["elsewhere".into(), "main".into()],
+            sent: vec![7, 12],
+            tasks: vec![7, 10],
+            refunded: vec![0, 1],
+            unknown: vec![0, 1],
+            daily_accounts: vec!["main".into()],
+            daily_used: vec![13],
+            oldest_task_secs: Some(61.5),
             orphans_waiting: 2,
             workers_alive: 3,
             webhooks_pending: 4,
@@ -592,6 +621,10 @@ mod tests {
         let today =
             |o: &str| format!("report_worker_creates_today{{account=\"main\",outcome=\"{o}\"}}");
         assert!(line(&page, &today("sent")).ends_with(" 12"), "{page}");
+        let elsewhere = "report_worker_creates_today{account=\"elsewhere\",outcome=\"sent\"}";
+        assert!(line(&page, elsewhere).ends_with(" 7"), "{page}");
+        assert!(line(&page, "report_worker_daily_used{account=\"main\"}").ends_with(" 13"));
+        assert!(line(&page, "report_worker_oldest_task_seconds ").ends_with(" 61.5"));
         assert!(line(&page, &today("unknown")).ends_with(" 1"), "{page}");
         assert!(line(&page, "report_worker_daily_limit{account=\"main\"}").ends_with(" 1000"));
         assert!(line(&page, "report_worker_daily_headroom{account=\"main\"}").ends_with(" 50"));
@@ -610,5 +643,9 @@ mod tests {
             "{page}"
         );
         assert!(line(&page, &today("sent")).ends_with(" 0"), "{page}");
+        // Also for an account only another process works with.
+        assert!(line(&page, elsewhere).ends_with(" 0"), "{page}");
+        assert!(line(&page, "report_worker_daily_used{account=\"main\"}").ends_with(" 0"));
+        assert!(line(&page, "report_worker_oldest_task_seconds ").ends_with(" 0.0"));
     }
 }

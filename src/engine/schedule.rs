@@ -647,6 +647,12 @@ mod tests {
             // strictly increasing, the last poll at the end, gaps within bounds.
             let fastest = history.iter().map(|o| o.upper).fold(f64::INFINITY, f64::min);
             prop_assert!(polls[0] >= (fastest - MIN_GAP).max(MIN_GAP) - 1e-9);
+            // Nor after the time a fifth of the tasks are estimated ready (or that
+            // earliest moment, when it is later).
+            let mut sorted = history.clone();
+            sorted.sort_by(|a, b| a.lower.total_cmp(&b.lower).then(a.upper.total_cmp(&b.upper)));
+            let first = first_poll_range(&estimate(&sorted, 600), earliest_plausible(&sorted, 600.0));
+            prop_assert!(polls[0] <= first.by + 1e-9, "{} > {}", polls[0], first.by);
             prop_assert!(polls.iter().all(|t| *t <= 600.0));
             prop_assert_eq!(*polls.last().unwrap(), 600.0);
             prop_assert!(polls.windows(2).all(|w| w[1] > w[0]));

@@ -26,8 +26,9 @@ pub async fn queue_stats(pool: &Db) -> Result<Vec<StateStats>, sqlx::Error> {
 }
 
 /// The shared state `/metrics` exports beside the queue depth, read in one statement of
-/// small tables (no scan of `report_requests`): every process of a deployment reads,
-/// and exports, the same numbers, so alerts take their `max`.
+/// small tables and partial indexes (of `report_requests`, only the generating rows: a
+/// few thousand at the most, what is in flight at the provider): every process of a
+/// deployment reads, and exports, the same numbers, so alerts take their `max`.
 #[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct Telemetry {
     /// The accounts with a stop now, and its scope (`create` or `all`).
@@ -41,6 +42,13 @@ pub struct Telemetry {
     pub tasks: Vec<i64>,
     pub refunded: Vec<i64>,
     pub unknown: Vec<i64>,
+    /// Creates taken from today's `UPSTREAM_DAILY_LIMIT` (what the limit is enforced on:
+    /// reserved before a create is sent), by account.
+    pub daily_accounts: Vec<String>,
+    pub daily_used: Vec<i64>,
+    /// Seconds since the create of the oldest task still generating (what
+    /// `REPORT_GIVE_UP_AFTER` counts from); `None` when no row is generating.
+    pub oldest_task_secs: Option<f64>,
     /// Paid tasks kept for a later adoption, not adopted yet.
     pub orphans_waiting: i64,
     /// Worker processes that said they were alive in the last 30 s.
@@ -56,6 +64,9 @@ pub async fn telemetry(pool: &Db) -> Result<Telemetry, sqlx::Error> {
                 coalesce(l.accounts, '{}') AS ledger_accounts, coalesce(l.sent, '{}') AS sent,
                 coalesce(l.tasks, '{}') AS tasks, coalesce(l.refunded, '{}') AS refunded,
                 coalesce(l.unknown, '{}') AS unknown,
+                coalesce(d.accounts, '{}') AS daily_accounts, coalesce(d.used, '{}') AS daily_used,
+                (SELECT extract(epoch FROM now() - min(upstream_created_at))::float8
+                   FROM report_requests WHERE state = 'generating') AS oldest_task_secs,
                 (SELECT count(*) FROM report_orphan_tasks WHERE adopted_at IS NULL) AS orphans_waiting,
                 (SELECT count(*) FROM report_workers WHERE seen_at > now() - interval '30 seconds')
                   AS workers_alive,
@@ -70,7 +81,11 @@ pub async fn telemetry(pool: &Db) -> Result<Telemetry, sqlx::Error> {
                         array_agg(refunded ORDER BY account) AS refunded,
                         array_agg(unknown ORDER BY account) AS unknown
                    FROM report_create_ledger
-                  WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date) l",
+                  WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date) l,
+                (SELECT array_agg(account ORDER BY account) AS accounts,
+                        array_agg(used ORDER BY account) AS used
+                   FROM report_daily_creates
+                  WHERE day = (now() AT TIME ZONE 'Asia/Shanghai')::date) d",
     )
     .fetch_one(pool)
     .await

@@ -259,7 +259,14 @@ fn metric_names(exprs: &[String]) -> BTreeSet<String> {
 struct Prometheus {
     _child: Running,
     api: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// What it logged (where a start or scrape failure shows).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
 }
 
 fn start_prometheus(target: &str) -> Prometheus {
@@ -281,13 +288,24 @@ fn start_prometheus(target: &str) -> Prometheus {
         ))
         .arg(format!("--web.listen-address={listen}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
         .spawn()
         .expect("prometheus starts");
     Prometheus {
         _child: Running(child),
         api: format!("http://{listen}/api/v1"),
-        _dir: dir,
+        dir,
+    }
+}
+
+/// Prints Prometheus's log when the test panics while it is alive.
+struct LogOnPanic<'a>(&'a Prometheus);
+
+impl Drop for LogOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("prometheus.log:\n{}", self.0.log());
+        }
     }
 }
 
@@ -319,7 +337,9 @@ async fn prometheus_scrapes_a_worker_and_receives_every_documented_metric_with_i
             answer["data"].as_array().cloned()
         }
     };
-    // Label names seen per metric, once every documented one has arrived.
+    // Label names seen per metric, once every documented one has arrived (a failure
+    // from here on prints Prometheus's log).
+    let log_on_timeout = LogOnPanic(&prometheus);
     let seen: BTreeMap<String, BTreeSet<String>> = wait_for(
         "Prometheus to have scraped every documented metric",
         Duration::from_secs(60),
@@ -379,6 +399,7 @@ async fn prometheus_scrapes_a_worker_and_receives_every_documented_metric_with_i
         .await
         .unwrap();
     assert_eq!(answer["data"]["result"][0]["value"][1], "1", "{answer}");
+    drop(log_on_timeout);
     drop(prometheus);
     drop(s.worker);
     s.sim.stop().await;
