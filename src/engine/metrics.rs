@@ -255,11 +255,7 @@ impl Metrics {
         known.extend(accounts.iter().map(|a| a.name.clone()));
         known.extend(t.stopped_accounts.iter().cloned());
         for account in known.iter() {
-            let scope = t
-                .stopped_accounts
-                .iter()
-                .position(|a| a == account)
-                .and_then(|i| t.stop_scopes.get(i));
+            let scope = of(&t.stopped_accounts, &t.stop_scopes, account);
             for s in ["create", "all"] {
                 let labels = StopLabels {
                     account: account.clone(),
@@ -276,15 +272,13 @@ impl Metrics {
         ledger.extend(t.ledger_accounts.iter().cloned());
         ledger.extend(t.daily_accounts.iter().cloned());
         for account in ledger.iter() {
-            let used = t.daily_accounts.iter().position(|a| a == account);
-            let used = used.and_then(|i| t.daily_used.get(i)).copied().unwrap_or(0);
+            let used = of(&t.daily_accounts, &t.daily_used, account);
             g.daily_used
                 .get_or_create(&AccountLabels {
                     account: account.clone(),
                 })
-                .set(used);
-            let i = t.ledger_accounts.iter().position(|a| a == account);
-            let at = |v: &[i64]| i.and_then(|i| v.get(i)).copied().unwrap_or(0);
+                .set(used.copied().unwrap_or(0));
+            let at = |v: &[i64]| of(&t.ledger_accounts, v, account).copied().unwrap_or(0);
             for (outcome, n) in [
                 ("sent", at(&t.sent)),
                 ("task", at(&t.tasks)),
@@ -335,6 +329,12 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The value for `account` in `values`, the column beside `names` (the telemetry's
+/// arrays, aggregated in the same order).
+fn of<'a, T>(names: &[String], values: &'a [T], account: &str) -> Option<&'a T> {
+    values.get(names.iter().position(|a| a == account)?)
 }
 
 impl Shared {

@@ -112,13 +112,7 @@ impl Schedule {
         }
         let window = window.as_secs_f64().max(MIN_GAP * 2.0);
         let bins = window.ceil() as usize;
-        // Sorted, so the floating-point sums (and the schedule) do not depend on order.
-        let mut history = history.to_vec();
-        history.sort_by(|a, b| {
-            a.lower
-                .total_cmp(&b.lower)
-                .then(a.upper.total_cmp(&b.upper))
-        });
+        let history = sorted(history);
         let history = history.as_slice();
         let f = estimate(history, bins);
         let first = first_poll_range(&f, earliest_plausible(history, window));
@@ -194,6 +188,18 @@ impl Schedule {
             .unwrap_or(end);
         Some(next.min(end))
     }
+}
+
+/// `history` sorted, so the floating-point sums (and the schedule) do not depend on its
+/// order.
+fn sorted(history: &[Observation]) -> Vec<Observation> {
+    let mut history = history.to_vec();
+    history.sort_by(|a, b| {
+        a.lower
+            .total_cmp(&b.lower)
+            .then(a.upper.total_cmp(&b.upper))
+    });
+    history
 }
 
 /// The queue floors of `history`: for each `q`, the `QUEUE_QUANTILE` of the time from a
@@ -649,8 +655,7 @@ mod tests {
             prop_assert!(polls[0] >= (fastest - MIN_GAP).max(MIN_GAP) - 1e-9);
             // Nor after the time a fifth of the tasks are estimated ready (or that
             // earliest moment, when it is later).
-            let mut sorted = history.clone();
-            sorted.sort_by(|a, b| a.lower.total_cmp(&b.lower).then(a.upper.total_cmp(&b.upper)));
+            let sorted = sorted(&history);
             let first = first_poll_range(&estimate(&sorted, 600), earliest_plausible(&sorted, 600.0));
             prop_assert!(polls[0] <= first.by + 1e-9, "{} > {}", polls[0], first.by);
             prop_assert!(polls.iter().all(|t| *t <= 600.0));

@@ -661,3 +661,47 @@ pub fn first_line(
         }
     }
 }
+
+/// A loopback port free a moment ago, for a server a test starts (another process may
+/// take it in between: the race every such test accepts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `127.0.0.1:<free_port()>`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A child process (a `run`, a Prometheus) killed when dropped: a test that fails while
+/// waiting on it leaves no process behind holding its database connections (which
+/// would starve the tests after it).
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `/metrics` page a worker serves on `addr`, once it contains `must_contain`.
+pub async fn metrics_page(addr: &str, must_contain: &str, deadline: Duration) -> String {
+    let http = http_client();
+    wait_for(&format!("{must_contain} on /metrics"), deadline, || async {
+        let page = http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        page.contains(must_contain).then_some(page)
+    })
+    .await
+}

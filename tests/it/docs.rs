@@ -113,11 +113,7 @@ async fn the_readme_tour_runs_as_written() {
     let (_, tour) = blocks(&readme[tour_at..], "sh").into_iter().next().unwrap();
     assert!(tour.lines().count() <= 32, "the tour is about 30 lines");
     let db = TestDb::empty().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let script = tour
         .replace("postgres://postgres@127.0.0.1:5432/postgres", &db.url)
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use report_worker::simulator::SimConfig;
@@ -14,14 +14,6 @@ use crate::common::*;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs promtool with `args`; its whole output when it fails.
@@ -119,16 +111,6 @@ struct Scene {
     _hook: tokio::task::JoinHandle<()>,
 }
 
-/// A child process killed when dropped (a failing test leaves nothing behind).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn scene() -> Scene {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig::instant()).await;
@@ -146,7 +128,7 @@ async fn scene() -> Scene {
     .execute(&db.pool)
     .await
     .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = free_addr();
     let worker = Running(worker_process(
         &db.url,
         &sim,
@@ -167,26 +149,6 @@ async fn scene() -> Scene {
     }
 }
 
-async fn metrics_page(addr: &str, must_contain: &str) -> String {
-    let http = http_client();
-    wait_for(
-        "the delivered webhook on /metrics",
-        Duration::from_secs(30),
-        || async {
-            let page = http
-                .get(format!("http://{addr}/metrics"))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            page.contains(must_contain).then_some(page)
-        },
-    )
-    .await
-}
-
 const DELIVERED: &str = "report_worker_webhook_attempts_total{outcome=\"delivered\"} 1";
 
 #[tokio::test]
@@ -203,7 +165,7 @@ async fn every_dashboard_expression_is_promql_over_exported_metrics() {
     }
     assert!(exprs.len() >= 10, "{exprs:?}");
     let s = scene().await;
-    let page = metrics_page(&s.metrics, DELIVERED).await;
+    let page = metrics_page(&s.metrics, DELIVERED, Duration::from_secs(30)).await;
     let exported = exported_names(&page);
     let named = metric_names(&exprs);
     for name in &named {
@@ -263,6 +225,30 @@ struct Prometheus {
 }
 
 impl Prometheus {
+    /// `GET /api/v1/{path}` with `params`: the answer's `data`, `None` while it does not
+    /// answer.
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Option<serde_json::Value> {
+        let answer: serde_json::Value = http_client()
+            .get(format!("{}/{path}", self.api))
+            .query(params)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(answer["data"].clone())
+    }
+
+    /// The value of the instant query `q`'s first series.
+    async fn value(&self, q: &str) -> serde_json::Value {
+        let data = self
+            .api("query", &[("query", q)])
+            .await
+            .expect("Prometheus answers");
+        data["result"][0]["value"][1].clone()
+    }
+
     /// What it logged (where a start or scrape failure shows).
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
@@ -279,7 +265,7 @@ fn start_prometheus(target: &str) -> Prometheus {
         ),
     )
     .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = free_addr();
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -317,26 +303,8 @@ async fn prometheus_scrapes_a_worker_and_receives_every_documented_metric_with_i
     let documented = documented();
     let s = scene().await;
     // Wait until the webhook's counter is on the page, so Prometheus can see it.
-    metrics_page(&s.metrics, DELIVERED).await;
+    metrics_page(&s.metrics, DELIVERED, Duration::from_secs(30)).await;
     let prometheus = start_prometheus(&s.metrics);
-    let http = http_client();
-    let series = |names: &str| {
-        let url = format!("{}/series", prometheus.api);
-        let http = http.clone();
-        let matcher = format!("{{__name__=~\"{names}\"}}");
-        async move {
-            let answer: serde_json::Value = http
-                .get(url)
-                .query(&[("match[]", matcher.as_str())])
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            answer["data"].as_array().cloned()
-        }
-    };
     // Label names seen per metric, once every documented one has arrived (a failure
     // from here on prints Prometheus's log).
     let log_on_timeout = LogOnPanic(&prometheus);
@@ -345,7 +313,10 @@ async fn prometheus_scrapes_a_worker_and_receives_every_documented_metric_with_i
         Duration::from_secs(60),
         || async {
             let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for s in series("report_worker_.*").await? {
+            let series = prometheus
+                .api("series", &[("match[]", "{__name__=~\"report_worker_.*\"}")])
+                .await?;
+            for s in series.as_array()? {
                 let labels = s.as_object()?;
                 let name = labels["__name__"].as_str()?.to_string();
                 let keys = labels
@@ -375,30 +346,12 @@ async fn prometheus_scrapes_a_worker_and_receives_every_documented_metric_with_i
         assert_eq!(&seen[&sample], labels, "the labels of {name}");
     }
     // The scrape itself is healthy, and a query over the worker's numbers answers.
-    let up: serde_json::Value = http
-        .get(format!("{}/query", prometheus.api))
-        .query(&[("query", "up{job=\"report-worker\"}")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    assert_eq!(prometheus.value("up{job=\"report-worker\"}").await, "1");
     let creates = format!(
         "report_worker_upstream_calls_total{{endpoint=\"create\",outcome=\"ok\",account=\"{}\"}}",
         s.sim.config().client_id
     );
-    let answer: serde_json::Value = http
-        .get(format!("{}/query", prometheus.api))
-        .query(&[("query", creates.as_str())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["data"]["result"][0]["value"][1], "1", "{answer}");
+    assert_eq!(prometheus.value(&creates).await, "1");
     drop(log_on_timeout);
     drop(prometheus);
     drop(s.worker);

@@ -147,11 +147,7 @@ async fn every_command_works_through_pgbouncer_in_transaction_mode() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut dashboard = Command::new(env!("CARGO_BIN_EXE_report-worker"))
         .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
         .env_clear()

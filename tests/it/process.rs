@@ -194,15 +194,6 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 #[tokio::test]
 async fn a_frozen_worker_makes_no_call_for_rows_another_now_holds() {
     let db = TestDb::new().await;
@@ -417,27 +408,15 @@ async fn metrics_and_health_are_served() {
     let db = TestDb::new().await;
     let sim = start_sim(SimConfig::instant()).await;
     enqueue(&db.pool, Some("小米科技有限责任公司"), None, None, "pdf").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut child = worker_process(&db.url, &sim, &[("METRICS_ADDR", &addr)]);
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let http = http_client();
-    let page = wait_for("metrics", Duration::from_secs(10), || async {
-        let text = http
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("report_worker_reports_finished_total{state=\"succeeded\"} 1")
-            .then_some(text)
-    })
+    let page = metrics_page(
+        &addr,
+        "report_worker_reports_finished_total{state=\"succeeded\"} 1",
+        Duration::from_secs(10),
+    )
     .await;
     assert!(
         page.contains(&format!(
@@ -530,7 +509,7 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
     child.wait().unwrap();
 
     // Beyond loopback without a token: refused at start, in one line, saying how.
-    let port = free_addr().rsplit(':').next().unwrap().to_string();
+    let port = free_port().to_string();
     let dashboard = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_report-worker"))
             .args(["dashboard", "--listen", &format!("0.0.0.0:{port}")])
@@ -583,18 +562,6 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
 
 /// `run` with the accounts of `accounts` (the first one's secret in FIRST_SECRET) and
 /// `env`, polling quickly.
-/// A `run` process that is killed when dropped: a test that fails while waiting on it
-/// leaves no process behind holding its database connections (which would starve the
-/// tests after it).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn run_with_accounts(
     db: &TestDb,
     sim: &report_worker::simulator::Simulator,
