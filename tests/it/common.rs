@@ -691,16 +691,14 @@ impl Drop for Running {
 
 /// The `/metrics` page a worker serves on `addr`, once it contains `must_contain`.
 pub async fn metrics_page(addr: &str, must_contain: &str, deadline: Duration) -> String {
+    page_containing(&format!("http://{addr}/metrics"), must_contain, deadline).await
+}
+
+/// The page at `url`, once it answers and contains `must_contain`.
+pub async fn page_containing(url: &str, must_contain: &str, deadline: Duration) -> String {
     let http = http_client();
-    wait_for(&format!("{must_contain} on /metrics"), deadline, || async {
-        let page = http
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+    wait_for(&format!("{must_contain} at {url}"), deadline, || async {
+        let page = http.get(url).send().await.ok()?.text().await.ok()?;
         page.contains(must_contain).then_some(page)
     })
     .await

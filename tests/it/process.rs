@@ -492,17 +492,11 @@ async fn run_serves_the_dashboard_and_an_open_dashboard_needs_asking_for() {
     let mut child = worker_process(&db.url, &sim, &[("DASHBOARD_ADDR", &addr)]);
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let http = http_client();
-    let page = wait_for("the dashboard on run", Duration::from_secs(10), || async {
-        let text = http
-            .get(format!("http://{addr}/requests"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("小米科技有限责任公司").then_some(text)
-    })
+    let page = page_containing(
+        &format!("http://{addr}/requests"),
+        "小米科技有限责任公司",
+        Duration::from_secs(10),
+    )
     .await;
     assert!(page.contains("state-succeeded"), "{page}");
     child.kill().unwrap();
