@@ -10,6 +10,7 @@
 //! | `domain` | validated values: `ReportType`, `JobId`, `RequestState`, `StopScope`, `NewRequest`, `Document` |
 //! | `config` | durations written like `30s`, connection strings without their password |
 //! | `spool` | a document's bytes on their way: in memory while small, in a temporary file when not |
+//! | `telemetry` | OpenTelemetry traces: the exporter from the `OTEL_*` variables, and each row's trace |
 //! | `store/` | where documents' bytes live: PostgreSQL, or S3-compatible object storage |
 //! | `webhook` | the signed webhook POST (HMAC-SHA256, no redirects, a timeout per attempt) |
 //! | `queue/` | every SQL statement on the `report_*` tables: connect, enqueue, claim, outcomes, accounts, stats, browse, calls, operator actions, documents, webhooks, roles, fixtures |
@@ -22,7 +23,7 @@
 //!
 //! # The dependency rule
 //!
-//! `cli` → `ops` → `engine` / `simulator` / `dashboard` → `queue` / `upstream` / `store` / `webhook` →
+//! `cli` → `ops` → `engine` / `simulator` / `dashboard` → `queue` / `upstream` / `store` / `webhook` / `telemetry` →
 //! `domain` / `config` / `spool`.
 //! A module uses only modules of a lower layer (never its own layer or above), and the
 //! files of one folder do not import each other in a cycle. `tests/it/layout.rs`
@@ -38,5 +39,6 @@ pub mod queue;
 pub mod simulator;
 pub mod spool;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 pub mod webhook;

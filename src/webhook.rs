@@ -255,12 +255,14 @@ impl Sender {
         })
     }
 
-    /// One attempt: POSTs `body` to `url`, signed now. Ok with the 2xx status.
+    /// One attempt: POSTs `body` to `url`, signed now. Ok with the 2xx status. With
+    /// `traceparent`, the receiver can continue the report's trace (W3C Trace Context).
     pub async fn deliver(
         &self,
         url: &str,
         delivery: i64,
         body: &str,
+        traceparent: Option<&str>,
     ) -> Result<u16, DeliveryError> {
         let host = host_of(url);
         // An address written in the URL is not resolved: judged here.
@@ -278,9 +280,11 @@ impl Sender {
             }
         }
         let now = chrono::Utc::now().timestamp();
-        let answer = self
-            .http
-            .post(url)
+        let mut request = self.http.post(url);
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let answer = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(
                 SIGNATURE_HEADER,

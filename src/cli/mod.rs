@@ -42,7 +42,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&cli.command, cli.log_format);
+    if let Err(line) = init_tracing(&cli.command, cli.log_format) {
+        eprintln!("error: {line}");
+        return ExitCode::from(2);
+    }
     // One TLS crypto provider for every HTTP client of the process.
     crate::config::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -74,7 +77,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(command: &Command, format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG` (a default per command); for `run`, also
+/// OpenTelemetry traces when the standard `OTEL_*` variables ask for them. A tracing
+/// setting it cannot honour is a one-line error.
+fn init_tracing(command: &Command, format: LogFormat) -> Result<(), String> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = match command {
         Command::Migrate(_)
         | Command::Enqueue(_)
@@ -88,22 +97,51 @@ fn init_tracing(command: &Command, format: LogFormat) {
         Command::Demo(_) | Command::Bench(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+        // The spans made for traces are not for the logs (and cost nothing when no
+        // trace exporter wants them either).
+        .add_directive(
+            format!("{}=off", crate::telemetry::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        )
+        // The trace exporter's own messages: its failures (a collector down, refused
+        // headers, spans dropped), not its chatter.
+        .add_directive("opentelemetry=warn".parse().expect("a valid directive"));
+    let traces = match command {
+        // `bench` too: its tracing scenario measures burn-down with traces on.
+        Command::Run(_) | Command::Bench(_) => {
+            crate::telemetry::settings(|k| std::env::var(k).ok())?
+        }
+        _ => None,
+    };
     use std::io::IsTerminal;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         // Colours only for a person at a terminal, never into files and pipelines.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => logs.try_init(),
+    let logs = match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
     };
+    let exporter = match &traces {
+        Some(settings) => Some(crate::telemetry::init(settings).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(exporter)
+        .try_init();
+    if let Some(settings) = traces {
+        tracing::info!(endpoint = %settings.endpoint, sampler = ?settings.sampler, "exporting OpenTelemetry traces over OTLP/HTTP");
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -170,6 +208,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pooler_url: args.pooler,
             };
             let results = crate::ops::bench::run(&options).await?;
+            // Spans still batched reach the collector (the tracing scenario counts them).
+            crate::telemetry::shutdown().await;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
@@ -585,6 +625,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     Worker::with_accounts(pool.clone(), accounts, worker_config, metrics)
         .run(cancel)
         .await;
+    crate::telemetry::shutdown().await;
     pool.close().await;
     Ok(())
 }

@@ -563,6 +563,7 @@ pub(super) fn request(
                     (fact("Polls", html! { (r.polls) }))
                     (fact("Next poll", time_opt(r.next_poll_at)))
                     (fact("Unused tasks kept", html! { (r.orphans) }))
+                    (fact("Trace id", html! { @if let Some(t) = &r.trace_id { code { (t) } } @else { "—" } }))
                     (fact("Held by", html! { (r.lease_owner.as_deref().unwrap_or("—")) @if let Some(t) = r.lease_expires_at { " until " (time(t)) } }))
                 }
             }

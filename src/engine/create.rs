@@ -112,6 +112,7 @@ impl RowTask {
                     same_company = why.as_deref(),
                     "served from the document of an earlier request: no provider call"
                 );
+                self.report_finished("succeeded", None);
                 Some(Outcome::Written)
             }
             // It aged past the window while it was being copied: pay for a fresh one.

@@ -38,7 +38,6 @@ use crate::queue::Db;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use self::account::Account;
 use self::leases::Leases;
@@ -98,6 +97,9 @@ pub struct WorkerConfig {
     /// How often the job ids this process wrote lately are checked against the
     /// database (a failover may have lost them; see `recent`).
     pub recheck_every: Duration,
+    /// Whether claims give rows their trace context (`trace_context`): on when this
+    /// process exports traces (`crate::telemetry`).
+    pub trace_rows: bool,
 }
 
 /// Where a worker LISTENs for new rows and webhook deliveries.
@@ -135,6 +137,7 @@ impl WorkerConfig {
             reuse_within: None,
             listen: Listen::Pool,
             recheck_every: recent::RECHECK_EVERY,
+            trace_rows: crate::telemetry::enabled(),
         }
     }
 }
@@ -348,25 +351,13 @@ impl Worker {
                     );
                     continue;
                 };
-                let span = tracing::info_span!(
-                    "row",
-                    id = row.id,
-                    job = tracing::field::Empty,
-                    batch = row.batch.as_deref()
-                );
-                if let Some(job) = &row.upstream_job_id {
-                    span.record("job", tracing::field::display(job));
-                }
                 let task = RowTask::new(shared.clone(), row, role, lease, cancel.clone());
-                tasks.spawn(
-                    async move {
-                        if task.run().await {
-                            held.finish();
-                        }
-                        drop(permit);
+                tasks.spawn(async move {
+                    if task.run().await {
+                        held.finish();
                     }
-                    .instrument(span),
-                );
+                    drop(permit);
+                });
             }
             if got < free {
                 let nap = shared.idle_nap(polls_allowed).await;
@@ -447,6 +438,7 @@ impl Shared {
                 free.min(1),
                 kinds,
                 Some(self.polls(&own)),
+                self.config.trace_rows,
             )
             .await?;
             free -= probe.len() as i64;
@@ -466,6 +458,7 @@ impl Shared {
             free,
             kinds,
             Some(self.polls(&polls_for)),
+            self.config.trace_rows,
         )
         .await?;
         rows.extend(claimed.into_iter().map(|r| {

@@ -22,8 +22,11 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::field::{Empty, display};
 
 use super::account::{Account, outcome};
 use super::leases::LeaseFlag;
@@ -34,6 +37,7 @@ use crate::queue::{
     OrphanFate, Retry, Snoozed, Stored, WriteError,
 };
 use crate::store::DocumentStore;
+use crate::telemetry::{RowTrace, TARGET};
 use crate::upstream::client::CreateTask;
 use crate::upstream::{CreateError, Downloaded, TaskStatus, UpstreamError};
 
@@ -132,6 +136,12 @@ pub(super) struct RowTask {
     /// the claim's lease no longer covers (a cancel and retry while the create was on
     /// the wire) is made by this instead. A std mutex, never held across an await.
     intent: std::sync::Mutex<Option<DateTime<Utc>>>,
+    /// The row's trace, when this process exports traces.
+    trace: Option<RowTrace>,
+    /// This claim's span in the row's trace (disabled when traces are off).
+    span: tracing::Span,
+    /// The span that gives this claim's log lines their row, job and batch.
+    log_span: tracing::Span,
 }
 
 /// In-process retries of idempotent calls (status, download) before a transient error
@@ -161,6 +171,36 @@ impl RowTask {
         if let Role::Poll(i) | Role::Probe(i) = role {
             let _ = account.set(i);
         }
+        let log_span = tracing::info_span!(
+            "row",
+            id = row.id,
+            job = row.upstream_job_id.as_ref().map(display),
+            batch = row.batch.as_deref()
+        );
+        let trace = RowTrace::of(row.trace_context.as_deref(), row.traceparent.as_deref());
+        let span = tracing::info_span!(
+            target: TARGET,
+            "claim",
+            report.id = row.id,
+            report.type = %row.report_type,
+            report.batch = row.batch.as_deref(),
+            report.state = %row.state,
+            report.attempts = row.attempts,
+            report.account = Empty,
+            claim.role = match role {
+                Role::Create => "create",
+                Role::Poll(_) => "poll",
+                Role::Probe(_) => "probe",
+            },
+            claim.lease_token = row.lease_token,
+            upstream.job_id = row.upstream_job_id.as_ref().map(display),
+        );
+        if let Some(i) = account.get() {
+            span.record("report.account", shared.accounts[*i].name());
+        }
+        if let Some(trace) = &trace {
+            trace.adopt(&span);
+        }
         RowTask {
             shared,
             row,
@@ -171,7 +211,16 @@ impl RowTask {
             stopping,
             answered_normally: AtomicBool::new(false),
             intent: std::sync::Mutex::new(None),
+            trace,
+            span,
+            log_span,
         }
+    }
+
+    /// The row's new task, named in its log lines and its claim's span from now on.
+    fn note_job(&self, job: &JobId) {
+        self.log_span.record("job", display(job));
+        self.span.record("upstream.job_id", display(job));
     }
 
     /// The whole of this claim: one step of the row's life, its outcome written, and
@@ -179,15 +228,42 @@ impl RowTask {
     /// Returns false when the row was not finished with (shutdown interrupted it) and
     /// must be handed back.
     pub(super) async fn run(self) -> bool {
-        let outcome = self.live().await;
-        if matches!(outcome, Outcome::Interrupted) {
-            return false;
+        let (span, log_span) = (self.span.clone(), self.log_span.clone());
+        async {
+            let outcome = self.live().await;
+            if matches!(outcome, Outcome::Interrupted) {
+                return false;
+            }
+            self.settle(outcome).await;
+            if matches!(self.role, Role::Probe(_)) && self.answered_normally.load(Ordering::Relaxed)
+            {
+                self.account().clear_stop().await;
+            }
+            true
         }
-        self.settle(outcome).await;
-        if matches!(self.role, Role::Probe(_)) && self.answered_normally.load(Ordering::Relaxed) {
-            self.account().clear_stop().await;
+        .instrument(span)
+        .instrument(log_span)
+        .await
+    }
+
+    /// The row is finished (succeeded or failed) by this claim: the report's own span,
+    /// from its insert to now, closes its trace.
+    pub(super) fn report_finished(&self, outcome: &'static str, error: Option<&str>) {
+        let Some(trace) = &self.trace else { return };
+        let row = &self.row;
+        let mut attributes = vec![
+            KeyValue::new("report.id", row.id),
+            KeyValue::new("report.type", row.report_type.as_str()),
+            KeyValue::new("report.outcome", outcome),
+            KeyValue::new("report.account", self.account().name().to_string()),
+        ];
+        if let Some(batch) = &row.batch {
+            attributes.push(KeyValue::new("report.batch", batch.clone()));
         }
-        true
+        if let Some(error) = error {
+            attributes.push(KeyValue::new("report.error", error.to_string()));
+        }
+        trace.finish(row.created_at, attributes);
     }
 
     /// The account this claim calls with (the first until a create has chosen one).
@@ -225,10 +301,29 @@ impl RowTask {
             return outcome;
         }
         let account = self.account();
+        self.span.record("report.account", account.name());
         let (mut token_refused, mut rate_limited) = (false, 0);
         loop {
             // The token before the intent: a create's time budget is for the create alone.
-            let token = match account.client.token_for_create().await {
+            let span = tracing::info_span!(
+                target: TARGET,
+                "token",
+                token.fetched = Empty,
+                otel.status_code = Empty
+            );
+            let fetches = account.client.token_fetches();
+            let token = account
+                .client
+                .token_for_create()
+                .instrument(span.clone())
+                .await;
+            // The account's fetch count: this create waited for a fetch (its own or one
+            // another create began), or had the cached token.
+            span.record("token.fetched", account.client.token_fetches() > fetches);
+            if token.is_err() {
+                span.record("otel.status_code", "error");
+            }
+            let token = match token {
                 Ok(token) => token,
                 Err(error) => {
                     let intent = Intent::Keep;
@@ -261,7 +356,7 @@ impl RowTask {
                     return Outcome::WaitForCreate;
                 }
                 Ok(CreateIntent::Adopted { job }) => {
-                    tracing::Span::current().record("job", tracing::field::display(&job));
+                    self.note_job(&job);
                     tracing::info!("adopted the task bought for this row earlier: no new create");
                     return Outcome::Written;
                 }
@@ -307,8 +402,24 @@ impl RowTask {
                 };
             }
             let timeout = account.client.config().timeout;
-            let result = account.client.create_task(&task, &token, timeout).await;
+            let span = tracing::info_span!(
+                target: TARGET,
+                "create",
+                otel.kind = "client",
+                otel.status_code = Empty,
+                create.attempt = attempt,
+                create.outcome = Empty,
+                upstream.job_id = Empty,
+            );
+            let result = (account.client.create_task(&task, &token, timeout))
+                .instrument(span.clone())
+                .await;
             (shared.metrics).call(account.name(), "create", create_outcome(&result));
+            span.record("create.outcome", create_outcome(&result));
+            match &result {
+                Ok(job) => span.record("upstream.job_id", display(job)),
+                Err(_) => span.record("otel.status_code", "error"),
+            };
             if matches!(
                 result,
                 Ok(_) | Err(CreateError::NotCreated(UpstreamError::Rejected { .. }))
@@ -412,12 +523,33 @@ impl RowTask {
             return Outcome::LeaseLost;
         }
         let client = &self.account().client;
+        let span = tracing::info_span!(
+            target: TARGET,
+            "poll",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            upstream.job_id = %job,
+            poll.number = self.row.polls + 1,
+            job_status = Empty,
+            queue_num = Empty,
+        );
         let status = (|| self.paced("status", || client.task_status(&job)))
             .retry(immediate_retries())
-            .when(|e| matches!(e, UpstreamError::Transient { .. }));
+            .when(|e| matches!(e, UpstreamError::Transient { .. }))
+            .instrument(span.clone());
         let Some(status) = self.unless_stopping(status).await else {
             return Outcome::Interrupted;
         };
+        match &status {
+            Ok(TaskStatus::Waiting { queue_num }) => {
+                span.record("job_status", 0).record("queue_num", *queue_num)
+            }
+            Ok(TaskStatus::Exporting) => span.record("job_status", 1),
+            Ok(TaskStatus::Ready { .. }) => span.record("job_status", 2),
+            Ok(TaskStatus::Failed { .. }) => span.record("job_status", 3),
+            Err(_) => span.record("otel.status_code", "error"),
+        };
+        drop(span);
         let queued = match status {
             Ok(TaskStatus::Ready { download_url }) => {
                 return self.download(&job, &download_url).await;
@@ -491,9 +623,31 @@ impl RowTask {
         })
         .retry(immediate_retries())
         .when(|e| matches!(e, UpstreamError::Transient { .. }));
-        let Some(result) = self.unless_stopping(result).await else {
+        // The link itself is never recorded: it is signed.
+        let span = tracing::info_span!(
+            target: TARGET,
+            "download",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            upstream.job_id = %job,
+            document.bytes = Empty,
+            document.sha256 = Empty,
+            document.content_type = Empty,
+        );
+        let Some(result) = self.unless_stopping(result.instrument(span.clone())).await else {
             return Outcome::Interrupted;
         };
+        match &result {
+            Ok(d) if !span.is_disabled() => {
+                span.record("document.bytes", d.spool.len());
+                span.record("document.sha256", &d.spool.sha256()[..12]);
+                span.record("document.content_type", d.content_type);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                span.record("otel.status_code", "error");
+            }
+        }
         match result {
             Ok(downloaded) => Outcome::Downloaded(Box::new(downloaded)),
             Err(UpstreamError::BadDownload { message }) => Outcome::BadDownload { message },
@@ -556,7 +710,20 @@ impl RowTask {
                 let reply = self.shared.writer.snoozed(snoozed).await;
                 self.fenced("snooze", reply);
             }
-            Outcome::Downloaded(downloaded) => self.store(*downloaded).await,
+            Outcome::Downloaded(downloaded) => {
+                let span = tracing::info_span!(
+                    target: TARGET,
+                    "store",
+                    store.kind = match self.shared.config.documents {
+                        DocumentStore::Postgres => "postgres",
+                        DocumentStore::Objects { .. } => "s3",
+                    },
+                    document.bytes = downloaded.spool.len(),
+                    store.outcome = Empty,
+                    otel.status_code = Empty,
+                );
+                self.store(*downloaded).instrument(span).await
+            }
             Outcome::BadDownload { message } => {
                 let tries = self.row.bad_downloads + 1;
                 if tries >= self.shared.config.download_tries.max(1) as i32 {
@@ -644,7 +811,7 @@ impl RowTask {
     /// once when the row waits for exactly this create (a cancel and retry while it was
     /// on the wire), otherwise recorded for a later retry and for operators.
     async fn record_task(&self, job: JobId, started_at: DateTime<Utc>, attempt: i32) {
-        tracing::Span::current().record("job", tracing::field::display(&job));
+        self.note_job(&job);
         tracing::debug!("upstream task created");
         let shared = &self.shared;
         let first_poll = shared
@@ -800,6 +967,9 @@ impl RowTask {
         {
             Ok(document) => document,
             Err(e) => {
+                tracing::Span::current()
+                    .record("store.outcome", "store_unavailable")
+                    .record("otel.status_code", "error");
                 let error = UpstreamError::transient(format!("could not store the document: {e}"));
                 self.retry_later(error, Intent::Keep).await;
                 return;
@@ -822,8 +992,23 @@ impl RowTask {
     /// ours, or refused by the database (the row fails with the reason instead of being
     /// redone).
     async fn stored(&self, reply: Result<Stored, WriteError>, bytes: u64, file: &str) {
+        let span = tracing::Span::current();
+        span.record(
+            "store.outcome",
+            match &reply {
+                Ok(Stored::Finished) => "stored",
+                Ok(Stored::KeptForCancelled) => "kept_for_cancelled",
+                Ok(Stored::Lost) => "lease_lost",
+                Err(WriteError::Refused { .. }) => "refused",
+                Err(_) => "unavailable",
+            },
+        );
+        if reply.is_err() {
+            span.record("otel.status_code", "error");
+        }
         match reply {
             Ok(Stored::Finished) => {
+                self.report_finished("succeeded", None);
                 self.shared.metrics.finished("succeeded");
                 if let Ok(d) = (Utc::now() - self.row.created_at).to_std() {
                     self.shared.metrics.insert_to_document(d);
@@ -863,6 +1048,7 @@ impl RowTask {
         if written == Some(Fenced::Written) {
             self.shared.metrics.finished("failed");
             tracing::info!(outcome = "failed", code, error = %message, "report failed");
+            self.report_finished("failed", Some(message));
         }
         written
     }
@@ -907,6 +1093,7 @@ impl RowTask {
         if written == Some(Fenced::Written) && new_task_after.is_none() {
             self.shared.metrics.finished("failed");
             tracing::info!(outcome = "failed", code, error = %message, "report failed");
+            self.report_finished("failed", Some(&message));
         }
     }
 

@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::policy::WebhookPolicy;
 use crate::queue::{self, DueDelivery};
+use crate::telemetry::{RowTrace, TARGET};
 use crate::webhook::Sender;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// Attempts in flight per process.
 const IN_FLIGHT: usize = 8;
@@ -88,11 +91,58 @@ pub(super) async fn deliver(shared: Arc<Shared>, cancel: CancellationToken) {
 /// record is lost, the claim expires and the delivery is sent again: receivers
 /// recognise a repeat by `X-Report-Delivery`).
 async fn attempt(shared: Arc<Shared>, hooks: Webhooks, delivery: DueDelivery) {
+    let url = crate::webhook::host_of(&delivery.url);
+    // A span in the request's trace; its traceparent goes to the receiver.
+    let span = tracing::info_span!(
+        target: TARGET,
+        "webhook",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        report.id = delivery.request_id,
+        webhook.delivery = delivery.id,
+        webhook.attempt = delivery.attempts,
+        webhook.host = %url,
+        http.response.status_code = Empty,
+        webhook.outcome = Empty,
+    );
+    let trace = RowTrace::of(
+        delivery.trace_context.as_deref(),
+        delivery.traceparent.as_deref(),
+    );
+    if let Some(trace) = &trace {
+        trace.adopt(&span);
+    }
+    let traceparent = trace.and_then(|_| RowTrace::traceparent_of(&span));
+    let recorded_in = span.clone();
+    send(shared, hooks, delivery, traceparent, recorded_in)
+        .instrument(span)
+        .await
+}
+
+/// The attempt itself, inside its span.
+async fn send(
+    shared: Arc<Shared>,
+    hooks: Webhooks,
+    delivery: DueDelivery,
+    traceparent: Option<String>,
+    span: tracing::Span,
+) {
+    let url = crate::webhook::host_of(&delivery.url);
     let result = hooks
         .sender
-        .deliver(&delivery.url, delivery.id, &delivery.body)
+        .deliver(
+            &delivery.url,
+            delivery.id,
+            &delivery.body,
+            traceparent.as_deref(),
+        )
         .await;
-    let url = crate::webhook::host_of(&delivery.url);
+    match &result {
+        Ok(status) => span.record("http.response.status_code", status),
+        Err(e) => span
+            .record("http.response.status_code", e.status())
+            .record("otel.status_code", "error"),
+    };
     let (outcome, recorded) = match &result {
         Ok(status) => {
             tracing::info!(id = delivery.request_id, delivery = delivery.id, attempt = delivery.attempts, host = %url, status, "webhook delivered");
@@ -135,6 +185,7 @@ async fn attempt(shared: Arc<Shared>, hooks: Webhooks, delivery: DueDelivery) {
         }
     };
     shared.metrics.webhook_attempt(outcome);
+    span.record("webhook.outcome", outcome);
     match recorded {
         Ok(true) => {}
         Ok(false) => {

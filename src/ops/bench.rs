@@ -19,9 +19,11 @@ use super::bench_kit::{Via, machine};
 pub use super::bench_live::LearnedLive;
 use super::bench_live::learned_live;
 pub use super::bench_worker::{
-    BulkEnqueue, BurnDown, DocumentRss, Idle, InFlight, Pickup, QpsUse, ThroughPooler,
+    BulkEnqueue, BurnDown, DocumentRss, Idle, InFlight, Pickup, QpsUse, ThroughPooler, TracingCost,
 };
-use super::bench_worker::{bulk_enqueue, burn_down, document_rss, idle, inflight, pickup, qps_use};
+use super::bench_worker::{
+    bulk_enqueue, burn_down, document_rss, idle, inflight, pickup, qps_use, tracing_cost,
+};
 
 #[derive(Debug, Default, Serialize)]
 pub struct BenchResults {
@@ -41,6 +43,7 @@ pub struct BenchResults {
     pub hot: Option<Vec<HotUpdates>>,
     pub dashboard: Option<DashboardLoad>,
     pub pgbouncer: Option<ThroughPooler>,
+    pub tracing: Option<TracingCost>,
 }
 
 fn wants(o: &BenchOptions, name: &str) -> bool {
@@ -60,6 +63,14 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     };
     if wants(o, "burn-down") {
         r.burn_down = Some(burn_down(o, Via::Direct).await.context("burn-down")?);
+    }
+    // Named only: six burn-downs.
+    if o.only.iter().any(|n| n == "tracing") {
+        r.tracing = Some(
+            tracing_cost(o)
+                .await
+                .context("burn-down, traces off and on")?,
+        );
     }
     if wants(o, "pickup") {
         r.pickup = Some(
@@ -148,6 +159,36 @@ pub fn table(r: &BenchResults) -> String {
             b.wal_bytes_per_report,
             b.document_bytes_per_report,
             b.bookkeeping_wal_bytes_per_report
+        );
+    }
+    if let Some(t) = &r.tracing {
+        s += &format!(
+            "1c. burn-down with traces off and on ({} reports; off · on, alternating processes):
+",
+            t.reports
+        );
+        for (i, ((rps, tx), wal)) in t
+            .rounds
+            .iter()
+            .zip(&t.transactions_per_report)
+            .zip(&t.bookkeeping_wal_bytes_per_report)
+            .enumerate()
+        {
+            s += &format!(
+                "   round {}: {:.0} · {:.0} reports/s ({:.2}×), {:.2} · {:.2} transactions/report, {:.0} · {:.0} bookkeeping WAL bytes/report\n",
+                i + 1,
+                rps[0],
+                rps[1],
+                rps[1] / rps[0],
+                tx[0],
+                tx[1],
+                wal[0],
+                wal[1]
+            );
+        }
+        s += &format!(
+            "   exported: {:.0} OTLP bytes and {:.3} export requests per report\n",
+            t.exported_bytes_per_report, t.exports_per_report
         );
     }
     if let Some(t) = &r.pgbouncer {

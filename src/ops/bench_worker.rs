@@ -58,6 +58,26 @@ pub struct BurnDown {
     pub document_bytes_per_report: f64,
     /// WAL per report beyond the document: what the bookkeeping costs.
     pub bookkeeping_wal_bytes_per_report: f64,
+    /// Whether this process exported traces (`OTEL_EXPORTER_OTLP_ENDPOINT` was set).
+    pub traced: bool,
+}
+
+/// Burn-down with traces off and on, each in a `bench --only burn-down` process of its
+/// own (a process's trace exporter is installed once, at its start), alternating.
+#[derive(Debug, Serialize)]
+pub struct TracingCost {
+    pub reports: usize,
+    /// Per round: reports/s with traces off, then on.
+    pub rounds: Vec<[f64; 2]>,
+    /// Per round: transactions per report, off and on (the trace context's write rides
+    /// on the claim).
+    pub transactions_per_report: Vec<[f64; 2]>,
+    /// Per round: bookkeeping WAL bytes per report, off and on.
+    pub bookkeeping_wal_bytes_per_report: Vec<[f64; 2]>,
+    /// OTLP bytes the collector received per traced report.
+    pub exported_bytes_per_report: f64,
+    /// Export requests the collector received per traced report.
+    pub exports_per_report: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,7 +189,82 @@ pub(super) async fn burn_down(o: &BenchOptions, via: Via<'_>) -> anyhow::Result<
         // Minus the two statistics reads and the polling of this harness itself.
         transactions_per_report: (after - before) as f64 / o.reports as f64,
         upstream_calls_per_report: calls as f64 / o.reports as f64,
+        traced: crate::telemetry::enabled(),
     })
+}
+
+/// `TracingCost`: three rounds of burn-down with traces off, then on, exported over
+/// OTLP/HTTP to a collector in this process that counts what it is sent.
+pub(super) async fn tracing_cost(o: &BenchOptions) -> anyhow::Result<TracingCost> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (exports, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (e, b) = (exports.clone(), bytes.clone());
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            e.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(body.len() as u64, Ordering::Relaxed);
+            // An empty ExportTraceServiceResponse is zero bytes of protobuf.
+            async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                    "",
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, collector).await;
+    });
+    let mut cost = TracingCost {
+        reports: o.reports,
+        rounds: Vec::new(),
+        transactions_per_report: Vec::new(),
+        bookkeeping_wal_bytes_per_report: Vec::new(),
+        exported_bytes_per_report: 0.0,
+        exports_per_report: 0.0,
+    };
+    for _ in 0..3 {
+        let mut round = [[0.0; 2]; 3];
+        for (i, traced) in [false, true].into_iter().enumerate() {
+            let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+            cmd.args(["bench", "--only", "burn-down", "--json"])
+                .args(["--reports", &o.reports.to_string()])
+                .args(["--concurrency", &o.concurrency.to_string()])
+                .env("DATABASE_URL", &o.database_url)
+                .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .stderr(std::process::Stdio::inherit());
+            if traced {
+                cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+            } else {
+                cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+            }
+            let out = cmd.output().await?;
+            anyhow::ensure!(out.status.success(), "the burn-down process failed");
+            let results: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let b = &results["burn_down"];
+            anyhow::ensure!(
+                b["traced"] == traced,
+                "the burn-down process traced: {}",
+                b["traced"]
+            );
+            let field = |name: &str| b[name].as_f64().unwrap_or(f64::NAN);
+            round[0][i] = field("reports_per_s");
+            round[1][i] = field("transactions_per_report");
+            round[2][i] = field("bookkeeping_wal_bytes_per_report");
+        }
+        cost.rounds.push(round[0]);
+        cost.transactions_per_report.push(round[1]);
+        cost.bookkeeping_wal_bytes_per_report.push(round[2]);
+    }
+    server.abort();
+    let traced_reports = (3 * o.reports) as f64;
+    cost.exported_bytes_per_report = bytes.load(Ordering::Relaxed) as f64 / traced_reports;
+    cost.exports_per_report = exports.load(Ordering::Relaxed) as f64 / traced_reports;
+    Ok(cost)
 }
 
 /// Pickup latency; `idle_poll` is the worker's fallback poll (long, so that only

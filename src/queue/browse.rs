@@ -303,6 +303,8 @@ pub struct RequestDetail {
     pub last_error_code: Option<i32>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The trace id of the row's OpenTelemetry trace, once a tracing worker claimed it.
+    pub trace_id: Option<String>,
     // The document, when stored.
     pub file_name: Option<String>,
     pub content_type: Option<String>,
@@ -321,6 +323,7 @@ pub async fn request_detail(pool: &Db, id: i64) -> Result<Option<RequestDetail>,
                 r.callback_url, r.metadata, r.created_at, r.updated_at, r.run_after, r.finished_at,
                 r.upstream_job_id, r.upstream_created_at, r.next_poll_at, r.lease_owner,
                 r.lease_expires_at, r.last_error_code, r.last_error, r.last_error_at,
+                split_part(r.trace_context, '-', 2) AS trace_id,
                 d.file_name, d.content_type, d.byte_size, d.sha256, d.object_key,
                 d.created_at AS stored_at,
                 (SELECT count(*) FROM report_orphan_tasks o WHERE o.request_id = r.id) AS orphans

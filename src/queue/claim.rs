@@ -38,6 +38,11 @@ pub struct Claimed {
     /// The account the row's current task was created with (`None` before any create,
     /// or for tasks created before accounts were recorded).
     pub account: Option<String>,
+    /// The report's own span, as a W3C traceparent (the trace exporter's): written by
+    /// the first claim that asked for it (`trace`), `None` until then.
+    pub trace_context: Option<String>,
+    /// The application's traceparent, when it wants the report in its own trace.
+    pub traceparent: Option<String>,
     pub db_now: DateTime<Utc>,
 }
 
@@ -85,14 +90,16 @@ pub async fn claim(
     limit: i64,
     kinds: ClaimKinds,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    claim_for(pool, owner, lease, limit, kinds, None).await
+    claim_for(pool, owner, lease, limit, kinds, None, false).await
 }
 
 /// Claims up to `limit` rows that are due: generating rows whose poll is due first
 /// (they keep paid tasks inside their window), then queued rows by priority, run_after,
 /// id. `FOR UPDATE SKIP LOCKED` lets any number of workers claim side by side; the
 /// claim commits at once, and the row is then worked under its lease. With `polls`,
-/// only the polls those accounts may make.
+/// only the polls those accounts may make. With `trace`, a row without a
+/// `trace_context` gets one in the same update: the application's trace id (or a new
+/// random one) and a new random span id for the report's own span.
 pub async fn claim_for(
     pool: &Db,
     owner: &str,
@@ -100,6 +107,7 @@ pub async fn claim_for(
     limit: i64,
     kinds: ClaimKinds,
     polls: Option<PollAccounts<'_>>,
+    trace: bool,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     if limit <= 0 || kinds == ClaimKinds::NONE {
         return Ok(Vec::new());
@@ -125,7 +133,11 @@ pub async fn claim_for(
          UPDATE report_requests r
             SET lease_owner = $1,
                 lease_expires_at = now() + $2 * interval '1 second',
-                lease_token = r.lease_token + 1
+                lease_token = r.lease_token + 1,
+                trace_context = CASE WHEN $8 AND r.trace_context IS NULL
+                    THEN '00-' || coalesce(substr(r.traceparent, 4, 32), report_random_hex(32))
+                         || '-' || report_random_hex(16) || '-01'
+                    ELSE r.trace_context END
            FROM due
           WHERE r.id = due.id
          RETURNING r.id, r.lease_token, r.state, r.company_name, r.credit_code, r.org_number,
@@ -133,7 +145,7 @@ pub async fn claim_for(
                    r.upstream_created_at, r.polls, r.transient_errors, r.transient_since,
                    r.bad_downloads, r.batch, r.created_at,
                    extract(epoch FROM r.reuse_within)::float8 AS reuse_within_secs, r.account,
-                   now() AS db_now",
+                   r.trace_context, r.traceparent, now() AS db_now",
     )
     .bind(owner)
     .bind(secs(lease))
@@ -142,6 +154,7 @@ pub async fn claim_for(
     .bind(kinds.creates)
     .bind(polls.map(|p| p.accounts))
     .bind(polls.is_none_or(|p| p.unrecorded))
+    .bind(trace)
     .fetch_all(pool)
     .await
 }

@@ -16,7 +16,7 @@ pub const WORKER_ROLE: &str = "report_worker";
 
 /// The columns an application sets when it enqueues.
 const APP_INSERT_COLUMNS: &str = "company_name, credit_code, org_number, report_type, priority, run_after, \
-     max_attempts, dedupe_key, metadata, batch, callback_url, reuse_within";
+     max_attempts, dedupe_key, metadata, batch, callback_url, reuse_within, traceparent";
 
 /// Why `grant` could not do its work.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,9 @@ pub struct DueDelivery {
     pub attempts: i32,
     /// The JSON body, built from the request and its document as they are now.
     pub body: String,
+    /// The request's trace (`report_requests.trace_context` and `traceparent`).
+    pub trace_context: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 /// Claims up to `limit` due deliveries for one attempt each. A claimed delivery is not
@@ -70,7 +73,8 @@ pub async fn claim_deliveries(
                     'document', CASE WHEN c.event_state = 'succeeded' AND d.request_id IS NOT NULL THEN
                         json_build_object('content_type', d.content_type, 'file_name', d.file_name,
                                           'byte_size', d.byte_size, 'sha256', d.sha256) END
-                )::text AS body
+                )::text AS body,
+                r.trace_context, r.traceparent
            FROM claimed c
            JOIN report_requests r ON r.id = c.request_id
            LEFT JOIN report_documents d ON d.request_id = c.request_id

@@ -1,5 +1,6 @@
 //! The layout's one dependency rule, checked on the source itself:
-//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` → `domain` /
+//! `cli` → `ops` → `engine` / `simulator` → `queue` / `upstream` / `store` / `webhook` /
+//! `telemetry` → `domain` /
 //! `config` / `spool`.
 //! A module may use modules of a lower layer, never one of its own layer or above, and
 //! the files inside one folder never import each other in a cycle.
@@ -8,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layer of every top-level module of the crate (`src/lib.rs` declares them).
-const LAYERS: [(&str, u8); 12] = [
+const LAYERS: [(&str, u8); 13] = [
     ("domain", 0),
     ("config", 0),
     ("spool", 0),
@@ -16,6 +17,7 @@ const LAYERS: [(&str, u8); 12] = [
     ("upstream", 1),
     ("store", 1),
     ("webhook", 1),
+    ("telemetry", 1),
     ("engine", 2),
     ("dashboard", 2),
     ("simulator", 2),

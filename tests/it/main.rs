@@ -24,5 +24,6 @@ mod scale;
 mod schema;
 mod spend;
 mod torture;
+mod traces;
 mod upstream;
 mod worker;

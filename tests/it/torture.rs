@@ -16,7 +16,11 @@
 //!   within the row's window;
 //! - every row ends;
 //! - no task is polled under an account that did not create it;
-//! - the ledger accounts for every task the simulator made, and counts none it did not.
+//! - the ledger accounts for every task the simulator made, and counts none it did not;
+//! - a row's trace context, once a claim gave it one, never changes except for a new
+//!   report span when a finished row comes back to life, and is in the application's
+//!   trace when the row named one (claims that write trace contexts beside claims that do
+//!   not; the exporter itself is tested in `traces`).
 //!
 //! A schedule is a pure function of its seed; a failing one prints its seed. CI runs the
 //! seeds of `ci_seeds`; `many_seeds` runs as many as `TORTURE_SEEDS` says (docs/development.md).
@@ -116,6 +120,9 @@ struct Schedule {
     spawned: usize,
     rows: Vec<i64>,
     log: Vec<String>,
+    /// Each row's `trace_context` as first seen: it must never change.
+    traces: HashMap<i64, String>,
+    trace_changes: Vec<String>,
 }
 
 /// A valid unified social credit code (its check character computed) from 17 characters.
@@ -184,6 +191,8 @@ impl Schedule {
             spawned: 0,
             rows: Vec::new(),
             log: Vec::new(),
+            traces: HashMap::new(),
+            trace_changes: Vec::new(),
         }
     }
 
@@ -220,7 +229,9 @@ impl Schedule {
         argv.extend(["--upstream-qps".into(), qps.into()]);
         argv.extend(FLAGS.iter().map(|s| s.to_string()));
         let args = report_worker::cli::RunArgs::parse_from(argv).expect("torture flags parse");
-        let (client, config, specs) = args.configs().expect("torture settings are valid");
+        let (client, mut config, specs) = args.configs().expect("torture settings are valid");
+        // Processes that export traces beside processes that do not.
+        config.trace_rows = self.rng.random_bool(0.5);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -284,10 +295,18 @@ impl Schedule {
         let max_attempts = rng.random_range(1..=4);
         let reuse_within = *pick(rng, &[None, None, None, Some("1 hour"), Some("0")]);
         let batch = *pick(rng, &[None, Some("b1"), Some("b2")]);
+        // Some applications put the report in their own trace.
+        let traceparent = rng.random_bool(0.3).then(|| {
+            format!(
+                "00-{:032x}-{:016x}-01",
+                rng.random_range(1..u128::MAX),
+                rng.random_range(1..u64::MAX)
+            )
+        });
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO report_requests (company_name, credit_code, org_number, report_type, max_attempts,
-                                          reuse_within, batch)
-             VALUES ($1, $2, $3, $4, $5, $6::interval, $7) RETURNING id",
+                                          reuse_within, batch, traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6::interval, $7, $8) RETURNING id",
         )
         .bind(name)
         .bind(code)
@@ -296,10 +315,31 @@ impl Schedule {
         .bind(max_attempts)
         .bind(reuse_within)
         .bind(batch)
+        .bind(traceparent)
         .fetch_one(&self.db.pool)
         .await
         .unwrap();
         self.rows.push(id);
+    }
+
+    /// Notes every row's trace context; one that changed is a violation (a row's spans
+    /// would be split over two traces).
+    async fn watch_traces(&mut self) {
+        let now: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT id, trace_context FROM report_requests WHERE trace_context IS NOT NULL",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap();
+        for (id, tc) in now {
+            let first = self.traces.entry(id).or_insert_with(|| tc.clone());
+            // A retried row's new life has a new report span in the same trace.
+            if first.get(..35) != tc.get(..35) {
+                self.trace_changes
+                    .push(format!("row {id}: trace context {first} became {tc}"));
+            }
+            *first = tc;
+        }
     }
 
     fn fault(&mut self) -> Injection {
@@ -505,6 +545,7 @@ impl Schedule {
         let gap = chaos / events;
         for _ in 0..events {
             self.event().await;
+            self.watch_traces().await;
             let jitter = self.rng.random_range(0..=gap.as_millis() as u64 * 2);
             tokio::time::sleep(Duration::from_millis(jitter)).await;
         }
@@ -543,6 +584,8 @@ impl Schedule {
                 "row {id} never ended: {state}, last error {last_error:?}"
             ));
         }
+        self.watch_traces().await;
+        violations.append(&mut self.trace_changes);
         violations.extend(check(&self.db.pool, &self.sim, self.reuse).await);
         let stats = self.sim.stats();
         let summary = format!(
@@ -592,6 +635,22 @@ fn key(name: &Option<String>, code: &Option<String>, org: &Option<String>, kind:
 /// The promises, checked against the simulator's ground truth.
 async fn check(pool: &report_worker::queue::Db, sim: &Simulator, reuse_on: bool) -> Vec<String> {
     let mut v = Vec::new();
+    // Traces: a row's trace is its application's when it named one.
+    let traced: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, trace_context, traceparent FROM report_requests WHERE trace_context IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (id, own, app) in &traced {
+        if let Some(app) = app
+            && own.get(3..35) != app.get(3..35)
+        {
+            v.push(format!(
+                "row {id}: trace context {own} is not in the application's trace {app}"
+            ));
+        }
+    }
     let stats = sim.stats();
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT r.id, r.company_name, r.credit_code, r.org_number, r.report_type, r.state, r.max_attempts,
