@@ -41,10 +41,10 @@ COMMENT ON COLUMN report_requests.trace_context IS
 -- Random lowercase hex for trace and span ids, from random() (no extension, and no md5,
 -- which a server in FIPS mode refuses).
 CREATE OR REPLACE FUNCTION report_random_hex(digits integer) RETURNS text
-    LANGUAGE sql VOLATILE PARALLEL SAFE
+    LANGUAGE sql VOLATILE PARALLEL RESTRICTED
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT string_agg(lpad(to_hex(floor(random() * 65536)::integer), 4, '0'), '')
+    SELECT left(string_agg(lpad(to_hex(floor(random() * 65536)::integer), 4, '0'), ''), digits)
       FROM generate_series(1, (digits + 3) / 4)
 $$;
 

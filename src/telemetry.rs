@@ -54,6 +54,7 @@ pub const VARIABLES: &[&str] = &[
     "OTEL_EXPORTER_OTLP_HEADERS",
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "OTEL_SERVICE_NAME",
@@ -140,17 +141,19 @@ pub fn settings(var: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>
             ));
         }
     }
-    for protocol in [
+    // The traces' own variable wins over the general one.
+    let protocol = [
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Some(p) = get(protocol)
-            && p != "http/protobuf"
-        {
-            return Err(format!(
-                "{protocol}={p}: report-worker sends traces over OTLP/HTTP with protobuf only: set http/protobuf (the collector's port 4318) or leave it unset"
-            ));
-        }
+    ]
+    .into_iter()
+    .find_map(|name| get(name).map(|p| (name, p)));
+    if let Some((name, p)) = protocol
+        && p != "http/protobuf"
+    {
+        return Err(format!(
+            "{name}={p}: report-worker sends traces over OTLP/HTTP with protobuf only: set http/protobuf (the collector's port 4318) or leave it unset"
+        ));
     }
     let ratio = || -> Result<f64, String> {
         match get("OTEL_TRACES_SAMPLER_ARG") {
@@ -492,6 +495,12 @@ mod tests {
             assert!(e.contains(names), "{e}");
             assert!(!e.contains('\n'), "{e}");
         }
+        let traces_wins = [
+            on,
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ];
+        assert!(settings(env(&traces_wins)).unwrap().is_some());
         let ratio = [
             on,
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),

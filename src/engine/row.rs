@@ -255,8 +255,12 @@ impl RowTask {
             KeyValue::new("report.id", row.id),
             KeyValue::new("report.type", row.report_type.as_str()),
             KeyValue::new("report.outcome", outcome),
-            KeyValue::new("report.account", self.account().name().to_string()),
         ];
+        // Not for a row served from a stored document: no account worked it.
+        if let Some(i) = self.account.get() {
+            let name = self.shared.accounts[*i].name().to_string();
+            attributes.push(KeyValue::new("report.account", name));
+        }
         if let Some(batch) = &row.batch {
             attributes.push(KeyValue::new("report.batch", batch.clone()));
         }
