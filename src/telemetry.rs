@@ -239,9 +239,11 @@ where
             resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     }
     let resource = resource.build();
+    // The provider samples with it; `RowTrace::of` asks it the report span's decision.
+    let sampler = settings.sampler.sampler();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).build())
-        .with_sampler(settings.sampler.sampler())
+        .with_sampler(sampler.clone())
         .with_id_generator(RowIds::default())
         .with_resource(resource)
         .build();
@@ -249,7 +251,7 @@ where
     let traces = Traces {
         provider,
         tracer: tracer.clone(),
-        sampler: settings.sampler.sampler(),
+        sampler,
     };
     if TRACES.set(traces).is_err() {
         anyhow::bail!("the trace exporter is installed already");

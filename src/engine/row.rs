@@ -545,14 +545,16 @@ impl RowTask {
             return Outcome::Interrupted;
         };
         match &status {
-            Ok(TaskStatus::Waiting { queue_num }) => {
-                span.record("job_status", 0).record("queue_num", *queue_num)
+            Ok(s) => {
+                span.record("job_status", s.job_status());
+                if let TaskStatus::Waiting { queue_num } = s {
+                    span.record("queue_num", *queue_num);
+                }
             }
-            Ok(TaskStatus::Exporting) => span.record("job_status", 1),
-            Ok(TaskStatus::Ready { .. }) => span.record("job_status", 2),
-            Ok(TaskStatus::Failed { .. }) => span.record("job_status", 3),
-            Err(_) => span.record("otel.status_code", "error"),
-        };
+            Err(_) => {
+                span.record("otel.status_code", "error");
+            }
+        }
         drop(span);
         let queued = match status {
             Ok(TaskStatus::Ready { download_url }) => {

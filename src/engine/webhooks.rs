@@ -114,7 +114,7 @@ async fn attempt(shared: Arc<Shared>, hooks: Webhooks, delivery: DueDelivery) {
     }
     let traceparent = trace.and_then(|_| RowTrace::traceparent_of(&span));
     let recorded_in = span.clone();
-    send(shared, hooks, delivery, traceparent, recorded_in)
+    send(shared, hooks, delivery, url, traceparent, recorded_in)
         .instrument(span)
         .await
 }
@@ -124,10 +124,10 @@ async fn send(
     shared: Arc<Shared>,
     hooks: Webhooks,
     delivery: DueDelivery,
+    url: String,
     traceparent: Option<String>,
     span: tracing::Span,
 ) {
-    let url = crate::webhook::host_of(&delivery.url);
     let result = hooks
         .sender
         .deliver(

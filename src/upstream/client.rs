@@ -165,6 +165,18 @@ pub enum TaskStatus {
     Failed { cause: String },
 }
 
+impl TaskStatus {
+    /// The provider's `job_status` for this state.
+    pub fn job_status(&self) -> i64 {
+        match self {
+            TaskStatus::Waiting { .. } => 0,
+            TaskStatus::Exporting => 1,
+            TaskStatus::Ready { .. } => 2,
+            TaskStatus::Failed { .. } => 3,
+        }
+    }
+}
+
 /// An answer as it came back (`Client::token_exchange`). Not `Debug`: the body holds
 /// the token.
 pub struct RawAnswer {
