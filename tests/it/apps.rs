@@ -619,11 +619,7 @@ async fn the_application_and_worker_roles_can_do_their_job_and_nothing_more() {
         .await
         .unwrap();
     assert!(cancelled);
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(doomed)
-        .fetch_one(&app)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&app, doomed).await;
     assert!(retried);
     for sql in [
         "SELECT count(*) FROM report_requests",
@@ -819,11 +815,7 @@ async fn json_logs_are_one_object_per_line_with_the_row_fields_and_no_secrets() 
     assert!(failed["code"].is_number(), "{failed}");
     assert_eq!(failed["message"], "report failed");
     // Text, the default, for the same kind of run: neither leaks a secret.
-    sqlx::query("SELECT report_retry($1)")
-        .bind(bad)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    report_retry(&db.pool, bad).await;
     let child = run("text");
     wait_all_finished(&db.pool, Duration::from_secs(20)).await;
     let text = stop(child);

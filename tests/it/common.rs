@@ -622,6 +622,16 @@ pub fn injection(
     }
 }
 
+/// `report_retry(id)` as an application calls it, through `executor`: whether the row
+/// was retried.
+pub async fn report_retry<'e>(executor: impl sqlx::PgExecutor<'e>, id: i64) -> bool {
+    sqlx::query_scalar("SELECT report_retry($1)")
+        .bind(id)
+        .fetch_one(executor)
+        .await
+        .unwrap()
+}
+
 /// Waits until row `id` is final; its state, attempts and last error.
 pub async fn wait_final(pool: &Db, id: i64, deadline: Duration) -> (String, i32, Option<String>) {
     wait_for("the row to finish", deadline, || async {

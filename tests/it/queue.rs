@@ -483,11 +483,7 @@ async fn an_orphan_recorded_after_a_cancel_is_adopted_by_the_next_create() {
             .unwrap(),
         queue::OrphanFate::Recorded
     );
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, id).await;
     assert!(retried);
     assert_eq!(
         row_state(&db.pool, id).await.1,
@@ -719,11 +715,7 @@ async fn a_retry_takes_the_rows_unadopted_task_however_old() {
     )
     .await
     .unwrap();
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, id).await;
     assert!(retried);
     let (state, job, account, attempts): (String, Option<String>, Option<String>, i32) =
         sqlx::query_as(

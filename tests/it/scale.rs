@@ -132,11 +132,7 @@ async fn random_operation(pool: &Db, rng: &mut StdRng, owner: &str) {
         }
         5 => {
             if let Some(id) = pick(rng) {
-                sqlx::query("SELECT report_retry($1)")
-                    .bind(id)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                report_retry(pool, id).await;
             }
         }
         6 => {

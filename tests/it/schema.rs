@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::TestDb;
+use crate::common::{TestDb, report_retry};
 use sqlx::postgres::PgListener;
 
 async fn insert(db: &TestDb, columns: &str, values: &str) -> Result<i64, sqlx::Error> {
@@ -360,11 +360,7 @@ async fn cancel_and_retry_in_every_state() {
             assert_eq!(after_cancel, before, "report_cancel changed a {state} row");
         }
         let before = state_of(&db, id).await;
-        let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let retried: bool = report_retry(&db.pool, id).await;
         assert_eq!(retried, retries, "report_retry on {state}");
         let after = state_of(&db, id).await;
         if retries {
@@ -471,11 +467,7 @@ async fn insert_and_retry_notify_listeners() {
         .unwrap();
     assert_eq!(n.channel(), "report_requests");
     set_state(&db, id, "failed").await;
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, id).await;
     assert!(retried);
     let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
         .await

@@ -182,11 +182,7 @@ async fn a_task_answered_after_a_cancel_is_kept_and_adopted_by_a_later_retry() {
     .await;
     assert!(reason.contains("cancelled"), "{reason}");
     assert!(!intent_is_set(&db.pool, id).await, "the intent is over");
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, id).await;
     assert!(retried);
     let (state, attempts, _) = wait_final(&db.pool, id, Duration::from_secs(20)).await;
     assert_eq!((state.as_str(), attempts), ("succeeded", 1));

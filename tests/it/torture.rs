@@ -508,11 +508,7 @@ impl Schedule {
                 if !finished.is_empty() {
                     let id = *pick(&mut self.rng, &finished);
                     self.log.push(format!("retry {id}"));
-                    let _: bool = sqlx::query_scalar("SELECT report_retry($1)")
-                        .bind(id)
-                        .fetch_one(&self.db.pool)
-                        .await
-                        .unwrap();
+                    let _: bool = report_retry(&self.db.pool, id).await;
                 }
             }
             _ => {

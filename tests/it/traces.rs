@@ -536,11 +536,7 @@ async fn a_retried_row_stays_in_its_trace_with_a_new_report_span() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, id).await;
     assert!(retried);
     let (trace, span) = trace_context(&db, id).await.unwrap();
     assert_eq!(trace, APP_TRACE, "the same trace");
@@ -559,11 +555,7 @@ async fn a_retried_row_stays_in_its_trace_with_a_new_report_span() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let retried: bool = sqlx::query_scalar("SELECT report_retry($1)")
-        .bind(untraced)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let retried: bool = report_retry(&db.pool, untraced).await;
     assert!(retried);
     assert_eq!(trace_context(&db, untraced).await, None);
     db.close().await;
