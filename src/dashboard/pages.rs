@@ -689,6 +689,20 @@ pub(super) fn batch(
     let q = query_value(name);
     let body = html! {
         p { (progress(total, finished)) " — " (finished) " of " (total) " finished" }
+        @if let Some(f) = &s.forecast {
+            section aria-labelledby="forecast" {
+                h2 #forecast { "Forecast" }
+                p #forecast-line { (f.describe(chrono::Utc::now())) }
+                dl.facts {
+                    (fact("Expected finish", html! { @if let Some(t) = f.finish_at { time datetime=(t.to_rfc3339()) { (t.format("%Y-%m-%d %H:%M:%S UTC")) } } @else { "—" } }))
+                    (fact("Decided by", html! { code { (f.limited_by) } }))
+                    (fact("Runs into the daily limit", html! { @if let Some(t) = f.runs_into_daily_limit_at { time datetime=(t.to_rfc3339()) { (t.format("%Y-%m-%d %H:%M UTC")) } } @else { "no" } }))
+                    (fact("Paid tasks to go", html! { (f.creates_left) }))
+                    (fact("Provider calls to go", html! { (f.calls_left) }))
+                    (fact("Share of the account", html! { (format!("{:.0} % (weight {})", f.share * 100.0, f.weight)) }))
+                }
+            }
+        }
         ul.cards {
             @for (state, n) in &s.states {
                 li.card { a href=(format!("/requests?batch={q}&state={}", state.as_str())) { span.label { (state_badge(state.as_str())) } span.big { (n) } } }

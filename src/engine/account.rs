@@ -91,6 +91,17 @@ impl Account {
         }
     }
 
+    /// What this account may spend, as the worker publishes it in `report_workers`
+    /// (`account_limits`) for the batch forecast: its QPS (0 = none), daily limit and
+    /// headroom.
+    pub(super) fn limits(&self) -> serde_json::Value {
+        serde_json::json!({
+            "qps": if self.pacing.qps.is_finite() { self.pacing.qps.max(0.0) } else { 0.0 },
+            "daily_limit": self.daily_limit.map(|d| d.limit),
+            "headroom": self.daily_limit.map(|d| d.headroom),
+        })
+    }
+
     /// Whether creates must take from a known balance, read at most every
     /// `BALANCE_READ_EVERY`; when it cannot be read, yes (the statement that takes
     /// tells the truth).

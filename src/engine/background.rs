@@ -192,6 +192,13 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
         .map(|a| a.name().to_string())
         .collect();
     let owner = &shared.config.owner;
+    let limits = serde_json::Value::Object(
+        shared
+            .accounts
+            .iter()
+            .map(|a| (a.name().to_string(), a.limits()))
+            .collect(),
+    );
     loop {
         let trouble: serde_json::Map<String, serde_json::Value> = shared
             .accounts
@@ -205,7 +212,9 @@ pub(super) async fn flush_calls(shared: Arc<Shared>, cancel: CancellationToken) 
             })
             .collect();
         let trouble = serde_json::Value::Object(trouble);
-        if let Err(e) = queue::worker_seen(&shared.pool, owner, &names, true, &trouble).await {
+        if let Err(e) =
+            queue::worker_seen(&shared.pool, owner, &names, true, &trouble, &limits).await
+        {
             tracing::warn!(error = %e, "could not record this worker in report_workers");
         }
         let release_every = RELEASE_UNPOLLED_EVERY.min(shared.config.poll.give_up_after / 2);

@@ -207,6 +207,9 @@ pub async fn batch_text(pool: &crate::queue::Db, batch: &str) -> anyhow::Result<
     for (state, n) in &summary.states {
         writeln!(out, "  {:<12} {:>10}", state.as_str(), n)?;
     }
+    if let Some(f) = &summary.forecast {
+        writeln!(out, "forecast: {}", f.describe(chrono::Utc::now()))?;
+    }
     if !summary.failures.is_empty() {
         writeln!(out, "failures:")?;
         for (code, reason, n) in &summary.failures {

@@ -94,8 +94,10 @@ pub async fn claim(
 }
 
 /// Claims up to `limit` rows that are due: generating rows whose poll is due first
-/// (they keep paid tasks inside their window), then queued rows by priority, run_after,
-/// id. `FOR UPDATE SKIP LOCKED` lets any number of workers claim side by side; the
+/// (they keep paid tasks inside their window), then queued rows by priority, and within
+/// a priority round-robin across the groups that have queued rows (each batch, and the
+/// rows without a batch as one more), as many per round as the batch's weight, a random
+/// group first (so claims of one row share fairly too); within a group by run_after, id. `FOR UPDATE SKIP LOCKED` lets any number of workers claim side by side; the
 /// claim commits at once, and the row is then worked under its lease. With `polls`,
 /// only the polls those accounts may make. With `trace`, a row without a
 /// `trace_context` gets one in the same update: the application's trace id (or a new
@@ -123,12 +125,45 @@ pub async fn claim_for(
                 AND ($6::text[] IS NULL OR account = ANY($6) OR (account IS NULL AND $7))
               ORDER BY next_poll_at, id
               LIMIT $3 FOR UPDATE SKIP LOCKED),
-         creates AS (
+         want AS (SELECT greatest(0, $3 - (SELECT count(*) FROM polls)) AS n),
+         groups AS MATERIALIZED (
+             -- The groups with queued rows (each batch, and '' for the rows without
+             -- one): one probe of the claim's index per group (a loose index scan).
+             WITH RECURSIVE g(key) AS (
+                 (SELECT coalesce(batch, '') FROM report_requests
+                   WHERE $5 AND state = 'queued' ORDER BY coalesce(batch, '') LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT coalesce(r.batch, '') FROM report_requests r
+                          WHERE r.state = 'queued' AND coalesce(r.batch, '') > g.key
+                          ORDER BY coalesce(r.batch, '') LIMIT 1)
+                   FROM g WHERE g.key IS NOT NULL)
+             SELECT g.key, coalesce(b.weight, 1)::float8 AS weight,
+                    (SELECT sum(c.n) FROM report_batch_counts c
+                      WHERE c.batch = g.key AND c.state = 'queued')::bigint AS queued
+               FROM g LEFT JOIN report_batches b ON b.batch = g.key
+              WHERE g.key IS NOT NULL),
+         one AS (SELECT key FROM groups WHERE (SELECT count(*) FROM groups) = 1),
+         alone AS (
+             -- One group (a queue without batches, or one batch): its rows in order.
              SELECT id FROM report_requests
-              WHERE $5 AND state = 'queued' AND run_after <= now()
-                AND (lease_expires_at IS NULL OR lease_expires_at < now())
-              ORDER BY priority, run_after, id
-              LIMIT greatest(0, $3 - (SELECT count(*) FROM polls)) FOR UPDATE SKIP LOCKED),
+              WHERE state = 'queued' AND coalesce(batch, '') = (SELECT key FROM one)
+                AND run_after <= now() AND (lease_expires_at IS NULL OR lease_expires_at < now())
+              ORDER BY coalesce(batch, ''), priority, run_after, id
+              LIMIT (SELECT n FROM want) FOR UPDATE SKIP LOCKED),
+         creates AS (
+             SELECT id FROM alone
+             UNION ALL
+             SELECT id FROM (
+                 SELECT r.id
+                   FROM report_fair_candidates((SELECT n FROM want),
+                            (SELECT array_agg(key) FROM groups), (SELECT array_agg(weight) FROM groups),
+                            (SELECT array_agg(queued) FROM groups)) c
+                   JOIN report_requests r ON r.id = c.id
+                  WHERE (SELECT count(*) FROM groups) > 1
+                    AND r.state = 'queued' AND r.run_after <= now()
+                    AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
+                  ORDER BY c.priority, c.turn, c.run_after, c.id
+                  LIMIT (SELECT n FROM want) FOR UPDATE OF r SKIP LOCKED) fair),
          due AS (SELECT id FROM polls UNION ALL SELECT id FROM creates)
          UPDATE report_requests r
             SET lease_owner = $1,
@@ -224,25 +259,29 @@ pub async fn release(pool: &Db, held: &[(i64, i64)]) -> Result<u64, sqlx::Error>
 }
 
 /// Says this process is at work, polling with `accounts` (and, with `unrecorded`, the
-/// tasks created before accounts were recorded): one upsert, every few seconds.
+/// tasks created before accounts were recorded), and what each account may spend
+/// (`limits`, for the batch forecast): one upsert, every few seconds.
 pub async fn worker_seen(
     pool: &Db,
     owner: &str,
     accounts: &[String],
     unrecorded: bool,
     trouble: &serde_json::Value,
+    limits: &serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sql::query(
-        "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded, provider_trouble)
-         VALUES ($1, $2, $3, $4)
+        "INSERT INTO report_workers AS w (owner, accounts, polls_unrecorded, provider_trouble, account_limits)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (owner) DO UPDATE
             SET accounts = excluded.accounts, polls_unrecorded = excluded.polls_unrecorded,
-                provider_trouble = excluded.provider_trouble, seen_at = now()",
+                provider_trouble = excluded.provider_trouble, account_limits = excluded.account_limits,
+                seen_at = now()",
     )
     .bind(owner)
     .bind(accounts)
     .bind(unrecorded)
     .bind(trouble)
+    .bind(limits)
     .execute(pool)
     .await?;
     Ok(())

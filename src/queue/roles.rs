@@ -75,11 +75,11 @@ pub async fn grant(pool: &Db) -> Result<(), GrantError> {
         format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {APP_ROLE}, {WORKER_ROLE}"),
         // Applications.
         format!(
-            "GRANT SELECT ON report_requests, report_documents, report_events, report_queue_stats, report_throughput, report_webhook_deliveries, report_batches, report_batch_counts TO {APP_ROLE}"
+            "GRANT SELECT ON report_requests, report_documents, report_events, report_queue_stats, report_throughput, report_webhook_deliveries, report_batches, report_batch_counts, report_batch_forecast TO {APP_ROLE}"
         ),
         format!("GRANT INSERT ({APP_INSERT_COLUMNS}) ON report_requests TO {APP_ROLE}"),
         format!(
-            "GRANT EXECUTE ON FUNCTION report_cancel(bigint), report_retry(bigint), report_retry_batch(text) TO {APP_ROLE}"
+            "GRANT EXECUTE ON FUNCTION report_cancel(bigint), report_retry(bigint), report_retry_batch(text), report_set_batch_weight(text, real), report_batch_forecast_at(timestamptz) TO {APP_ROLE}"
         ),
         // The worker: the queue's tables and functions, no DDL.
         format!(

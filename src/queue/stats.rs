@@ -3,6 +3,7 @@
 
 use super::Db;
 use super::sql;
+use chrono::{DateTime, Utc};
 
 use super::AccountStop;
 use super::accounts::STOP_COLUMNS;
@@ -176,6 +177,97 @@ pub struct BatchSummary {
     pub states: Vec<(RequestState, i64)>,
     /// (error code, reason, rows), at most ten.
     pub failures: Vec<(Option<i32>, String, i64)>,
+    /// When it is expected to finish, while it has open rows (`report_batch_forecast`).
+    pub forecast: Option<BatchForecast>,
+}
+
+/// One open batch's forecast: a row of `report_batch_forecast` (see the migration
+/// `20261201000006_fair_batches.sql` for how each number is made).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct BatchForecast {
+    pub batch: String,
+    pub weight: f32,
+    /// Its share of the account's calls now, among the groups with creates to make.
+    pub share: f64,
+    pub calls_per_report: f64,
+    /// The share of its rows served from a stored document (no paid task).
+    pub served_share: f64,
+    /// From a task's create to the row's end.
+    pub seconds_per_report: f64,
+    /// Paid tasks still to create.
+    pub creates_left: i64,
+    /// Provider calls still to make for them.
+    pub calls_left: i64,
+    /// The account's calls per second (its QPS, or what it made in the last 10 minutes).
+    pub calls_per_second: Option<f64>,
+    /// When the day's create limit runs out before the batch's last create, if it does.
+    pub runs_into_daily_limit_at: Option<DateTime<Utc>>,
+    /// Provider days (Asia/Shanghai) its creates span, when a daily limit is known.
+    pub provider_days: Option<i32>,
+    pub finish_at: Option<DateTime<Utc>>,
+    /// What decides the finish: qps, daily_limit, generation (only tasks being made),
+    /// account_stopped, no_worker, no_calls_yet, daily_limit_zero.
+    pub limited_by: String,
+}
+
+impl BatchForecast {
+    /// What the forecast says, in one line for a person.
+    pub fn describe(&self, now: DateTime<Utc>) -> String {
+        let when = |t: DateTime<Utc>| {
+            let secs = (t - now).num_seconds().max(0) as u64;
+            let secs = if secs >= 60 { secs - secs % 60 } else { secs };
+            format!(
+                "{} (in {})",
+                t.format("%Y-%m-%d %H:%M UTC"),
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            )
+        };
+        let finish = match (self.finish_at, self.limited_by.as_str()) {
+            (Some(t), _) => format!("expected to finish {}", when(t)),
+            (None, "no_worker") => "no forecast: no worker is running".to_string(),
+            (None, "account_stopped") => {
+                "no forecast: every account is stopped with no end".to_string()
+            }
+            (None, "no_calls_yet") => {
+                "no forecast yet: no provider calls in the last 10 minutes".to_string()
+            }
+            (None, "daily_limit_zero") => {
+                "no forecast: the daily limit leaves no creates for new rows".to_string()
+            }
+            (None, other) => format!("no forecast ({other})"),
+        };
+        let mut line = format!(
+            "{finish}; {} paid tasks and {} provider calls to go ({:.1} calls a report, {:.0} % of the account's calls",
+            self.creates_left,
+            self.calls_left,
+            self.calls_per_report,
+            self.share * 100.0
+        );
+        if let Some(c) = self.calls_per_second {
+            line.push_str(&format!(" at {c:.2}/s"));
+        }
+        line.push(')');
+        if let Some(t) = self.runs_into_daily_limit_at {
+            line.push_str(&format!(
+                "; runs into the daily create limit {}, its creates span {} provider days (Asia/Shanghai)",
+                when(t),
+                self.provider_days.unwrap_or(2)
+            ));
+        }
+        line
+    }
+}
+
+/// The forecast of one open batch; `None` when it has no queued or generating rows.
+pub async fn batch_forecast(pool: &Db, batch: &str) -> Result<Option<BatchForecast>, sqlx::Error> {
+    sql::query_as(
+        "SELECT batch, weight, share, calls_per_report, served_share, seconds_per_report, creates_left,
+                calls_left, calls_per_second, runs_into_daily_limit_at, provider_days, finish_at, limited_by
+           FROM report_batch_forecast WHERE batch = $1",
+    )
+    .bind(batch)
+    .fetch_optional(pool)
+    .await
 }
 
 pub async fn batch_summary(pool: &Db, batch: &str) -> Result<BatchSummary, sqlx::Error> {
@@ -195,5 +287,10 @@ pub async fn batch_summary(pool: &Db, batch: &str) -> Result<BatchSummary, sqlx:
     .bind(batch)
     .fetch_all(pool)
     .await?;
-    Ok(BatchSummary { states, failures })
+    let forecast = batch_forecast(pool, batch).await?;
+    Ok(BatchSummary {
+        states,
+        failures,
+        forecast,
+    })
 }

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod apps;
+mod batches;
 mod browser;
 mod cli;
 mod common;

@@ -712,6 +712,7 @@ async fn a_retry_takes_the_rows_unadopted_task_however_old() {
         &["acct".to_string()],
         true,
         &serde_json::json!({}),
+        &serde_json::json!({}),
     )
     .await
     .unwrap();
