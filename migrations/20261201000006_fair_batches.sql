@@ -56,16 +56,19 @@ ALTER TABLE report_workers ADD COLUMN IF NOT EXISTS account_limits jsonb NOT NUL
 -- workers keep anyway:
 --   * capacity: the provider calls per second of the accounts live workers use (their
 --     QPS; where one has none, the calls the workers made in the last 10 minutes);
---   * per report, from the batch's own first finished rows (up to 200 of its first
---     1,000): the calls it took (creates + polls), the share served from a stored
+--   * per report, from the batch's own finished rows among its first 1,000 (the cohort
+--     made before its oldest task still generating, when it has 5): the calls it took (creates + polls), the share served from a stored
 --     document (no paid task), the time from its task's create to its end; for a batch
---     that has none yet, the whole queue's last hour, then defaults (6 calls, 300 s);
---   * fair share: every open group (each batch, and the rows without one) gets capacity
---     in proportion to its weight until its last create (generalised processor sharing:
---     a group that runs out hands its share to the others);
---   * the daily create limit (less what is kept for retries) left on the account's
---     provider day (Asia/Shanghai) and on the days after it: the creates every group
---     makes before this batch's last one decide the day it ends on.
+--     that has none yet, the whole queue's calls per finished report in the last hour
+--     and its last 200 generation times, then defaults (6 calls, 300 s);
+--   * fair share: claims share rows, so every open group (each batch, and the rows
+--     without one) takes turns in proportion to its weight until its queued rows are
+--     done (generalised processor sharing: a group that runs out hands its turns to the
+--     others); the turns all groups take before this batch's last one are the creates
+--     and calls the accounts make meanwhile;
+--   * the daily create limit (less what is kept for retries): those creates fill the
+--     account's provider day (Asia/Shanghai) and the days after, each holding the lesser
+--     of the limit left and what the calls allow in the rest of that day.
 -- Priorities are not modelled (every group is taken as one priority), nor failures.
 CREATE OR REPLACE FUNCTION report_batch_forecast_at(p_at timestamptz)
 RETURNS TABLE (
@@ -78,11 +81,18 @@ RETURNS TABLE (
 LANGUAGE sql STABLE SECURITY DEFINER SET jit = off AS $$
 WITH live AS (
     SELECT l.key AS account,
-           max(coalesce((l.value ->> 'qps')::float8, 0)) AS qps,
-           bool_or(coalesce((l.value ->> 'qps')::float8, 0) <= 0) AS unpaced,
-           min((l.value ->> 'daily_limit')::bigint) AS daily_limit,
-           max(coalesce((l.value ->> 'headroom')::bigint, 0)) AS headroom
-      FROM report_workers w, jsonb_each(w.account_limits) l
+           max(l.qps) AS qps, bool_or(l.qps <= 0) AS unpaced,
+           min(l.daily_limit) AS daily_limit, max(l.headroom) AS headroom
+      FROM report_workers w,
+           LATERAL (SELECT e.key,
+                           CASE WHEN jsonb_typeof(e.value -> 'qps') = 'number'
+                                THEN greatest(0, (e.value ->> 'qps')::float8) ELSE 0 END AS qps,
+                           CASE WHEN jsonb_typeof(e.value -> 'daily_limit') = 'number'
+                                THEN least(greatest(0, (e.value ->> 'daily_limit')::numeric), 1e15)::bigint END AS daily_limit,
+                           CASE WHEN jsonb_typeof(e.value -> 'headroom') = 'number'
+                                THEN least(greatest(0, (e.value ->> 'headroom')::numeric), 1e15)::bigint ELSE 0 END AS headroom
+                      FROM jsonb_each(CASE WHEN jsonb_typeof(w.account_limits) = 'object'
+                                           THEN w.account_limits ELSE '{}' END) e) l
      WHERE w.seen_at > p_at - interval '1 minute' AND w.seen_at <= p_at + interval '1 minute'
      GROUP BY l.key),
 stops AS (
@@ -112,7 +122,8 @@ capacity AS (
     SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM live) THEN NULL
                 WHEN (SELECT bool_or(unpaced) FROM live) THEN
                      (SELECT nullif(sum(c.n), 0) / 600.0 FROM report_provider_calls c
-                       WHERE c.minute >= p_at - interval '10 minutes' AND c.minute < p_at
+                       WHERE c.minute >= date_trunc('minute', p_at) - interval '10 minutes'
+                         AND c.minute < date_trunc('minute', p_at)
                          AND c.endpoint IN ('create', 'status'))
                 ELSE (SELECT sum(l.qps) FROM live l
                        WHERE NOT EXISTS (SELECT 1 FROM stops s WHERE s.account = l.account AND s.until IS NULL))
@@ -148,72 +159,105 @@ sampled AS (
     SELECT g.*, o.finished, o.calls_per_report AS own_calls, o.served_share, o.seconds_per_report AS own_secs
       FROM groups g
       LEFT JOIN LATERAL (
-          SELECT count(*) AS finished,
-                 avg(r.creates_sent + r.polls) FILTER (WHERE r.creates_sent > 0)::float8 AS calls_per_report,
-                 (count(*) FILTER (WHERE r.creates_sent = 0))::float8 / nullif(count(*), 0) AS served_share,
-                 avg(extract(epoch FROM r.finished_at - r.upstream_created_at))
-                     FILTER (WHERE r.creates_sent > 0 AND r.upstream_created_at IS NOT NULL)::float8 AS seconds_per_report
-            FROM (SELECT f.* FROM (SELECT x.state, x.creates_sent, x.polls, x.finished_at, x.upstream_created_at
-                                     FROM report_requests x
-                                    WHERE x.batch = g.key ORDER BY x.id LIMIT 1000) f
-                   WHERE f.state = 'succeeded' AND f.finished_at <= p_at LIMIT 200) r
+          -- The batch's first 1,000 rows; of those finished, the cohort made before its
+          -- oldest task still being generated (all of them have ended, the slow with
+          -- the fast: rows that end first are the quick ones), when it has 5.
+          SELECT CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5 THEN count(*) FILTER (WHERE e.cohort)
+                      ELSE count(*) END AS finished,
+                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
+                      THEN avg(e.creates_sent + e.polls) FILTER (WHERE e.cohort AND e.creates_sent > 0)
+                      ELSE avg(e.creates_sent + e.polls) FILTER (WHERE e.creates_sent > 0) END::float8
+                     AS calls_per_report,
+                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
+                      THEN (count(*) FILTER (WHERE e.cohort AND e.creates_sent = 0))::float8
+                           / count(*) FILTER (WHERE e.cohort)
+                      ELSE (count(*) FILTER (WHERE e.creates_sent = 0))::float8 / nullif(count(*), 0) END
+                     AS served_share,
+                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
+                      THEN avg(e.secs) FILTER (WHERE e.cohort AND e.creates_sent > 0)
+                      ELSE avg(e.secs) FILTER (WHERE e.creates_sent > 0) END::float8 AS seconds_per_report
+            FROM (SELECT f.creates_sent, f.polls,
+                         extract(epoch FROM f.finished_at - f.upstream_created_at) AS secs,
+                         f.oldest_open IS NULL OR coalesce(f.upstream_created_at, f.finished_at) < f.oldest_open AS cohort
+                    FROM (SELECT x.state, x.creates_sent, x.polls, x.finished_at, x.upstream_created_at,
+                                 min(x.upstream_created_at) FILTER (WHERE x.state = 'generating') OVER () AS oldest_open
+                            FROM (SELECT y.state, y.creates_sent, y.polls, y.finished_at, y.upstream_created_at
+                                    FROM report_requests y WHERE y.batch = g.key ORDER BY y.id LIMIT 1000) x) f
+                   WHERE f.state = 'succeeded' AND f.finished_at <= p_at) e
       ) o ON g.key <> ''),
 est AS (
     SELECT s.*,
-           coalesce(CASE WHEN s.own_calls IS NOT NULL AND s.finished >= 5 THEN s.own_calls END,
-                    (SELECT calls_per_report FROM queue_hour), 6.0) AS k,
+           coalesce(CASE WHEN s.own_calls IS NOT NULL AND s.finished >= 5 THEN greatest(s.own_calls, 1) END,
+                    (SELECT CASE WHEN calls_per_report > 0 THEN greatest(calls_per_report, 1) END FROM queue_hour), 6.0) AS k,
            coalesce(CASE WHEN s.finished >= 5 THEN s.served_share END, 0.0) AS served,
            coalesce(CASE WHEN s.own_secs IS NOT NULL AND s.finished >= 5 THEN s.own_secs END,
                     (SELECT generation_secs FROM queue_hour), 300.0) AS d
       FROM sampled s),
 work AS (
+    -- Claims share rows (turns), not calls: a group's rows take their turns whether a
+    -- stored document serves them or they pay for a task of k calls.
     SELECT e.*, round(e.queued * (1 - e.served))::bigint AS creates,
            e.queued * (1 - e.served) * e.k AS calls,
-           e.queued * (1 - e.served) * e.k / e.weight AS x
+           e.queued / e.weight AS x
       FROM est e),
 gps AS (
-    -- Until group b's last create, every group g does min(its work, b's virtual finish
-    -- x_b times its weight): the calls and creates the account makes meanwhile.
-    SELECT b.key, sum(least(g.calls, b.x * g.weight)) AS calls_before,
-           sum(least(g.creates::float8, b.x * g.weight / g.k)) AS creates_before,
-           sum(g.weight) FILTER (WHERE g.creates > 0) AS open_weight
+    -- Until group b's last turn, every group g takes min(its rows, x_b times its
+    -- weight): the creates and calls the accounts make meanwhile.
+    SELECT b.key, sum(least(g.queued, b.x * g.weight) * (1 - g.served) * g.k) AS calls_before,
+           sum(least(g.queued, b.x * g.weight) * (1 - g.served)) AS creates_before,
+           sum(g.weight) FILTER (WHERE g.queued > 0) AS open_weight
       FROM work b CROSS JOIN work g GROUP BY b.key),
 timed AS (
-    SELECT w.*, p.calls_before, p.creates_before, p.open_weight, c.calls_per_second AS cap, st.t0, q.left_today, q.per_day,
-           d.next_midnight,
-           CASE WHEN c.calls_per_second > 0 THEN p.calls_before / c.calls_per_second END AS secs_to_last_create
+    SELECT w.*, p.calls_before, p.creates_before, p.open_weight, c.calls_per_second AS cap, st.t0,
+           q.left_today, q.per_day, d.next_midnight, d.today,
+           CASE WHEN c.calls_per_second >= 1e-3 THEN least(p.calls_before / c.calls_per_second, 3e8) END AS secs,
+           extract(epoch FROM d.next_midnight - st.t0)::float8 AS to_midnight
       FROM work w JOIN gps p ON p.key = w.key CROSS JOIN capacity c CROSS JOIN start st
       CROSS JOIN quota q CROSS JOIN day d),
+rated AS (
+    -- R: the creates a second the calls allow while the batch is open; what today and
+    -- each later provider day can hold is the lesser of the limit and R's day.
+    SELECT t.*, r.rate,
+           least(coalesce(t.left_today, 'infinity'), r.rate * t.to_midnight) AS first_day,
+           least(coalesce(t.per_day, 'infinity'), r.rate * 86400) AS per_later_day
+      FROM timed t
+      CROSS JOIN LATERAL (SELECT CASE WHEN t.secs > 0 THEN t.creates_before / t.secs END AS rate) r),
 dated AS (
     SELECT t.*,
-           CASE WHEN t.creates = 0 OR t.left_today IS NULL OR t.creates_before <= t.left_today THEN 0
-                WHEN t.per_day <= 0 THEN NULL
-                ELSE ceil((t.creates_before - t.left_today) / t.per_day)::integer END AS extra_days
-      FROM timed t)
+           CASE WHEN t.creates = 0 OR t.rate IS NULL OR t.creates_before <= t.first_day THEN 0
+                WHEN t.per_later_day <= 0 THEN NULL
+                ELSE least(ceil((t.creates_before - t.first_day) / t.per_later_day), 36500)::integer END AS extra_days,
+           t.left_today IS NOT NULL AND t.left_today < t.rate * t.to_midnight
+               AND t.creates_before > t.left_today AS binds_today,
+           t.per_day IS NOT NULL AND t.per_day < t.rate * 86400
+               AND t.creates_before > t.first_day + t.per_day AS binds_later
+      FROM rated t)
 SELECT nullif(d.key, ''), d.weight,
-       CASE WHEN d.creates > 0 THEN d.weight / d.open_weight ELSE 0 END,
+       CASE WHEN d.queued > 0 THEN d.weight / d.open_weight ELSE 0 END,
        d.queued, d.generating, d.succeeded, d.failed, d.cancelled,
        d.k, d.served, d.d, d.creates, round(d.calls)::bigint, d.cap,
-       CASE WHEN d.extra_days > 0 THEN d.t0 + make_interval(secs => d.secs_to_last_create * d.left_today / d.creates_before) END,
-       CASE WHEN d.extra_days IS NOT NULL AND d.left_today IS NOT NULL THEN d.extra_days + 1 END,
+       CASE WHEN d.binds_today THEN d.t0 + make_interval(secs => d.left_today / d.rate)
+            WHEN d.binds_later AND NOT d.binds_today AND d.extra_days > 0
+                THEN d.next_midnight + make_interval(secs => d.per_day / d.rate) END,
+       CASE WHEN d.extra_days IS NOT NULL AND d.rate IS NOT NULL THEN d.extra_days + 1 END,
        CASE WHEN d.creates = 0 THEN
                  -- Only tasks being generated: the last one started ends d after its create.
                  greatest(p_at, (SELECT max(r.upstream_created_at) FROM report_requests r
                                   WHERE r.batch = d.key AND r.state = 'generating')
                                 + make_interval(secs => d.d))
-            WHEN d.t0 IS NULL OR d.secs_to_last_create IS NULL OR d.extra_days IS NULL THEN NULL
-            WHEN d.extra_days = 0 THEN d.t0 + make_interval(secs => d.secs_to_last_create + d.d)
-            ELSE d.next_midnight + make_interval(days => d.extra_days - 1)
-                 + make_interval(secs => d.secs_to_last_create
-                                 * (d.creates_before - d.left_today - (d.extra_days - 1) * d.per_day)
-                                 / d.creates_before + d.d)
+            WHEN d.t0 IS NULL OR d.secs IS NULL OR d.extra_days IS NULL THEN NULL
+            WHEN d.extra_days = 0 OR NOT (d.binds_today OR d.binds_later) THEN
+                 d.t0 + make_interval(secs => d.secs + d.d)
+            ELSE (((d.today + d.extra_days)::timestamp) AT TIME ZONE 'Asia/Shanghai')
+                 + make_interval(secs => (d.creates_before - d.first_day - (d.extra_days - 1) * d.per_later_day)
+                                         / d.rate + d.d)
        END,
        CASE WHEN d.creates = 0 THEN 'generation'
             WHEN d.cap IS NULL AND NOT EXISTS (SELECT 1 FROM live) THEN 'no_worker'
             WHEN d.t0 IS NULL THEN 'account_stopped'
-            WHEN d.cap IS NULL THEN 'no_calls_yet'
+            WHEN d.secs IS NULL THEN 'no_calls_yet'
             WHEN d.extra_days IS NULL THEN 'daily_limit_zero'
-            WHEN d.extra_days > 0 THEN 'daily_limit'
+            WHEN d.binds_today OR d.binds_later THEN 'daily_limit'
             WHEN d.t0 > p_at THEN 'account_stopped'
             ELSE 'qps' END
   FROM dated d
@@ -230,48 +274,129 @@ CREATE OR REPLACE VIEW report_batch_forecast AS SELECT * FROM report_batch_forec
 COMMENT ON VIEW report_batch_forecast IS
     'Every open batch: its fair share, the paid tasks and provider calls still to spend, and when it is expected to finish (limited_by says what decides it)';
 
--- The claim's order across groups (called by the worker's claim when more than one
--- group has queued rows): from each group (`p_keys`, '' for rows without a batch, with
--- its weight and queued count) its first due rows in its own order, twice its share of
--- the `p_n` rows wanted (rows another claimer has locked are skipped) plus what groups
--- with fewer queued rows than their share leave; ordered by priority, then turn: a
--- row's rank in its group over the group's weight, from a random place in the first
--- round (so that claims of one row share fairly too). A group cut off at its limit may
--- have more rows at its last priority: no row of a lower priority comes before them.
--- Not inlined, and without JIT: the planner cannot know how many rows each group
--- yields, and guessing high would compile this few-millisecond query for longer than
--- it runs.
-CREATE OR REPLACE FUNCTION report_fair_candidates(p_n bigint, p_keys text[], p_weights float8[], p_queued bigint[])
+-- The claim's rows across groups, locked (called by the worker's claim when more than
+-- one group has rows to claim now): `p_keys` are the groups ('' for rows without a
+-- batch) with their weights and queued counts. Each group gives its share of the `p_n`
+-- rows wanted by weight, its first due rows in its own order, locked FOR UPDATE SKIP
+-- LOCKED (rows another claimer holds are passed over, not counted); what groups cannot
+-- give is shared again among those that gave all they were asked (up to three rounds).
+-- Returned in claim order: by priority, then turn, a row's rank among its group's rows
+-- of that priority over the group's weight, from a random place in the first round;
+-- one group, chosen in proportion to its weight, leads it (so a claim of one row takes
+-- from each group in proportion to its weight). A group cut off at its limit may have more rows at its last priority: no
+-- row of a lower priority is returned before them. Rows locked but not returned are
+-- released when the claim commits. Without JIT: the planner cannot know how many rows
+-- each group yields, and guessing high would compile a few-millisecond query for longer
+-- than it runs.
+CREATE OR REPLACE FUNCTION report_fair_candidates(p_n bigint, p_keys text[], p_weights float8[], p_tops smallint[])
 RETURNS TABLE (id bigint, priority smallint, turn float8, run_after timestamptz)
-LANGUAGE sql VOLATILE ROWS 512 SET jit = off AS $$
-WITH g AS (
-    SELECT u.key, u.weight, u.queued, random() AS jitter,
-           ceil(p_n * u.weight / sum(u.weight) OVER ())::bigint AS share
-      FROM unnest(p_keys, p_weights, p_queued) AS u (key, weight, queued)),
-spare AS (
-    SELECT greatest(0, p_n - sum(least(g.share, coalesce(g.queued, g.share))))::bigint AS n FROM g),
-candidates AS (
-    SELECT g.key, c.id, c.priority, c.run_after, (c.rank - 1 + g.jitter) / g.weight AS turn,
-           g.share * 2 + s.n AS cap
-      FROM g CROSS JOIN spare s
-      CROSS JOIN LATERAL (
-          SELECT r.id, r.priority, r.run_after,
-                 row_number() OVER (ORDER BY r.priority, r.run_after, r.id) AS rank
-            FROM report_requests r
-           WHERE r.state = 'queued' AND coalesce(r.batch, '') = g.key
-             AND r.run_after <= now() AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
-           ORDER BY coalesce(r.batch, ''), r.priority, r.run_after, r.id
-           LIMIT g.share * 2 + s.n) c),
-cutoff AS (
-    SELECT min(last) AS priority FROM (
-        SELECT max(c.priority) AS last FROM candidates c
-         GROUP BY c.key HAVING count(*) >= max(c.cap)) t)
-SELECT c.id, c.priority, c.turn, c.run_after FROM candidates c
- WHERE c.priority <= coalesce((SELECT priority FROM cutoff), 32767)
- ORDER BY c.priority, c.turn, c.run_after, c.id
-$$;
+LANGUAGE plpgsql VOLATILE ROWS 512 SET jit = off AS $$
+DECLARE
+    n_groups integer := coalesce(array_length(p_keys, 1), 0);
+    -- Per group: rows asked for and given so far, and the priority its next row has at
+    -- least (its first row's, then the last one's it gave).
+    asked bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
+    got bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
+    tops smallint[] := p_tops;
+    jitter float8[] := ARRAY(SELECT random() FROM generate_series(1, n_groups));
+    ids bigint[] := '{}';
+    groups integer[] := '{}';
+    priorities smallint[] := '{}';
+    afters timestamptz[] := '{}';
+    asks bigint[];
+    more_groups integer[];
+    more_ids bigint[];
+    more_priorities smallint[];
+    more_afters timestamptz[];
+    total bigint := 0;
+    open_weight float8;
+    level smallint;
+    cutoff smallint;
+    lead float8;
+    want bigint;
+    round integer;
+    i integer;
+BEGIN
+    FOR round IN 1..4 LOOP
+        -- Asked: the groups that gave all they were asked (they may have more), of the
+        -- highest priority among them.
+        SELECT min(tops[k]) INTO level FROM generate_series(1, n_groups) k WHERE got[k] = asked[k];
+        SELECT sum(p_weights[k]) INTO open_weight
+          FROM generate_series(1, n_groups) k WHERE got[k] = asked[k] AND tops[k] = level;
+        EXIT WHEN total >= p_n OR open_weight IS NULL;
+        want := p_n - total;
+        IF round = 1 THEN
+            -- One of them leads the first round, chosen in proportion to its weight;
+            -- the others start at a random place within it. Each is asked for exactly
+            -- its rows among the `want` first turns (a claim of one row locks one row).
+            lead := random() * open_weight;
+            FOR i IN 1..n_groups LOOP
+                CONTINUE WHEN tops[i] <> level;
+                lead := lead - p_weights[i];
+                IF lead < 0 THEN
+                    jitter[i] := 0;
+                    EXIT;
+                END IF;
+            END LOOP;
+            asks := ARRAY(
+                SELECT coalesce(c.n, 0)::bigint
+                  FROM generate_series(1, n_groups) AS s (k)
+                  LEFT JOIN (SELECT t.g, count(*) AS n FROM (
+                                 SELECT k2 AS g, (r - 1 + jitter[k2]) / p_weights[k2] AS turn
+                                   FROM generate_series(1, n_groups) k2,
+                                        generate_series(1, ceil(want * p_weights[k2] / open_weight)::integer + 1) r
+                                  WHERE tops[k2] = level
+                                  ORDER BY turn LIMIT want) t
+                              GROUP BY t.g) c ON c.g = s.k
+                 ORDER BY s.k);
+        ELSE
+            asks := ARRAY(SELECT CASE WHEN got[k] = asked[k] AND tops[k] = level
+                                      THEN ceil(want * p_weights[k] / open_weight)::bigint ELSE 0 END
+                            FROM generate_series(1, n_groups) k ORDER BY k);
+        END IF;
+        -- One statement for every group asked: each its first due rows, locked.
+        SELECT coalesce(array_agg(x.g), '{}'), coalesce(array_agg(x.id), '{}'),
+               coalesce(array_agg(x.priority), '{}'), coalesce(array_agg(x.run_after), '{}')
+          INTO more_groups, more_ids, more_priorities, more_afters
+          FROM (SELECT u.k AS g, c.id, c.priority, c.run_after
+                  FROM unnest(p_keys, asks) WITH ORDINALITY AS u (key, ask, k)
+                  CROSS JOIN LATERAL (
+                      SELECT r.id, r.priority, r.run_after
+                        FROM report_requests r
+                       WHERE r.state = 'queued' AND coalesce(r.batch, '') = u.key
+                         AND r.run_after <= now() AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
+                         AND r.id <> ALL (ids)
+                       ORDER BY coalesce(r.batch, ''), r.priority, r.run_after, r.id
+                       LIMIT u.ask
+                         FOR UPDATE OF r SKIP LOCKED) c
+                 WHERE u.ask > 0) x;
+        ids := ids || more_ids;
+        groups := groups || more_groups;
+        priorities := priorities || more_priorities;
+        afters := afters || more_afters;
+        SELECT array_agg(asked[k] + asks[k] ORDER BY k),
+               array_agg(got[k] + coalesce(c.n, 0) ORDER BY k),
+               array_agg(coalesce(c.last, tops[k]) ORDER BY k)
+          INTO asked, got, tops
+          FROM generate_series(1, n_groups) k
+          LEFT JOIN (SELECT m.g, count(*) AS n, max(m.p) AS last
+                       FROM unnest(more_groups, more_priorities) AS m (g, p) GROUP BY m.g) c ON c.g = k;
+        total := total + cardinality(more_ids);
+    END LOOP;
+    -- A group that gave all it was asked may hold more rows of its last priority, and
+    -- one never asked rows of its first: no row of a lower priority goes before them.
+    SELECT min(tops[k]) INTO cutoff FROM generate_series(1, n_groups) k WHERE got[k] = asked[k];
+    RETURN QUERY
+    SELECT t.id, t.priority,
+           (row_number() OVER (PARTITION BY t.g, t.priority ORDER BY t.run_after, t.id) - 1 + jitter[t.g])
+               / p_weights[t.g],
+           t.run_after
+      FROM unnest(groups, ids, priorities, afters) AS t (g, id, priority, run_after)
+     WHERE t.priority <= coalesce(cutoff, 32767)
+     ORDER BY 2, 3, 4, 1;
+END $$;
 DO $$
 BEGIN
-    EXECUTE format('ALTER FUNCTION report_fair_candidates(bigint, text[], float8[], bigint[]) SET search_path = %I, pg_temp',
+    EXECUTE format('ALTER FUNCTION report_fair_candidates(bigint, text[], float8[], smallint[]) SET search_path = %I, pg_temp',
                    current_schema());
 END $$;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
+pub use super::bench_batches::{FairShare, ForecastAccuracy};
+use super::bench_batches::{fair_share, forecast_accuracy};
 pub use super::bench_database::{DashboardLoad, HotUpdates, PurgeBeside, Stats};
 use super::bench_database::{dashboard, hot, purge_beside, stats};
 pub use super::bench_economy::Economy;
@@ -44,6 +46,8 @@ pub struct BenchResults {
     pub dashboard: Option<DashboardLoad>,
     pub pgbouncer: Option<ThroughPooler>,
     pub tracing: Option<TracingCost>,
+    pub fair_share: Option<FairShare>,
+    pub forecast: Option<Vec<ForecastAccuracy>>,
 }
 
 fn wants(o: &BenchOptions, name: &str) -> bool {
@@ -88,6 +92,13 @@ pub async fn run(o: &BenchOptions) -> anyhow::Result<BenchResults> {
     // Named only: a quarter of an hour of real time.
     if o.only.iter().any(|n| n == "learned-live") {
         r.learned_live = Some(learned_live(o).await.context("learned polling, live")?);
+    }
+    // Named only: three drains of 10,000 rows at 200 calls a second, about 6 minutes.
+    if o.only.iter().any(|n| n == "fair-share") {
+        r.fair_share = Some(fair_share(o).await.context("fair share between batches")?);
+    }
+    if wants(o, "forecast") {
+        r.forecast = Some(forecast_accuracy(o).await.context("batch forecast")?);
     }
     if wants(o, "qps") {
         r.qps_use = Some(qps_use(o).await.context("qps use")?);
@@ -190,6 +201,48 @@ pub fn table(r: &BenchResults) -> String {
             "   exported: {:.0} OTLP bytes and {:.3} export requests per report\n",
             t.exported_bytes_per_report, t.exports_per_report
         );
+    }
+    if let Some(f) = &r.fair_share {
+        s += &format!(
+            "6a. fair share: batch B ({} rows) loaded {:.0} s after batch A ({} rows), {} calls/s, {:.1} calls/report: B took {:.1} s beside A, {:.1} s alone ({:.2}×); A took {:.1} s with B, {:.1} s alone (+{:.1} s)\n",
+            f.small_rows,
+            f.small_after_s,
+            f.large_rows,
+            f.qps,
+            f.calls_per_report,
+            f.small_beside_large_s,
+            f.small_alone_s,
+            f.small_ratio,
+            f.large_with_small_s,
+            f.large_alone_s,
+            f.large_growth_s
+        );
+    }
+    if let Some(cases) = &r.forecast {
+        for c in cases {
+            s += &format!(
+                "6b. forecast, {} ({} rows, {} calls/s{}): finished after {:.0} s{}",
+                c.case,
+                c.rows,
+                c.qps,
+                c.daily_limit
+                    .map(|l| format!(", daily limit {l}"))
+                    .unwrap_or_default(),
+                c.actual_s,
+                c.provider_days
+                    .map(|d| format!(" over {d} provider days"))
+                    .unwrap_or_default()
+            );
+            for (done, predicted, error) in &c.predictions {
+                s += &format!(
+                    "; at {:.0} % done predicted {:.0} s (error {:.1} % of the time left)",
+                    done * 100.0,
+                    predicted,
+                    error * 100.0
+                );
+            }
+            s += "\n";
+        }
     }
     if let Some(t) = &r.pgbouncer {
         let b = &t.burn_down;

@@ -124,10 +124,10 @@ pub fn economy(n: usize) -> Vec<Economy> {
 }
 
 /// Seeded draws for the virtual-clock scenarios.
-pub(super) struct Xorshift(u64);
+pub(super) struct Xorshift(pub(super) u64);
 
 impl Xorshift {
-    fn unit(&mut self) -> f64 {
+    pub(super) fn unit(&mut self) -> f64 {
         let s = &mut self.0;
         *s ^= *s << 13;
         *s ^= *s >> 7;
@@ -136,7 +136,7 @@ impl Xorshift {
     }
 
     /// Log-normal with this median and σ, clipped to the provider's 1–10 minutes.
-    fn lognormal(&mut self, median: f64, sigma: f64) -> f64 {
+    pub(super) fn lognormal(&mut self, median: f64, sigma: f64) -> f64 {
         let z = (-2.0 * self.unit().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.unit()).cos();
         (median * (sigma * z).exp()).clamp(60.0, 600.0)
     }

@@ -2,6 +2,7 @@
 //! the demo, benchmarks, a throwaway PostgreSQL, and signal handling.
 
 pub mod bench;
+mod bench_batches;
 mod bench_database;
 mod bench_economy;
 mod bench_kit;

@@ -137,11 +137,19 @@ pub async fn claim_for(
                           WHERE r.state = 'queued' AND coalesce(r.batch, '') > g.key
                           ORDER BY coalesce(r.batch, '') LIMIT 1)
                    FROM g WHERE g.key IS NOT NULL)
-             SELECT g.key, coalesce(b.weight, 1)::float8 AS weight,
-                    (SELECT sum(c.n) FROM report_batch_counts c
-                      WHERE c.batch = g.key AND c.state = 'queued')::bigint AS queued
-               FROM g LEFT JOIN report_batches b ON b.batch = g.key
-              WHERE g.key IS NOT NULL),
+             SELECT * FROM (
+                 SELECT g.key, coalesce(b.weight, 1)::float8 AS weight,
+                        -- The priority of the group's first row it could claim now (none:
+                        -- all wait for run_after or are under a lease).
+                        (SELECT d.priority FROM report_requests d
+                          WHERE d.state = 'queued' AND coalesce(d.batch, '') = g.key
+                            AND d.run_after <= now()
+                            AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
+                          ORDER BY coalesce(d.batch, ''), d.priority, d.run_after, d.id
+                          LIMIT 1) AS top
+                   FROM g LEFT JOIN report_batches b ON b.batch = g.key
+                  WHERE g.key IS NOT NULL) t
+              WHERE t.top IS NOT NULL),
          one AS (SELECT key FROM groups WHERE (SELECT count(*) FROM groups) = 1),
          alone AS (
              -- One group (a queue without batches, or one batch): its rows in order.
@@ -157,7 +165,7 @@ pub async fn claim_for(
                  SELECT r.id
                    FROM report_fair_candidates((SELECT n FROM want),
                             (SELECT array_agg(key) FROM groups), (SELECT array_agg(weight) FROM groups),
-                            (SELECT array_agg(queued) FROM groups)) c
+                            (SELECT array_agg(top) FROM groups)) c
                    JOIN report_requests r ON r.id = c.id
                   WHERE (SELECT count(*) FROM groups) > 1
                     AND r.state = 'queued' AND r.run_after <= now()

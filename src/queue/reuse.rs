@@ -256,8 +256,10 @@ pub async fn reused_among(pool: &Db, ids: &[i64]) -> Result<i64, sqlx::Error> {
 /// - generating, with a task younger than `give_up` (older ones are about to be given
 ///   up);
 /// - or queued with its create on the wire;
-/// - or queued, due, and ahead of `id` in the claim order (priority, run_after, id), so
-///   it is claimed first — never one that waits for a later time or retries behind `id`.
+/// - or queued, due, in the same group of the fair claim (the same batch, or neither in
+///   one) and ahead of `id` in that group's order (priority, run_after, id), so it is
+///   claimed first — never one that waits for a later time or retries behind `id`, nor
+///   one in another batch, whose turn may come much later.
 ///
 /// No row waits longer than `give_up` in all (`coalescing_since`): then it pays for its
 /// own task. The order is strict, so two queued rows never wait for each other, and
@@ -271,7 +273,7 @@ pub async fn coalescing_leader(
     sql::query_scalar(sqlx::AssertSqlSafe(format!(
         "WITH me AS (
              SELECT nullif(credit_code, '') AS code, nullif(org_number, '') AS org,
-                    nullif(company_name, '') AS name, priority, run_after
+                    nullif(company_name, '') AS name, priority, run_after, coalesce(batch, '') AS grp
                FROM report_requests
               WHERE id = $1 AND (coalescing_since IS NULL OR coalescing_since > now() - $3 * interval '1 second')),
          candidates AS (
@@ -290,7 +292,7 @@ pub async fn coalescing_leader(
           WHERE c.id <> $1 AND c.report_type = $2
             AND (   (c.state = 'generating' AND c.upstream_created_at > now() - $3 * interval '1 second')
                  OR (c.state = 'queued' AND c.create_deadline > now())
-                 OR (c.state = 'queued' AND c.run_after <= now()
+                 OR (c.state = 'queued' AND c.run_after <= now() AND coalesce(c.batch, '') = me.grp
                      AND (c.priority, c.run_after, c.id) < (me.priority, me.run_after, $1)))
           ORDER BY c.state = 'generating' DESC, c.id
           LIMIT 1"

@@ -5,7 +5,9 @@
 //! `report_app` may enqueue (the application's columns only), read requests, documents,
 //! history and statistics, and cancel or retry through the functions; it cannot touch a
 //! state, a lease, the pacing or the stops, and cannot read the account's stops, pacing
-//! or orphaned tasks. `report_worker` may read and write the queue's tables and call its
+//! or orphaned tasks (the batch forecast it may read says what decides its batches' end:
+//! the accounts' calls per second, whether they are stopped and when the daily limit
+//! runs out, never a stop's reason or a call). It may set a batch's weight. `report_worker` may read and write the queue's tables and call its
 //! functions; neither may change the schema.
 
 use super::Db;

@@ -287,7 +287,11 @@ pub async fn batch_summary(pool: &Db, batch: &str) -> Result<BatchSummary, sqlx:
     .bind(batch)
     .fetch_all(pool)
     .await?;
-    let forecast = batch_forecast(pool, batch).await?;
+    // The forecast is an estimate: when it cannot be made, the counts still show.
+    let forecast = batch_forecast(pool, batch).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, batch, "could not compute the batch forecast");
+        None
+    });
     Ok(BatchSummary {
         states,
         failures,

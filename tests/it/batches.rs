@@ -122,6 +122,17 @@ async fn a_batch_weight_is_its_share_of_each_round_and_a_bad_weight_is_refused_b
         "weight 3 takes three rows a round: {claimed:?}"
     );
 
+    // Claims of one row: each from a group chosen in proportion to its weight.
+    let mut singles = Vec::new();
+    for _ in 0..80 {
+        singles.extend(claim_batches(&db.pool, 1).await);
+    }
+    let a = tally(&singles).get("A").copied().unwrap_or(0) as f64 / singles.len() as f64;
+    assert!(
+        (0.55..=0.92).contains(&a),
+        "weight 3 of 4 takes about 75 % of single claims, took {a}"
+    );
+
     for (sql, expect) in [
         (
             "SELECT report_set_batch_weight('A', 0)",
@@ -288,7 +299,7 @@ async fn the_forecast_shares_the_accounts_calls_by_weight_and_spills_over_the_da
     // A: its own 600 and B's 300: 450 s, + 300 s.
     assert!(close(b.finish_in.unwrap(), 600.0), "{b:?}");
     assert!(close(a.finish_in.unwrap(), 750.0), "{a:?}");
-    assert_eq!((a.limited_by.as_str(), a.provider_days), ("qps", None));
+    assert_eq!((a.limited_by.as_str(), a.provider_days), ("qps", Some(1)));
 
     // Weight 3 for A: A 0.75 of the calls; A's 600 and a third of that for B (200): 400
     // s; B: all 900 calls, 450 s.
@@ -396,5 +407,118 @@ async fn the_forecast_learns_calls_reuse_and_duration_from_the_batchs_finished_r
         line.contains("forecast:") && line.contains("40 paid tasks"),
         "{line}"
     );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_daily_limit_the_calls_cannot_reach_does_not_decide_the_forecast() {
+    let db = TestDb::from_template().await;
+    // 100 rows of 6 calls at 0.01 calls a second: 60,000 s, past Shanghai's midnight
+    // (12 h after AT). The calls allow 144 creates a day, under the limit of 1,000: the
+    // QPS decides, not the limit, though the creates span two provider days.
+    load(&db.pool, Some("D"), 100, 0).await;
+    worker_with(
+        &db.pool,
+        serde_json::json!({"acct": {"qps": 0.01, "daily_limit": 1000}}),
+    )
+    .await;
+    let d = &forecast(&db.pool).await["D"];
+    assert_eq!(
+        (d.limited_by.as_str(), d.provider_days),
+        ("qps", Some(2)),
+        "{d:?}"
+    );
+    assert_eq!(d.runs_into_daily_limit_at, None);
+    assert!(close(d.finish_in.unwrap(), 60_000.0 + 300.0), "{d:?}");
+    // A limit below what the calls allow in a day decides: 50 creates a day, the 100
+    // take today's 50 (of 144 the calls allow before midnight) and tomorrow's 50.
+    worker_with(
+        &db.pool,
+        serde_json::json!({"acct": {"qps": 0.01, "daily_limit": 50}}),
+    )
+    .await;
+    let d = &forecast(&db.pool).await["D"];
+    assert_eq!(
+        (d.limited_by.as_str(), d.provider_days),
+        ("daily_limit", Some(2)),
+        "{d:?}"
+    );
+    // Today's 50 at a create every 600 s: 30,000 s; tomorrow's last 50 after midnight.
+    let at = chrono::DateTime::parse_from_str(AT, "%Y-%m-%d %H:%M:%S%#z")
+        .unwrap()
+        .to_utc();
+    assert_eq!(
+        (d.runs_into_daily_limit_at.unwrap() - at).num_seconds(),
+        30_000,
+        "{d:?}"
+    );
+    assert!(
+        close(d.finish_in.unwrap(), 12.0 * 3600.0 + 30_000.0 + 300.0),
+        "{d:?}"
+    );
+    // Bad limits a worker could publish never make the forecast fail.
+    worker_with(
+        &db.pool,
+        serde_json::json!({"acct": {"qps": "fast", "daily_limit": 1000.5, "headroom": -3}}),
+    )
+    .await;
+    let d = &forecast(&db.pool).await["D"];
+    assert_eq!(d.limited_by, "no_calls_yet", "{d:?}");
+    worker_with(&db.pool, serde_json::json!([1, 2])).await;
+    let d = &forecast(&db.pool).await["D"];
+    assert_eq!(d.limited_by, "no_worker", "{d:?}");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_claim_fills_up_when_groups_cannot_give_their_share() {
+    let db = TestDb::from_template().await;
+    // A with 100 due rows beside 20 batches whose rows all wait for a later time.
+    load(&db.pool, Some("A"), 100, 0).await;
+    for i in 0..20 {
+        sqlx::query(
+            "INSERT INTO report_requests (company_name, report_type, batch, run_after)
+             SELECT 'later-' || $1 || '-' || i, 'pdf', 'later-' || $1, now() + interval '1 hour'
+               FROM generate_series(1, 5) i",
+        )
+        .bind(i)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        claim_batches(&db.pool, 50).await.len(),
+        50,
+        "future rows take no share"
+    );
+    // Rows without a batch beside batches whose every row is leased.
+    load(&db.pool, None, 100, 0).await;
+    for i in 0..9 {
+        let b = format!("leased-{i}");
+        load(&db.pool, Some(&b), 3, 0).await;
+        sqlx::query("UPDATE report_requests SET lease_owner = 'x', lease_expires_at = now() + interval '1 hour' WHERE batch = $1")
+            .bind(&b)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let got = claim_batches(&db.pool, 20).await;
+    assert_eq!(got.len(), 20, "leased rows take no share: {got:?}");
+    // Another claimer holds the first rows of both groups with rows: they are passed over.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT id FROM report_requests WHERE state = 'queued' AND lease_owner IS NULL AND run_after <= now()
+          ORDER BY id LIMIT 60 FOR UPDATE",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let got = claim_batches(&db.pool, 20).await;
+    assert_eq!(
+        got.len(),
+        20,
+        "rows another claimer holds are skipped, not counted: {got:?}"
+    );
+    other.rollback().await.unwrap();
     db.close().await;
 }

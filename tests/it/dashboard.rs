@@ -922,3 +922,40 @@ async fn sign_in_is_limited_per_client_and_cookies_are_secure_over_https() {
     let mut b = Browser::default();
     b.sign_in(&plain, "Ann").await;
 }
+
+#[tokio::test]
+async fn a_batch_page_shows_its_forecast_while_it_runs() {
+    let db = TestDb::from_template().await;
+    let d = Dashboard::start(&db, None).await;
+    sqlx::query(
+        "INSERT INTO report_requests (company_name, report_type, batch)
+         SELECT '企业' || i, 'pdf', 'big load' FROM generate_series(1, 30) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // No worker yet: the page says there is no forecast, and why.
+    let (status, body) = get(&d, "/batches?batch=big%20load").await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert!(body.contains("no worker is running"), "{body}");
+    // A worker at 1 call a second: 30 reports of 6 calls, 180 s, then 300 s.
+    sqlx::query(
+        "INSERT INTO report_workers (owner, accounts, account_limits) VALUES ('w', '{acct}', '{\"acct\": {\"qps\": 1}}')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (_, body) = get(&d, "/batches?batch=big%20load").await;
+    for needle in [
+        "Forecast",
+        "expected to finish",
+        "30 paid tasks and 180 provider calls",
+        "<code>qps</code>",
+    ] {
+        assert!(
+            body.contains(needle),
+            "the batch page should show {needle:?}: {body}"
+        );
+    }
+    db.close().await;
+}

@@ -3,8 +3,9 @@
 //! make — errors and gateway pages before and after a task is made, slow and lost
 //! answers, outages, account stops — with the database's connections cut through a
 //! proxy, worker processes killed (their runtime dropped mid-flight, as `kill -9` drops a
-//! process) and restarted, rows cancelled and retried (one by one and by batch), reuse
-//! on and off, two accounts. After each schedule, the promises are checked against the
+//! process) and restarted, rows in three groups (two batches and none) claimed
+//! round-robin while the batches' weights change, cancelled and retried (one by one and
+//! by batch), reuse on and off, two accounts. After each schedule, the promises are checked against the
 //! simulator's own ground truth (the tasks it made, the documents it served):
 //!
 //! - no identifier pays for more tasks than its rows sent creates, and no row sent more
@@ -510,6 +511,21 @@ impl Schedule {
                     self.log.push(format!("retry {id}"));
                     let _: bool = report_retry(&self.db.pool, id).await;
                 }
+            }
+            97 => {
+                // A batch's share of the claims changes while it runs (fair share between
+                // batches): every row must still end, none claimed twice.
+                let batch = *pick(&mut self.rng, &["b1", "b2"]);
+                let weight: f32 = *pick(&mut self.rng, &[0.25, 1.0, 4.0]);
+                self.log.push(format!("weight {batch} {weight}"));
+                sqlx::query(
+                    "SELECT report_set_batch_weight(batch, $2) FROM report_batches WHERE batch = $1",
+                )
+                .bind(batch)
+                .bind(weight)
+                .execute(&self.db.pool)
+                .await
+                .unwrap();
             }
             _ => {
                 let batch = *pick(&mut self.rng, &["b1", "b2"]);
