@@ -9,7 +9,7 @@ DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'report_batches_weight_out_of_range') THEN
         ALTER TABLE report_batches ADD CONSTRAINT report_batches_weight_out_of_range
-            CHECK (weight >= 0.01 AND weight <= 1000);
+            CHECK (weight >= 0.01::real AND weight <= 1000);
     END IF;
 END $$;
 COMMENT ON COLUMN report_batches.weight IS
@@ -25,7 +25,7 @@ DROP INDEX IF EXISTS report_requests_queued_idx;
 CREATE OR REPLACE FUNCTION report_set_batch_weight(p_batch text, p_weight real) RETURNS real
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    IF p_weight IS NULL OR NOT (p_weight >= 0.01 AND p_weight <= 1000) THEN
+    IF p_weight IS NULL OR NOT (p_weight >= 0.01::real AND p_weight <= 1000) THEN
         RAISE EXCEPTION 'report_set_batch_weight: the weight of batch % must be between 0.01 and 1000, not %',
             p_batch, coalesce(p_weight::text, 'NULL')
             USING ERRCODE = 'check_violation', CONSTRAINT = 'report_batches_weight_out_of_range';
@@ -86,7 +86,7 @@ WITH live AS (
       FROM report_workers w,
            LATERAL (SELECT e.key,
                            CASE WHEN jsonb_typeof(e.value -> 'qps') = 'number'
-                                THEN greatest(0, (e.value ->> 'qps')::float8) ELSE 0 END AS qps,
+                                THEN least(greatest((e.value ->> 'qps')::numeric, 0), 1e6)::float8 ELSE 0 END AS qps,
                            CASE WHEN jsonb_typeof(e.value -> 'daily_limit') = 'number'
                                 THEN least(greatest(0, (e.value ->> 'daily_limit')::numeric), 1e15)::bigint END AS daily_limit,
                            CASE WHEN jsonb_typeof(e.value -> 'headroom') = 'number'
@@ -276,123 +276,131 @@ COMMENT ON VIEW report_batch_forecast IS
 
 -- The claim's rows across groups, locked (called by the worker's claim when more than
 -- one group has rows to claim now): `p_keys` are the groups ('' for rows without a
--- batch) with their weights and queued counts. Each group gives its share of the `p_n`
--- rows wanted by weight, its first due rows in its own order, locked FOR UPDATE SKIP
--- LOCKED (rows another claimer holds are passed over, not counted); what groups cannot
--- give is shared again among those that gave all they were asked (up to three rounds).
--- Returned in claim order: by priority, then turn, a row's rank among its group's rows
--- of that priority over the group's weight, from a random place in the first round;
--- one group, chosen in proportion to its weight, leads it (so a claim of one row takes
--- from each group in proportion to its weight). A group cut off at its limit may have more rows at its last priority: no
--- row of a lower priority is returned before them. Rows locked but not returned are
--- released when the claim commits. Without JIT: the planner cannot know how many rows
--- each group yields, and guessing high would compile a few-millisecond query for longer
--- than it runs.
+-- batch), with their weights and the priority of their first row to claim (`p_tops`).
+-- Priority by priority, from the highest: the groups with rows of that priority share
+-- the `p_n` rows wanted by weight, turn by turn (a row's turn is its rank among its
+-- group's rows of that priority over the group's weight, from a random place in the
+-- first round; one group, chosen in proportion to its weight, leads it, so a claim of
+-- one row takes from each group in proportion to its weight). Each group is asked for
+-- exactly its rows among the turns still wanted, locked FOR UPDATE SKIP LOCKED (rows
+-- another claimer holds are passed over, not counted); a group that gives fewer has no
+-- more of that priority to give now, and its next priority is looked up. Rounds go on
+-- until the claim is full or no group has rows left. Returned in claim order: priority,
+-- then turn. Without JIT: the planner cannot know how many rows each group yields, and
+-- guessing high would compile a few-millisecond query for longer than it runs.
 CREATE OR REPLACE FUNCTION report_fair_candidates(p_n bigint, p_keys text[], p_weights float8[], p_tops smallint[])
 RETURNS TABLE (id bigint, priority smallint, turn float8, run_after timestamptz)
 LANGUAGE plpgsql VOLATILE ROWS 512 SET jit = off AS $$
 DECLARE
     n_groups integer := coalesce(array_length(p_keys, 1), 0);
-    -- Per group: rows asked for and given so far, and the priority its next row has at
-    -- least (its first row's, then the last one's it gave).
-    asked bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
-    got bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
+    goal bigint := least(greatest(p_n, 0), 100000);
+    -- Per group: the priority of its next row to claim (NULL: none), and the rows it
+    -- gave of that priority so far.
     tops smallint[] := p_tops;
+    taken bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
     jitter float8[] := ARRAY(SELECT random() FROM generate_series(1, n_groups));
     ids bigint[] := '{}';
     groups integer[] := '{}';
     priorities smallint[] := '{}';
     afters timestamptz[] := '{}';
+    turns float8[] := '{}';
     asks bigint[];
     more_groups integer[];
     more_ids bigint[];
-    more_priorities smallint[];
     more_afters timestamptz[];
+    more_afters_turns float8[];
     total bigint := 0;
     open_weight float8;
     level smallint;
-    cutoff smallint;
+    led smallint;
     lead float8;
     want bigint;
-    round integer;
     i integer;
 BEGIN
-    FOR round IN 1..4 LOOP
-        -- Asked: the groups that gave all they were asked (they may have more), of the
-        -- highest priority among them.
-        SELECT min(tops[k]) INTO level FROM generate_series(1, n_groups) k WHERE got[k] = asked[k];
-        SELECT sum(p_weights[k]) INTO open_weight
-          FROM generate_series(1, n_groups) k WHERE got[k] = asked[k] AND tops[k] = level;
-        EXIT WHEN total >= p_n OR open_weight IS NULL;
-        want := p_n - total;
-        IF round = 1 THEN
-            -- One of them leads the first round, chosen in proportion to its weight;
-            -- the others start at a random place within it. Each is asked for exactly
-            -- its rows among the `want` first turns (a claim of one row locks one row).
+    FOR round IN 1..10000 LOOP
+        SELECT min(tops[k]) INTO level FROM generate_series(1, n_groups) k;
+        EXIT WHEN total >= goal OR level IS NULL;
+        want := goal - total;
+        SELECT sum(p_weights[k]) INTO open_weight FROM generate_series(1, n_groups) k WHERE tops[k] = level;
+        IF led IS DISTINCT FROM level THEN
+            -- A new priority: one of its groups leads, chosen in proportion to weight;
+            -- the others start at a random place within the first round.
+            led := level;
             lead := random() * open_weight;
             FOR i IN 1..n_groups LOOP
-                CONTINUE WHEN tops[i] <> level;
+                CONTINUE WHEN tops[i] IS DISTINCT FROM level;
+                taken[i] := 0;
+                jitter[i] := random();
+            END LOOP;
+            FOR i IN 1..n_groups LOOP
+                CONTINUE WHEN tops[i] IS DISTINCT FROM level;
                 lead := lead - p_weights[i];
                 IF lead < 0 THEN
                     jitter[i] := 0;
                     EXIT;
                 END IF;
             END LOOP;
-            asks := ARRAY(
-                SELECT coalesce(c.n, 0)::bigint
-                  FROM generate_series(1, n_groups) AS s (k)
-                  LEFT JOIN (SELECT t.g, count(*) AS n FROM (
-                                 SELECT k2 AS g, (r - 1 + jitter[k2]) / p_weights[k2] AS turn
-                                   FROM generate_series(1, n_groups) k2,
-                                        generate_series(1, ceil(want * p_weights[k2] / open_weight)::integer + 1) r
-                                  WHERE tops[k2] = level
-                                  ORDER BY turn LIMIT want) t
-                              GROUP BY t.g) c ON c.g = s.k
-                 ORDER BY s.k);
-        ELSE
-            asks := ARRAY(SELECT CASE WHEN got[k] = asked[k] AND tops[k] = level
-                                      THEN ceil(want * p_weights[k] / open_weight)::bigint ELSE 0 END
-                            FROM generate_series(1, n_groups) k ORDER BY k);
         END IF;
-        -- One statement for every group asked: each its first due rows, locked.
-        SELECT coalesce(array_agg(x.g), '{}'), coalesce(array_agg(x.id), '{}'),
-               coalesce(array_agg(x.priority), '{}'), coalesce(array_agg(x.run_after), '{}')
-          INTO more_groups, more_ids, more_priorities, more_afters
-          FROM (SELECT u.k AS g, c.id, c.priority, c.run_after
+        -- Each group of this priority: its rows among the `want` first turns still to
+        -- come (a claim of one row asks one group for one row).
+        asks := ARRAY(
+            SELECT coalesce(c.n, 0)::bigint
+              FROM generate_series(1, n_groups) AS s (k)
+              LEFT JOIN (SELECT t.g, count(*) AS n FROM (
+                             SELECT k2 AS g, (taken[k2] + r - 1 + jitter[k2]) / p_weights[k2] AS turn
+                               FROM generate_series(1, n_groups) k2,
+                                    generate_series(1, ceil(want * p_weights[k2] / open_weight)::integer + 1) r
+                              WHERE tops[k2] = level
+                              ORDER BY turn LIMIT want) t
+                          GROUP BY t.g) c ON c.g = s.k
+             ORDER BY s.k);
+        -- One statement for every group asked: its first due rows of this priority,
+        -- locked.
+        SELECT coalesce(array_agg(x.g ORDER BY x.g, x.run_after, x.id), '{}'),
+               coalesce(array_agg(x.id ORDER BY x.g, x.run_after, x.id), '{}'),
+               coalesce(array_agg(x.run_after ORDER BY x.g, x.run_after, x.id), '{}')
+          INTO more_groups, more_ids, more_afters
+          FROM (SELECT u.k::integer AS g, c.id, c.run_after
                   FROM unnest(p_keys, asks) WITH ORDINALITY AS u (key, ask, k)
                   CROSS JOIN LATERAL (
-                      SELECT r.id, r.priority, r.run_after
+                      SELECT r.id, r.run_after
                         FROM report_requests r
-                       WHERE r.state = 'queued' AND coalesce(r.batch, '') = u.key
+                       WHERE r.state = 'queued' AND coalesce(r.batch, '') = u.key AND r.priority = level
                          AND r.run_after <= now() AND (r.lease_expires_at IS NULL OR r.lease_expires_at < now())
                          AND r.id <> ALL (ids)
                        ORDER BY coalesce(r.batch, ''), r.priority, r.run_after, r.id
                        LIMIT u.ask
                          FOR UPDATE OF r SKIP LOCKED) c
                  WHERE u.ask > 0) x;
+        -- Their turns, in the order each group gave them.
+        SELECT coalesce(array_agg((taken[m.g] + m.rank - 1 + jitter[m.g]) / p_weights[m.g] ORDER BY m.o), '{}')
+          INTO STRICT more_afters_turns
+          FROM (SELECT g, o, row_number() OVER (PARTITION BY g ORDER BY o) AS rank
+                  FROM unnest(more_groups) WITH ORDINALITY AS q (g, o)) m;
         ids := ids || more_ids;
         groups := groups || more_groups;
-        priorities := priorities || more_priorities;
+        priorities := priorities || array_fill(level, ARRAY[cardinality(more_ids)]);
         afters := afters || more_afters;
-        SELECT array_agg(asked[k] + asks[k] ORDER BY k),
-               array_agg(got[k] + coalesce(c.n, 0) ORDER BY k),
-               array_agg(coalesce(c.last, tops[k]) ORDER BY k)
-          INTO asked, got, tops
-          FROM generate_series(1, n_groups) k
-          LEFT JOIN (SELECT m.g, count(*) AS n, max(m.p) AS last
-                       FROM unnest(more_groups, more_priorities) AS m (g, p) GROUP BY m.g) c ON c.g = k;
+        turns := turns || more_afters_turns;
         total := total + cardinality(more_ids);
+        -- A group that gave fewer than asked has no more of this priority to give now:
+        -- its next priority (a plain read; NULL when it has none due).
+        SELECT array_agg(CASE WHEN asks[k] > 0 AND coalesce(c.n, 0) < asks[k] THEN
+                                  (SELECT d.priority FROM report_requests d
+                                    WHERE d.state = 'queued' AND coalesce(d.batch, '') = p_keys[k]
+                                      AND d.priority > level AND d.run_after <= now()
+                                      AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
+                                    ORDER BY coalesce(d.batch, ''), d.priority, d.run_after, d.id
+                                    LIMIT 1)
+                              ELSE tops[k] END ORDER BY k),
+               array_agg(taken[k] + coalesce(c.n, 0) ORDER BY k)
+          INTO tops, taken
+          FROM generate_series(1, n_groups) k
+          LEFT JOIN (SELECT m.g, count(*) AS n FROM unnest(more_groups) AS m (g) GROUP BY m.g) c ON c.g = k;
     END LOOP;
-    -- A group that gave all it was asked may hold more rows of its last priority, and
-    -- one never asked rows of its first: no row of a lower priority goes before them.
-    SELECT min(tops[k]) INTO cutoff FROM generate_series(1, n_groups) k WHERE got[k] = asked[k];
     RETURN QUERY
-    SELECT t.id, t.priority,
-           (row_number() OVER (PARTITION BY t.g, t.priority ORDER BY t.run_after, t.id) - 1 + jitter[t.g])
-               / p_weights[t.g],
-           t.run_after
-      FROM unnest(groups, ids, priorities, afters) AS t (g, id, priority, run_after)
-     WHERE t.priority <= coalesce(cutoff, 32767)
+    SELECT t.id, t.priority, t.turn, t.run_after
+      FROM unnest(ids, priorities, turns, afters) AS t (id, priority, turn, run_after)
      ORDER BY 2, 3, 4, 1;
 END $$;
 DO $$

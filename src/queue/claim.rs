@@ -163,9 +163,10 @@ pub async fn claim_for(
              UNION ALL
              SELECT id FROM (
                  SELECT r.id
-                   FROM report_fair_candidates((SELECT n FROM want),
-                            (SELECT array_agg(key) FROM groups), (SELECT array_agg(weight) FROM groups),
-                            (SELECT array_agg(top) FROM groups)) c
+                   FROM (SELECT array_agg(key ORDER BY key) AS keys, array_agg(weight ORDER BY key) AS weights,
+                                array_agg(top ORDER BY key) AS tops
+                           FROM groups) a
+                  CROSS JOIN LATERAL report_fair_candidates((SELECT n FROM want), a.keys, a.weights, a.tops) c
                    JOIN report_requests r ON r.id = c.id
                   WHERE (SELECT count(*) FROM groups) > 1
                     AND r.state = 'queued' AND r.run_after <= now()

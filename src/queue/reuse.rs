@@ -259,7 +259,9 @@ pub async fn reused_among(pool: &Db, ids: &[i64]) -> Result<i64, sqlx::Error> {
 /// - or queued, due, in the same group of the fair claim (the same batch, or neither in
 ///   one) and ahead of `id` in that group's order (priority, run_after, id), so it is
 ///   claimed first — never one that waits for a later time or retries behind `id`, nor
-///   one in another batch, whose turn may come much later.
+///   one in another batch, whose turn may come much later;
+/// - or queued, claimed already (under a lease) and ahead of `id` in (priority,
+///   run_after, id): two twins claimed together from two batches, the later one waits.
 ///
 /// No row waits longer than `give_up` in all (`coalescing_since`): then it pays for its
 /// own task. The order is strict, so two queued rows never wait for each other, and
@@ -293,6 +295,8 @@ pub async fn coalescing_leader(
             AND (   (c.state = 'generating' AND c.upstream_created_at > now() - $3 * interval '1 second')
                  OR (c.state = 'queued' AND c.create_deadline > now())
                  OR (c.state = 'queued' AND c.run_after <= now() AND coalesce(c.batch, '') = me.grp
+                     AND (c.priority, c.run_after, c.id) < (me.priority, me.run_after, $1))
+                 OR (c.state = 'queued' AND c.lease_expires_at > now()
                      AND (c.priority, c.run_after, c.id) < (me.priority, me.run_after, $1)))
           ORDER BY c.state = 'generating' DESC, c.id
           LIMIT 1"

@@ -431,7 +431,7 @@ async fn a_daily_limit_the_calls_cannot_reach_does_not_decide_the_forecast() {
     assert_eq!(d.runs_into_daily_limit_at, None);
     assert!(close(d.finish_in.unwrap(), 60_000.0 + 300.0), "{d:?}");
     // A limit below what the calls allow in a day decides: 50 creates a day, the 100
-    // take today's 50 (of 144 the calls allow before midnight) and tomorrow's 50.
+    // take today's 50 (of 72 the calls allow before midnight) and tomorrow's 50.
     worker_with(
         &db.pool,
         serde_json::json!({"acct": {"qps": 0.01, "daily_limit": 50}}),
@@ -521,4 +521,47 @@ async fn a_claim_fills_up_when_groups_cannot_give_their_share() {
     );
     other.rollback().await.unwrap();
     db.close().await;
+}
+
+#[tokio::test]
+async fn a_claim_fills_up_across_priorities_spread_over_groups() {
+    let db = TestDb::from_template().await;
+    // A: one row of priority 0, then 50 of priority 5; B: 50 of priority 1.
+    load(&db.pool, Some("A"), 1, 0).await;
+    load(&db.pool, Some("A"), 50, 5).await;
+    load(&db.pool, Some("B"), 50, 1).await;
+    let got = claim_batches(&db.pool, 10).await;
+    let t = tally(&got);
+    assert_eq!(
+        (t.get("A"), t.get("B")),
+        (Some(&1), Some(&9)),
+        "A's urgent row, then B's: {got:?}"
+    );
+    // Another claimer holds A's rows of priority 5: B's next rows come, none is lost.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM report_requests WHERE batch = 'A' AND priority = 5 FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let got = claim_batches(&db.pool, 10).await;
+    assert_eq!(tally(&got).get("B"), Some(&10), "{got:?}");
+    other.rollback().await.unwrap();
+    // Four groups with one row each at priorities 0 to 3 and one with 100 at 4: a claim of
+    // 10 takes the four, then six of the fifth.
+    let db2 = TestDb::from_template().await;
+    for (i, b) in ["P0", "P1", "P2", "P3"].iter().enumerate() {
+        load(&db2.pool, Some(b), 1, i as i16).await;
+    }
+    load(&db2.pool, Some("P4"), 100, 4).await;
+    let got = claim_batches(&db2.pool, 10).await;
+    assert_eq!(got.len(), 10, "{got:?}");
+    assert_eq!(tally(&got).get("P4"), Some(&6), "{got:?}");
+    // A weight at its documented minimum is accepted.
+    let w: f32 = sqlx::query_scalar("SELECT report_set_batch_weight('P4', 0.01)")
+        .fetch_one(&db2.pool)
+        .await
+        .unwrap();
+    assert!((w - 0.01).abs() < 1e-6);
+    db.close().await;
+    db2.close().await;
 }
