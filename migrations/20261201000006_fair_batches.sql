@@ -162,28 +162,20 @@ sampled AS (
           -- The batch's first 1,000 rows; of those finished, the cohort made before its
           -- oldest task still being generated (all of them have ended, the slow with
           -- the fast: rows that end first are the quick ones), when it has 5.
-          SELECT CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5 THEN count(*) FILTER (WHERE e.cohort)
-                      ELSE count(*) END AS finished,
-                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
-                      THEN avg(e.creates_sent + e.polls) FILTER (WHERE e.cohort AND e.creates_sent > 0)
-                      ELSE avg(e.creates_sent + e.polls) FILTER (WHERE e.creates_sent > 0) END::float8
-                     AS calls_per_report,
-                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
-                      THEN (count(*) FILTER (WHERE e.cohort AND e.creates_sent = 0))::float8
-                           / count(*) FILTER (WHERE e.cohort)
-                      ELSE (count(*) FILTER (WHERE e.creates_sent = 0))::float8 / nullif(count(*), 0) END
-                     AS served_share,
-                 CASE WHEN count(*) FILTER (WHERE e.cohort) >= 5
-                      THEN avg(e.secs) FILTER (WHERE e.cohort AND e.creates_sent > 0)
-                      ELSE avg(e.secs) FILTER (WHERE e.creates_sent > 0) END::float8 AS seconds_per_report
-            FROM (SELECT f.creates_sent, f.polls,
+          SELECT count(*) AS finished,
+                 avg(e.creates_sent + e.polls) FILTER (WHERE e.creates_sent > 0)::float8 AS calls_per_report,
+                 (count(*) FILTER (WHERE e.creates_sent = 0))::float8 / nullif(count(*), 0) AS served_share,
+                 avg(e.secs) FILTER (WHERE e.creates_sent > 0)::float8 AS seconds_per_report
+            FROM (SELECT c.*, count(*) FILTER (WHERE c.cohort) OVER () AS in_cohort
+                    FROM (SELECT f.creates_sent, f.polls,
                          extract(epoch FROM f.finished_at - f.upstream_created_at) AS secs,
                          f.oldest_open IS NULL OR coalesce(f.upstream_created_at, f.finished_at) < f.oldest_open AS cohort
                     FROM (SELECT x.state, x.creates_sent, x.polls, x.finished_at, x.upstream_created_at,
                                  min(x.upstream_created_at) FILTER (WHERE x.state = 'generating') OVER () AS oldest_open
                             FROM (SELECT y.state, y.creates_sent, y.polls, y.finished_at, y.upstream_created_at
                                     FROM report_requests y WHERE y.batch = g.key ORDER BY y.id LIMIT 1000) x) f
-                   WHERE f.state = 'succeeded' AND f.finished_at <= p_at) e
+                   WHERE f.state = 'succeeded' AND f.finished_at <= p_at) c) e
+           WHERE e.cohort OR e.in_cohort < 5
       ) o ON g.key <> ''),
 est AS (
     SELECT s.*,
@@ -298,7 +290,7 @@ DECLARE
     -- gave of that priority so far.
     tops smallint[] := p_tops;
     taken bigint[] := array_fill(0::bigint, ARRAY[n_groups]);
-    jitter float8[] := ARRAY(SELECT random() FROM generate_series(1, n_groups));
+    jitter float8[] := array_fill(0::float8, ARRAY[n_groups]);
     ids bigint[] := '{}';
     groups integer[] := '{}';
     priorities smallint[] := '{}';
@@ -308,7 +300,7 @@ DECLARE
     more_groups integer[];
     more_ids bigint[];
     more_afters timestamptz[];
-    more_afters_turns float8[];
+    more_turns float8[];
     total bigint := 0;
     open_weight float8;
     level smallint;
@@ -374,14 +366,14 @@ BEGIN
                  WHERE u.ask > 0) x;
         -- Their turns, in the order each group gave them.
         SELECT coalesce(array_agg((taken[m.g] + m.rank - 1 + jitter[m.g]) / p_weights[m.g] ORDER BY m.o), '{}')
-          INTO STRICT more_afters_turns
+          INTO STRICT more_turns
           FROM (SELECT g, o, row_number() OVER (PARTITION BY g ORDER BY o) AS rank
                   FROM unnest(more_groups) WITH ORDINALITY AS q (g, o)) m;
         ids := ids || more_ids;
         groups := groups || more_groups;
         priorities := priorities || array_fill(level, ARRAY[cardinality(more_ids)]);
         afters := afters || more_afters;
-        turns := turns || more_afters_turns;
+        turns := turns || more_turns;
         total := total + cardinality(more_ids);
         -- A group that gave fewer than asked has no more of this priority to give now:
         -- its next priority (a plain read; NULL when it has none due).

@@ -140,7 +140,6 @@ async fn fair_run(
     sim.stop().await;
     let reports: usize = batches.iter().map(|b| b.1).sum();
     let calls = (stats.calls_to("create") + stats.calls_to("status")) as f64 / reports as f64;
-    let _ = url;
     Ok((done.into_iter().map(|d| d.unwrap_or(0.0)).collect(), calls))
 }
 
@@ -199,7 +198,7 @@ async fn forecast_case(
     .await?;
     // 08:00 in Asia/Shanghai: the provider's day ends 16 hours later.
     let t0: DateTime<Utc> = "2026-12-01T00:00:00Z".parse()?;
-    let at = |s: f64| t0 + chrono::Duration::milliseconds((s * 1000.0) as i64);
+    let at = |s: f64| virtual_at(t0, s);
     let day_of = |s: f64| (at(s) + chrono::Duration::hours(8)).date_naive();
     let mut draws = Xorshift(0x9e37_79b9_7f4a_7c15);
     let mut rows = vec![Phase::Queued; ids.len()];
@@ -305,6 +304,11 @@ async fn forecast_case(
     })
 }
 
+/// `s` seconds after the virtual clock's start `t0`.
+fn virtual_at(t0: DateTime<Utc>, s: f64) -> DateTime<Utc> {
+    t0 + chrono::Duration::milliseconds((s * 1000.0) as i64)
+}
+
 /// Writes the virtual provider's state at `t` where the forecast reads it: each row's
 /// state, its calls and times; today's creates; a worker seen now with the account's
 /// limits.
@@ -320,7 +324,7 @@ async fn write_state(
     t: f64,
     today: chrono::NaiveDate,
 ) -> anyhow::Result<()> {
-    let at = |s: f64| t0 + chrono::Duration::milliseconds((s * 1000.0) as i64);
+    let at = |s: f64| virtual_at(t0, s);
     let (mut row_ids, mut states, mut created_at, mut finished_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut next_polls: Vec<Option<DateTime<Utc>>> = Vec::new();

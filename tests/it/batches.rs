@@ -30,6 +30,17 @@ async fn claim_batches(pool: &Db, n: i64) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Rows of `batch` no claim has taken yet.
+async fn unclaimed(pool: &Db, batch: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM report_requests WHERE batch = $1 AND lease_owner IS NULL",
+    )
+    .bind(batch)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 fn tally(claimed: &[(String, i64)]) -> HashMap<String, usize> {
     let mut t = HashMap::new();
     for (b, _) in claimed {
@@ -79,24 +90,14 @@ async fn claims_go_round_robin_across_batches_and_rows_without_one() {
     // The small batch is done long before the large one: B's 12 rows are all claimed
     // within the claims that take 3 × 12 rows, while A still has most of its 300.
     let mut rest = Vec::new();
-    while count(
-        &db.pool,
-        "SELECT count(*) FROM report_requests WHERE batch = 'B' AND lease_owner IS NULL",
-    )
-    .await
-        > 0
-    {
+    while unclaimed(&db.pool, "B").await > 0 {
         rest.extend(claim_batches(&db.pool, 6).await);
         assert!(
             rest.len() < 60,
             "B's rows are claimed within a few rounds: {rest:?}"
         );
     }
-    let a_left = count(
-        &db.pool,
-        "SELECT count(*) FROM report_requests WHERE batch = 'A' AND lease_owner IS NULL",
-    )
-    .await;
+    let a_left = unclaimed(&db.pool, "A").await;
     assert!(
         a_left > 250,
         "A waits its turn, it is not drained first ({a_left} left)"
@@ -188,23 +189,11 @@ async fn priorities_still_win_across_batches() {
     );
     assert!(t["A"] >= 1);
     // Once A is all claimed, B's rows come.
-    while count(
-        &db.pool,
-        "SELECT count(*) FROM report_requests WHERE batch = 'A' AND lease_owner IS NULL",
-    )
-    .await
-        > 0
-    {
+    while unclaimed(&db.pool, "A").await > 0 {
         let got = claim_batches(&db.pool, 20).await;
         assert!(!got.is_empty());
         assert!(
-            got.iter().all(|(b, _)| b == "A")
-                || count(
-                    &db.pool,
-                    "SELECT count(*) FROM report_requests WHERE batch = 'A' AND lease_owner IS NULL"
-                )
-                .await
-                    == 0,
+            got.iter().all(|(b, _)| b == "A") || unclaimed(&db.pool, "A").await == 0,
             "B only after A: {got:?}"
         );
     }
@@ -237,6 +226,12 @@ struct Forecast {
 }
 
 const AT: &str = "2026-12-01 04:00:00+00"; // noon in Asia/Shanghai
+
+fn at() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_str(AT, "%Y-%m-%d %H:%M:%S%#z")
+        .unwrap()
+        .to_utc()
+}
 
 async fn forecast(pool: &Db) -> HashMap<String, Forecast> {
     sqlx::query_as::<_, Forecast>(
@@ -339,9 +334,7 @@ async fn the_forecast_shares_the_accounts_calls_by_weight_and_spills_over_the_da
         ("daily_limit", Some(2)),
         "{b:?}"
     );
-    let at = chrono::DateTime::parse_from_str(AT, "%Y-%m-%d %H:%M:%S%#z")
-        .unwrap()
-        .to_utc();
+    let at = at();
     let out_at = b.runs_into_daily_limit_at.unwrap();
     assert_eq!((out_at - at).num_seconds(), 270, "{b:?}");
     // Midnight in Shanghai is 16:00 UTC: 12 h after AT.
@@ -444,9 +437,7 @@ async fn a_daily_limit_the_calls_cannot_reach_does_not_decide_the_forecast() {
         "{d:?}"
     );
     // Today's 50 at a create every 600 s: 30,000 s; tomorrow's last 50 after midnight.
-    let at = chrono::DateTime::parse_from_str(AT, "%Y-%m-%d %H:%M:%S%#z")
-        .unwrap()
-        .to_utc();
+    let at = at();
     assert_eq!(
         (d.runs_into_daily_limit_at.unwrap() - at).num_seconds(),
         30_000,
